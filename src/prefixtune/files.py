@@ -1,0 +1,134 @@
+"""Prefix files: ``prefix.safetensors`` (tensors only, never executable) plus ``prefix_config.json``
+(the `PrefixConfig`, the resolved length and a fingerprint of the base model it was trained on).
+
+Writes are atomic (temp file then rename), so an interrupted save never leaves a loadable half
+file. Loads check everything before touching the model and say exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from .config import PrefixConfig
+from .injection import Geometry
+
+WEIGHTS_NAME = "prefix.safetensors"
+CONFIG_NAME = "prefix_config.json"
+FORMAT_VERSION = 1
+
+
+class PrefixFileError(ValueError):
+    """A prefix file is missing, corrupt, or belongs to another base model."""
+
+
+def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
+    """What a prefix depends on: architecture sizes and a hash of a few weights.
+
+    Weights are hashed after rounding to bfloat16, so the same checkpoint loaded in float32 or
+    bfloat16 gives the same fingerprint while a different checkpoint does not.
+    """
+    digest = hashlib.sha256()
+    named = [p for _, p in model.named_parameters()]
+    for parameter in (model.get_input_embeddings().weight, named[len(named) // 2], named[-1]):
+        sample = parameter.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(sample.numpy().tobytes())
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": geometry.num_layers,
+        "kv_heads": geometry.kv_heads,
+        "head_dim": geometry.head_dim,
+        "hidden_size": geometry.hidden_size,
+        "vocab_size": model.get_input_embeddings().weight.shape[0],
+        "weights_sha256": digest.hexdigest()[:16],
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def save(directory: str | Path, name: str, config: PrefixConfig, length: int, tensors: dict[str, Tensor],
+         model_fingerprint: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "prefix_length": length,
+        "config": config.to_dict(),
+        "base_model": model_fingerprint,
+        **(extra or {}),
+    }
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    # Weights first, config last: a folder whose config is present has complete weights.
+    _atomic_write(directory / WEIGHTS_NAME, lambda temp: save_file(tensors, temp, metadata={"name": name}))
+    _atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2)))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise PrefixFileError(f"{path}: no prefix config here (is {directory} a prefix folder?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PrefixFileError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise PrefixFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for field, kind in (("format_version", int), ("prefix_length", int), ("config", dict), ("base_model", dict)):
+        if not isinstance(meta.get(field), kind):
+            raise PrefixFileError(f"{path}: field {field!r} missing or not {kind.__name__} (got {meta.get(field)!r})")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise PrefixFileError(f"{path}: format_version {meta['format_version']} unsupported (expected {FORMAT_VERSION})")
+    meta["config"] = PrefixConfig.from_dict(meta["config"], source=str(path))
+    return meta
+
+
+def check_fingerprint(directory: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    differences = [
+        f"{key}: prefix was trained on {saved.get(key)!r}, this base has {current[key]!r}"
+        for key in current
+        if saved.get(key) != current[key]
+    ]
+    if differences:
+        raise PrefixFileError(
+            f"{Path(directory) / CONFIG_NAME}: prefix belongs to a different base model; " + "; ".join(differences)
+        )
+
+
+def load_tensors(directory: str | Path, expected: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Load the safetensors file and check it has exactly the expected names and shapes."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise PrefixFileError(f"{path}: missing prefix weights")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PrefixFileError(f"{path}: corrupt or truncated safetensors file ({error})") from error
+    if set(tensors) != set(expected):
+        raise PrefixFileError(f"{path}: expected tensors {sorted(expected)}, got {sorted(tensors)}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise PrefixFileError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        if not torch.isfinite(tensors[key]).all():
+            raise PrefixFileError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return tensors

@@ -1,0 +1,65 @@
+"""Text-based initialization: the init text's tokens, their word embeddings, and the frozen
+model's own activations on them (the paper's warm start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from .injection import Capture
+
+
+@dataclass
+class TextActivations:
+    """What the frozen model computes on the init text, ``P`` tokens long.
+
+    key_values: each layer's real keys/values ``[layers, 2, kv_heads, P, head_dim]``.
+    attention_inputs: each layer's input to attention (already normalised) ``[layers, P, d_model]``.
+    """
+
+    key_values: Tensor
+    attention_inputs: Tensor
+
+
+def init_token_ids(tokenizer, text: str, length: int | None) -> Tensor:
+    """The init text's token ids, repeated or cut to `length` (all of them when `length` is None)."""
+    if tokenizer is None:
+        raise ValueError("a text init ('vocab' or 'activations') needs a tokenizer: PrefixModel(..., tokenizer=...)")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"init_text {text!r} has no tokens")
+    length = length or len(ids)
+    repeats = -(-length // len(ids))
+    return torch.tensor((ids * repeats)[:length], dtype=torch.long)
+
+
+@torch.no_grad()
+def word_embeddings(model: PreTrainedModel, token_ids: Tensor) -> Tensor:
+    embeddings = model.get_input_embeddings()
+    return embeddings(token_ids.to(embeddings.weight.device)).float()
+
+
+@torch.no_grad()
+def text_activations(model: PreTrainedModel, attention_modules: list[nn.Module], token_ids: Tensor) -> TextActivations:
+    """Run the frozen model on the tokens and keep each layer's keys/values and attention inputs."""
+    inputs: dict[nn.Module, Tensor] = {}
+
+    def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs[module] = args[0] if args else kwargs["hidden_states"]
+
+    hooks = [module.register_forward_pre_hook(keep_input, with_kwargs=True) for module in attention_modules]
+    capture = Capture()
+    ids = token_ids[None].to(model.device)
+    try:
+        model(input_ids=ids, use_cache=False, prefixtune_capture=capture)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    by_module = {module: torch.stack([key[0], value[0]]) for module, key, value in capture.calls}
+    return TextActivations(
+        key_values=torch.stack([by_module[module] for module in attention_modules]).float(),
+        attention_inputs=torch.stack([inputs[module][0] for module in attention_modules]).float(),
+    )

@@ -1,0 +1,213 @@
+"""`PrefixModel`: a frozen `transformers` model plus named prefixes, PEFT-style.
+
+How it differs from the base model: every base parameter is frozen; ``forward`` and ``generate``
+take the same arguments plus ``prefix`` (a name, or one name per row) and pass the chosen prefixes'
+keys/values to the attention layers (see `injection.py`). Nothing else changes: same outputs, same
+loss with ``labels``, same generation options.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from . import files
+from .config import PrefixConfig
+from .initialization import init_token_ids, text_activations, word_embeddings
+from .injection import inject
+from .parameterizations import PARAMETERIZATION_CLASSES, KVPrefix, Prefix
+
+logger = logging.getLogger(__name__)
+
+PrefixChoice = str | Sequence[str] | None
+
+
+class PrefixModel(nn.Module):
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        config: PrefixConfig | None = None,
+        name: str = "default",
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        self._wrap(base_model, tokenizer)
+        self.add_prefix(name, config or PrefixConfig())
+
+    def _wrap(self, base_model: PreTrainedModel, tokenizer: Any) -> None:
+        base_model.requires_grad_(False)
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.geometry, self.kv_path = inject(base_model)
+        self.fingerprint = files.fingerprint(base_model, self.geometry)
+        self.prefixes = nn.ModuleDict()
+        self.prefix_configs: dict[str, PrefixConfig] = {}
+        self.active_prefix: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    # ----------------------------------------------------------------------------- prefixes by name
+    @property
+    def prefix_names(self) -> list[str]:
+        return list(self.prefixes.keys())
+
+    def add_prefix(self, name: str, config: PrefixConfig) -> Prefix:
+        """Add a new prefix (initialised per `config`) and make it active."""
+        if not name or not isinstance(name, str):
+            raise ValueError(f"prefix name must be a non-empty string, got {name!r}")
+        if name in self.prefixes:
+            raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
+        token_ids = None if config.init == "random" else init_token_ids(self.tokenizer, config.init_text, config.prefix_length)
+        length = config.prefix_length or len(token_ids)
+        prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, length, self.geometry)
+        prefix.to(self.device)
+        if token_ids is not None:
+            self._init_from_text(prefix, config.init, token_ids)
+        self.prefixes[name] = prefix
+        self.prefix_configs[name] = config
+        self.active_prefix = name
+        return prefix
+
+    def _init_from_text(self, prefix: Prefix, init: str, token_ids: Tensor) -> None:
+        was_training = self.base_model.training
+        self.base_model.eval()
+        try:
+            if init == "vocab":
+                prefix.init_vocab(word_embeddings(self.base_model, token_ids), self.kv_path)
+            else:
+                modules = self.kv_path.attention_modules
+                prefix.init_activations(text_activations(self.base_model, modules, token_ids))
+        finally:
+            self.base_model.train(was_training)
+
+    def set_active(self, name: str) -> None:
+        self._check_names([name])
+        self.active_prefix = name
+
+    def delete_prefix(self, name: str) -> None:
+        self._check_names([name])
+        del self.prefixes[name]
+        del self.prefix_configs[name]
+        if self.active_prefix == name:
+            self.active_prefix = self.prefix_names[0] if self.prefixes else None
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        unknown = [name for name in names if name not in self.prefixes]
+        if unknown:
+            raise KeyError(f"unknown prefix {unknown[0]!r}; have {self.prefix_names}")
+
+    # ------------------------------------------------------------------------- parameters
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------------- running
+    def prefix_inputs(self, prefix: PrefixChoice, batch_size: int) -> dict[str, Tensor]:
+        """The keyword arguments that carry the chosen prefixes into the attention layers.
+
+        ``prefix``: None (the active prefix), a name, or one name per row (rows may differ in
+        prefix length; shorter ones are padded with masked slots). ``""`` in a per-row list means
+        "no prefix" for that row.
+        """
+        if prefix is None:
+            if self.active_prefix is None:
+                raise ValueError("no prefix is active: add or load one first")
+            prefix = self.active_prefix
+        names = [prefix] * batch_size if isinstance(prefix, str) else list(prefix)
+        if len(names) != batch_size:
+            raise ValueError(f"prefix: got {len(names)} names for a batch of {batch_size} rows")
+        self._check_names([name for name in set(names) if name])
+        computed = {name: self.prefixes[name](self.kv_path) for name in dict.fromkeys(names) if name}
+        device = self.device
+        longest = max([kv.shape[3] for kv in computed.values()], default=0)
+        if len(computed) == 1 and all(names):
+            (key_values,) = computed.values()
+            return {
+                "prefix_key_values": key_values[None].expand(batch_size, *key_values.shape),
+                "prefix_attention_mask": torch.ones(batch_size, longest, dtype=torch.bool, device=device),
+            }
+        rows, masks = [], []
+        for name in names:
+            kv = computed[name] if name else torch.zeros(*self.geometry.kv_shape, 0, self.geometry.head_dim, device=device)
+            padding = longest - kv.shape[3]
+            rows.append(nn.functional.pad(kv, (0, 0, 0, padding)))
+            masks.append(torch.arange(longest, device=device) < kv.shape[3])
+        return {"prefix_key_values": torch.stack(rows), "prefix_attention_mask": torch.stack(masks)}
+
+    @staticmethod
+    def _batch_size(kwargs: dict[str, Any]) -> int:
+        for key in ("input_ids", "inputs_embeds", "decoder_input_ids"):
+            if kwargs.get(key) is not None:
+                return kwargs[key].shape[0]
+        raise ValueError("pass input_ids or inputs_embeds by keyword")
+
+    def forward(self, prefix: PrefixChoice = None, **kwargs: Any):
+        """The base model's forward (same arguments and output, loss with ``labels``) with the prefix."""
+        return self.base_model(**kwargs, **self.prefix_inputs(prefix, self._batch_size(kwargs)))
+
+    @torch.no_grad()
+    def generate(self, prefix: PrefixChoice = None, **kwargs: Any) -> Tensor:
+        """``base_model.generate`` with the prefix: greedy, beam, sampling and streamers all keep it."""
+        return self.base_model.generate(**kwargs, **self.prefix_inputs(prefix, self._batch_size(kwargs)))
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+
+    # ------------------------------------------------------------------------- compile, save, load
+    @torch.no_grad()
+    def compile_prefix(self, name: str | None = None) -> None:
+        """Replace a prefix by a plain `kv` prefix with the same keys/values (e.g. collapse the MLP)."""
+        name = name or self.active_prefix
+        self._check_names([name])
+        prefix = self.prefixes[name]
+        config = PrefixConfig(**{**self.prefix_configs[name].to_dict(), "parameterization": "kv",
+                                 "prefix_length": prefix.length, "init": "random", "init_text": None})
+        compiled = KVPrefix(config, prefix.length, self.geometry).to(self.device)
+        compiled.prefix_key_values.copy_(prefix.key_values(self.kv_path))
+        compiled.train(prefix.training)
+        self.prefixes[name] = compiled
+        self.prefix_configs[name] = config
+
+    def save_prefix(self, path: str | Path, name: str | None = None) -> Path:
+        name = name or self.active_prefix
+        self._check_names([name])
+        prefix = self.prefixes[name]
+        tensors = {key: value for key, value in prefix.state_dict().items()}
+        return files.save(path, name, self.prefix_configs[name], prefix.length, tensors, self.fingerprint)
+
+    def load_prefix(self, path: str | Path, name: str | None = None) -> str:
+        """Load a saved prefix (checked against this base model) under `name` (default: its saved name)."""
+        meta = files.read_meta(path)
+        files.check_fingerprint(path, meta["base_model"], self.fingerprint)
+        name = name or meta.get("name") or "default"
+        if name in self.prefixes:
+            raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
+        config, length = meta["config"], meta["prefix_length"]
+        prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, length, self.geometry)
+        expected = {key: tuple(value.shape) for key, value in prefix.state_dict().items()}
+        prefix.load_state_dict(files.load_tensors(path, expected))
+        prefix.to(self.device)
+        self.prefixes[name] = prefix
+        self.prefix_configs[name] = config
+        self.active_prefix = name
+        return name
+
+    @classmethod
+    def from_pretrained(cls, base_model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> PrefixModel:
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._wrap(base_model, tokenizer)
+        model.load_prefix(path)
+        return model

