@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHITECTURES, left_padded, tiny_model
 
 from prefixtune import PrefixConfig, PrefixModel
+from tiny import ARCHITECTURES, left_padded, tiny_model
 
 INIT_TEXT = "the restaurant near the river serves cheap french food"
 ROWS = [[5, 9, 12, 30], [7, 8], [11, 40, 41, 42, 43, 44], [20]]
@@ -16,27 +16,29 @@ ROWS = [[5, 9, 12, 30], [7, 8], [11, 40, 41, 42, 43, 44], [20]]
 
 def bare_logits_after_text(model, text_ids: list[int], row: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=torch.tensor([text_ids + row])).logits[0, len(text_ids):]
+        return model(input_ids=torch.tensor([text_ids + row])).logits[0, len(text_ids) :]
 
 
 def prefixed_logits_per_row(prefixed: PrefixModel, rows: list[list[int]], prefix=None) -> list[torch.Tensor]:
     batch = left_padded(rows)
     with torch.no_grad():
         logits = prefixed(**batch, prefix=prefix).logits
-    return [logits[i, logits.shape[1] - len(row):] for i, row in enumerate(rows)]
+    return [logits[i, logits.shape[1] - len(row) :] for i, row in enumerate(rows)]
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
-def test_activation_prefix_equals_text_context_in_left_padded_batches(architecture, implementation,
-                                                                      parameterization, tokenizer):
+def test_activation_prefix_equals_text_context_in_left_padded_batches(
+    architecture, implementation, parameterization, tokenizer
+):
     model = tiny_model(architecture, implementation)
     text_ids = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
     expected = [bare_logits_after_text(model, text_ids, row) for row in ROWS]
 
-    config = PrefixConfig(prefix_length=None, parameterization=parameterization, init="activations",
-                          init_text=INIT_TEXT)
+    config = PrefixConfig(
+        prefix_length=None, parameterization=parameterization, init="activations", init_text=INIT_TEXT
+    )
     prefixed = PrefixModel(model, config, tokenizer=tokenizer)
     assert prefixed.prefixes["default"].length == len(text_ids)
 
@@ -51,8 +53,9 @@ def test_activation_prefix_equals_text_context_in_left_padded_batches(architectu
 def test_mlp_prefix_fitted_to_activations_gets_close_to_text_context(architecture, tokenizer):
     model = tiny_model(architecture)
     text_ids = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
-    config = PrefixConfig(prefix_length=None, parameterization="mlp", init="activations", init_text=INIT_TEXT,
-                          mlp_hidden_size=64)
+    config = PrefixConfig(
+        prefix_length=None, parameterization="mlp", init="activations", init_text=INIT_TEXT, mlp_hidden_size=64
+    )
     prefixed = PrefixModel(model, config, tokenizer=tokenizer)
     report = prefixed.prefixes["default"].fit_report
     assert report is not None and report["relative_error"] < 0.1
@@ -68,10 +71,15 @@ def test_mlp_prefix_fitted_to_activations_gets_close_to_text_context(architectur
 def test_vocab_init_sends_embeddings_through_each_layers_key_value_path(tokenizer):
     """`kv` vocab init precomputes what a `hidden` prefix of the same embeddings computes live."""
     model = tiny_model("llama")
-    prefixed = PrefixModel(model, PrefixConfig(prefix_length=7, parameterization="kv", init="vocab",
-                                               init_text="cheap french food"), name="kv", tokenizer=tokenizer)
-    prefixed.add_prefix("hidden", PrefixConfig(prefix_length=7, parameterization="hidden", init="vocab",
-                                               init_text="cheap french food"))
+    prefixed = PrefixModel(
+        model,
+        PrefixConfig(prefix_length=7, parameterization="kv", init="vocab", init_text="cheap french food"),
+        name="kv",
+        tokenizer=tokenizer,
+    )
+    prefixed.add_prefix(
+        "hidden", PrefixConfig(prefix_length=7, parameterization="hidden", init="vocab", init_text="cheap french food")
+    )
     logits = {name: prefixed(input_ids=torch.tensor([ROWS[0]]), prefix=name).logits for name in ("kv", "hidden")}
     torch.testing.assert_close(logits["kv"], logits["hidden"], atol=1e-5, rtol=0)
     # "repeated or cut to P": 3 tokens repeated to 7 positions.

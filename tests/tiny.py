@@ -27,21 +27,55 @@ SPECIAL = {"pad": 0, "unk": 1, "eos": 2}
 
 
 def _common() -> dict:
-    return {"vocab_size": VOCAB, "pad_token_id": SPECIAL["pad"], "eos_token_id": SPECIAL["eos"],
-            "bos_token_id": SPECIAL["eos"]}
+    return {
+        "vocab_size": VOCAB,
+        "pad_token_id": SPECIAL["pad"],
+        "eos_token_id": SPECIAL["eos"],
+        "bos_token_id": SPECIAL["eos"],
+        "initializer_range": 0.3,
+    }
 
 
 TINY_CONFIGS = {
-    "gpt2": lambda: GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                               attn_pdrop=0.0, **_common()),
-    "llama": lambda: LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=64, max_position_embeddings=128, **_common()),
-    "qwen2": lambda: Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=64, max_position_embeddings=128, **_common()),
-    "opt": lambda: OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, ffn_dim=64,
-                             word_embed_proj_dim=32, max_position_embeddings=128, dropout=0.0, **_common()),
-    "gpt_neox": lambda: GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                      intermediate_size=64, max_position_embeddings=128, **_common()),
+    "gpt2": lambda: GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **_common()
+    ),
+    "llama": lambda: LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **_common(),
+    ),
+    "qwen2": lambda: Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **_common(),
+    ),
+    "opt": lambda: OPTConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=128,
+        dropout=0.0,
+        **_common(),
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **_common(),
+    ),
 }
 ARCHITECTURES = list(TINY_CONFIGS)
 
@@ -53,11 +87,13 @@ def tiny_model(architecture: str, attn_implementation: str = "sdpa", seed: int =
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2} | {word: i + 3 for i, word in enumerate(WORDS)}
+    words = WORDS + [f"w{i}" for i in range(len(WORDS) + 3, VOCAB)]  # every model id decodes
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2} | {word: i + 3 for i, word in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
     tokenizer.padding_side = "left"
     return tokenizer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -26,6 +26,7 @@ from .injection import Geometry
 WEIGHTS_NAME = "prefix.safetensors"
 CONFIG_NAME = "prefix_config.json"
 FORMAT_VERSION = 1
+CONFIG_HASH_KEY = "prefix_config_sha256"
 
 
 class PrefixFileError(ValueError):
@@ -65,8 +66,15 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(temp)
 
 
-def save(directory: str | Path, name: str, config: PrefixConfig, length: int, tensors: dict[str, Tensor],
-         model_fingerprint: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+def save(
+    directory: str | Path,
+    name: str,
+    config: PrefixConfig,
+    length: int,
+    tensors: dict[str, Tensor],
+    model_fingerprint: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -78,10 +86,17 @@ def save(directory: str | Path, name: str, config: PrefixConfig, length: int, te
         **(extra or {}),
     }
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    # Weights first, config last: a folder whose config is present has complete weights.
-    _atomic_write(directory / WEIGHTS_NAME, lambda temp: save_file(tensors, temp, metadata={"name": name}))
-    _atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2)))
+    config_text = json.dumps(meta, indent=2)
+    # Each file is replaced atomically; the weights carry the hash of their config, so a pair torn
+    # apart by a crash between the two renames is refused on load instead of loading mismatched.
+    metadata = {"name": name, CONFIG_HASH_KEY: _sha256(config_text.encode())}
+    _atomic_write(directory / WEIGHTS_NAME, lambda temp: save_file(tensors, temp, metadata=metadata))
+    _atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(config_text))
     return directory
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -98,7 +113,9 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         if not isinstance(meta.get(field), kind):
             raise PrefixFileError(f"{path}: field {field!r} missing or not {kind.__name__} (got {meta.get(field)!r})")
     if meta["format_version"] != FORMAT_VERSION:
-        raise PrefixFileError(f"{path}: format_version {meta['format_version']} unsupported (expected {FORMAT_VERSION})")
+        raise PrefixFileError(
+            f"{path}: format_version {meta['format_version']} unsupported (expected {FORMAT_VERSION})"
+        )
     meta["config"] = PrefixConfig.from_dict(meta["config"], source=str(path))
     return meta
 
@@ -121,9 +138,16 @@ def load_tensors(directory: str | Path, expected: dict[str, tuple[int, ...]]) ->
     if not path.is_file():
         raise PrefixFileError(f"{path}: missing prefix weights")
     try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise PrefixFileError(f"{path}: corrupt or truncated safetensors file ({error})") from error
+    config_hash = _sha256((Path(directory) / CONFIG_NAME).read_bytes())
+    if metadata.get(CONFIG_HASH_KEY) != config_hash:
+        raise PrefixFileError(
+            f"{path}: weights and {CONFIG_NAME} come from different saves (an interrupted or mixed-up save?)"
+        )
     if set(tensors) != set(expected):
         raise PrefixFileError(f"{path}: expected tensors {sorted(expected)}, got {sorted(tensors)}")
     for key, shape in expected.items():

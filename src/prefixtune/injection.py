@@ -60,7 +60,9 @@ def _model_eager_function(module: nn.Module) -> Callable:
     return function
 
 
-def _prefix_columns(text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, text_length: int, causal: bool) -> Tensor:
+def _prefix_columns(
+    text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, text_length: int, causal: bool
+) -> Tensor:
     """The text mask with always-visible prefix columns in front (bool: True attends; float: additive)."""
     batch, query_length = query.shape[0], query.shape[2]
     if text_mask is None:
@@ -223,7 +225,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
             f"{type(model).__name__} does not pass attention arguments through AttentionInterface: {error}"
         ) from error
     modules: list[nn.Module] = []
-    for module, key, _ in capture.calls:
+    for module, _key, _value in capture.calls:
         if all(module is not seen for seen in modules):
             modules.append(module)
             module.prefixtune_layer = len(modules) - 1
@@ -235,7 +237,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     shapes = {tuple(key.shape[1::2]) for module, key, _ in capture.calls}
     if len(shapes) != 1:
         raise UnsupportedModelError(f"{type(model).__name__}: layers disagree on key shapes {sorted(shapes)}")
-    (kv_heads, head_dim), = shapes
+    ((kv_heads, head_dim),) = shapes
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not getattr(model, "_prefixtune_injected", False):
         model.register_forward_pre_hook(_offset_positions, with_kwargs=True)

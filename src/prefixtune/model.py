@@ -65,7 +65,9 @@ class PrefixModel(nn.Module):
             raise ValueError(f"prefix name must be a non-empty string, got {name!r}")
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
-        token_ids = None if config.init == "random" else init_token_ids(self.tokenizer, config.init_text, config.prefix_length)
+        token_ids = (
+            None if config.init == "random" else init_token_ids(self.tokenizer, config.init_text, config.prefix_length)
+        )
         length = config.prefix_length or len(token_ids)
         prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, length, self.geometry)
         prefix.to(self.device)
@@ -140,7 +142,11 @@ class PrefixModel(nn.Module):
             }
         rows, masks = [], []
         for name in names:
-            kv = computed[name] if name else torch.zeros(*self.geometry.kv_shape, 0, self.geometry.head_dim, device=device)
+            kv = (
+                computed[name]
+                if name
+                else torch.zeros(*self.geometry.kv_shape, 0, self.geometry.head_dim, device=device)
+            )
             padding = longest - kv.shape[3]
             rows.append(nn.functional.pad(kv, (0, 0, 0, padding)))
             masks.append(torch.arange(longest, device=device) < kv.shape[3])
@@ -155,6 +161,8 @@ class PrefixModel(nn.Module):
 
     def forward(self, prefix: PrefixChoice = None, **kwargs: Any):
         """The base model's forward (same arguments and output, loss with ``labels``) with the prefix."""
+        if self.training and torch.is_grad_enabled():
+            self._refuse_reentrant_checkpointing()
         return self.base_model(**kwargs, **self.prefix_inputs(prefix, self._batch_size(kwargs)))
 
     @torch.no_grad()
@@ -165,6 +173,20 @@ class PrefixModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.base_model.gradient_checkpointing_enable(**kwargs)
 
+    def _refuse_reentrant_checkpointing(self) -> None:
+        """Reentrant checkpointing backpropagates each layer separately into the prefix's graph, which
+        the MLP and hidden parameterizations share across layers; it would fail or lose gradients."""
+        for module in self.base_model.modules():
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(module, "gradient_checkpointing", False) and getattr(function, "keywords", {}).get(
+                "use_reentrant", False
+            ):
+                raise ValueError(
+                    f"{type(module).__name__} uses reentrant gradient checkpointing (use_reentrant=True); prefixtune "
+                    "needs the non-reentrant kind: gradient_checkpointing_enable() without use_reentrant, or "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}"
+                )
+
     # ------------------------------------------------------------------------- compile, save, load
     @torch.no_grad()
     def compile_prefix(self, name: str | None = None) -> None:
@@ -172,8 +194,15 @@ class PrefixModel(nn.Module):
         name = name or self.active_prefix
         self._check_names([name])
         prefix = self.prefixes[name]
-        config = PrefixConfig(**{**self.prefix_configs[name].to_dict(), "parameterization": "kv",
-                                 "prefix_length": prefix.length, "init": "random", "init_text": None})
+        config = PrefixConfig(
+            **{
+                **self.prefix_configs[name].to_dict(),
+                "parameterization": "kv",
+                "prefix_length": prefix.length,
+                "init": "random",
+                "init_text": None,
+            }
+        )
         compiled = KVPrefix(config, prefix.length, self.geometry).to(self.device)
         compiled.prefix_key_values.copy_(prefix.key_values(self.kv_path))
         compiled.train(prefix.training)

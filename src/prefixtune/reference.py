@@ -97,8 +97,9 @@ class ReferenceDecoder(nn.Module):
     def from_gpt2(cls, gpt2) -> ReferenceDecoder:
         """Copy the weights of a `transformers` GPT2LMHeadModel (its Conv1D weights are transposed Linear)."""
         hf = gpt2.config
-        model = cls(ReferenceConfig(hf.vocab_size, hf.n_positions, hf.n_embd, hf.n_head, hf.n_layer,
-                                    hf.layer_norm_epsilon))
+        model = cls(
+            ReferenceConfig(hf.vocab_size, hf.n_positions, hf.n_embd, hf.n_head, hf.n_layer, hf.layer_norm_epsilon)
+        )
         source = gpt2.transformer
         model.token_embedding.weight.copy_(source.wte.weight)
         model.position_embedding.weight.copy_(source.wpe.weight)
@@ -106,8 +107,12 @@ class ReferenceDecoder(nn.Module):
         for block, hf_block in zip(model.blocks, source.h, strict=True):
             block.norm_1.load_state_dict(hf_block.ln_1.state_dict())
             block.norm_2.load_state_dict(hf_block.ln_2.state_dict())
-            pairs = [(block.attention.qkv, hf_block.attn.c_attn), (block.attention.out, hf_block.attn.c_proj),
-                     (block.mlp_in, hf_block.mlp.c_fc), (block.mlp_out, hf_block.mlp.c_proj)]
+            pairs = [
+                (block.attention.qkv, hf_block.attn.c_attn),
+                (block.attention.out, hf_block.attn.c_proj),
+                (block.mlp_in, hf_block.mlp.c_fc),
+                (block.mlp_out, hf_block.mlp.c_proj),
+            ]
             for linear, conv in pairs:
                 linear.weight.copy_(conv.weight.T)
                 linear.bias.copy_(conv.bias)

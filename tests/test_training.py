@@ -1,0 +1,96 @@
+"""Training touches only the prefix, and gradient checkpointing (which PEFT 0.21.2 refuses for
+prefix tuning) gives the same loss and gradients as a plain backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixtune import PrefixConfig, PrefixModel
+from tiny import ARCHITECTURES, left_padded, tiny_model
+
+PROMPTS = [[5, 9, 12, 30], [7, 8], [11, 40, 41, 42, 43, 44]]
+
+
+def batch_with_labels() -> dict[str, torch.Tensor]:
+    batch = left_padded(PROMPTS)
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[:, :-2] = -100  # loss only on the last two ("response") tokens
+    return batch | {"labels": labels}
+
+
+def prefixed_model(architecture: str, parameterization: str, seed: int = 0) -> PrefixModel:
+    model = tiny_model(architecture)
+    torch.manual_seed(seed)
+    config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5, mlp_hidden_size=16)
+    return PrefixModel(model, config).train()
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "mlp", "hidden"])
+def test_optimizer_steps_change_only_the_prefix(parameterization):
+    model = prefixed_model("llama", parameterization)
+    base_before = {name: p.detach().clone() for name, p in model.base_model.named_parameters()}
+    prefix_before = {name: p.detach().clone() for name, p in model.prefixes.named_parameters()}
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = model(**batch_with_labels()).loss
+        loss.backward()
+        assert all(p.grad is None for p in model.base_model.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prefixes.parameters())
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.equal(p, base_before[name]) for name, p in model.base_model.named_parameters())
+    assert all(not torch.equal(p, prefix_before[name]) for name, p in model.prefixes.named_parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.prefixes.parameters()}
+    assert losses[-1] < losses[0]
+
+
+def loss_and_gradients(model: PrefixModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(**batch_with_labels()).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.prefixes.named_parameters()}
+
+
+def count_attention_calls(model: PrefixModel) -> list[int]:
+    calls = [0]
+    module = model.kv_path.attention_modules[0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+@pytest.mark.parametrize("when", ["before_wrapping", "after_wrapping"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(architecture, parameterization, when):
+    plain = prefixed_model(architecture, parameterization)
+    expected_loss, expected_grads = loss_and_gradients(plain)
+
+    if when == "before_wrapping":
+        base = tiny_model(architecture)
+        base.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
+        checkpointed = PrefixModel(base, config).train()
+    else:
+        checkpointed = prefixed_model(architecture, parameterization)
+        checkpointed.gradient_checkpointing_enable()
+    calls = count_attention_calls(checkpointed)
+    loss, grads = loss_and_gradients(checkpointed)
+
+    # The kv_path (hidden) calls attention once more per forward; checkpointing replays the layer once.
+    replays = calls[0] - (2 if parameterization == "hidden" else 1)
+    assert replays == 1, f"gradient checkpointing did not replay the layer (attention calls: {calls[0]})"
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0)
+
+
+def test_reentrant_checkpointing_is_refused_with_a_clear_message():
+    model = prefixed_model("llama", "hidden")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant=True.*non-reentrant"):
+        model(**batch_with_labels())
