@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import left_padded, needs_smollm2
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from tiny import left_padded, needs_smollm2
 
 pytestmark = [needs_smollm2, pytest.mark.slow]
 
@@ -30,21 +30,29 @@ def test_p10_kv_prefix_trains_115200_parameters(smollm2, capsys):
 def test_activation_prefix_equals_text_context_on_smollm2(smollm2, parameterization):
     model, tokenizer = smollm2
     text_ids = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("name[Alimentum], area[city centre]",
-                                                                               "food[French]")]
-    prefixed = PrefixModel(model, PrefixConfig(prefix_length=None, parameterization=parameterization,
-                                               init="activations", init_text=INIT_TEXT), tokenizer=tokenizer)
+    rows = [
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text in ("name[Alimentum], area[city centre]", "food[French]")
+    ]
+    prefixed = PrefixModel(
+        model,
+        PrefixConfig(prefix_length=None, parameterization=parameterization, init="activations", init_text=INIT_TEXT),
+        tokenizer=tokenizer,
+    )
     with torch.no_grad():
         logits = prefixed(**left_padded(rows)).logits
         for i, row in enumerate(rows):
-            expected = model(input_ids=torch.tensor([text_ids + row])).logits[0, len(text_ids):]
-            torch.testing.assert_close(logits[i, -len(row):], expected, atol=1e-4, rtol=0)
+            expected = model(input_ids=torch.tensor([text_ids + row])).logits[0, len(text_ids) :]
+            torch.testing.assert_close(logits[i, -len(row) :], expected, atol=1e-4, rtol=0)
 
 
 def test_generate_with_smollm2_prefix_differs_from_bare(smollm2):
     model, tokenizer = smollm2
-    prefixed = PrefixModel(model, PrefixConfig(prefix_length=None, init="activations",
-                                               init_text="Answer only in French."), tokenizer=tokenizer)
+    prefixed = PrefixModel(
+        model,
+        PrefixConfig(prefix_length=None, init="activations", init_text="Answer only in French."),
+        tokenizer=tokenizer,
+    )
     prompt = tokenizer("The capital of Italy is", return_tensors="pt")
     options = {"max_new_tokens": 8, "do_sample": False}
     with_prefix = prefixed.generate(**prompt, **options)

@@ -66,6 +66,10 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(temp)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write(Path(path), lambda temp: Path(temp).write_text(text))
+
+
 def save(
     directory: str | Path,
     name: str,

@@ -209,34 +209,60 @@ class PrefixModel(nn.Module):
         self.prefixes[name] = compiled
         self.prefix_configs[name] = config
 
-    def save_prefix(self, path: str | Path, name: str | None = None) -> Path:
+    def save_prefix(self, path: str | Path, name: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``prefix.safetensors`` + ``prefix_config.json`` (`extra`: more JSON fields, e.g. the prompt format)."""
         name = name or self.active_prefix
         self._check_names([name])
         prefix = self.prefixes[name]
-        tensors = {key: value for key, value in prefix.state_dict().items()}
-        return files.save(path, name, self.prefix_configs[name], prefix.length, tensors, self.fingerprint)
+        return files.save(
+            path, name, self.prefix_configs[name], prefix.length, prefix.state_dict(), self.fingerprint, extra
+        )
 
-    def load_prefix(self, path: str | Path, name: str | None = None) -> str:
-        """Load a saved prefix (checked against this base model) under `name` (default: its saved name)."""
+    def _read_prefix(self, path: str | Path) -> tuple[dict[str, Any], Prefix]:
+        """A checked prefix module from `path` (fingerprint, names, shapes), not yet attached."""
         meta = files.read_meta(path)
         files.check_fingerprint(path, meta["base_model"], self.fingerprint)
-        name = name or meta.get("name") or "default"
-        if name in self.prefixes:
-            raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
         config, length = meta["config"], meta["prefix_length"]
         prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, length, self.geometry)
         expected = {key: tuple(value.shape) for key, value in prefix.state_dict().items()}
         prefix.load_state_dict(files.load_tensors(path, expected))
-        prefix.to(self.device)
+        return meta, prefix.to(self.device)
+
+    def load_prefix(self, path: str | Path, name: str | None = None) -> str:
+        """Load a saved prefix (checked against this base model) under `name` (default: its saved name)."""
+        meta, prefix = self._read_prefix(path)
+        name = name or meta.get("name") or "default"
+        if name in self.prefixes:
+            raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
         self.prefixes[name] = prefix
-        self.prefix_configs[name] = config
+        self.prefix_configs[name] = meta["config"]
         self.active_prefix = name
         return name
 
+    @torch.no_grad()
+    def restore_prefix(self, path: str | Path, name: str | None = None) -> None:
+        """Copy saved values into the existing prefix `name` in place (its parameters keep their
+        identity, so an optimizer holding them resumes correctly)."""
+        name = name or self.active_prefix
+        self._check_names([name])
+        meta, saved = self._read_prefix(path)
+        if meta["config"] != self.prefix_configs[name]:
+            raise files.PrefixFileError(
+                f"{path}: saved config {meta['config']} differs from prefix {name!r}'s {self.prefix_configs[name]}"
+            )
+        for target, source in zip(self.prefixes[name].parameters(), saved.parameters(), strict=True):
+            target.copy_(source)
+
     @classmethod
-    def from_pretrained(cls, base_model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> PrefixModel:
+    def without_prefix(cls, base_model: PreTrainedModel, tokenizer: Any = None) -> PrefixModel:
+        """Wrap a base model with no prefix yet (load or add some later; ``prefix=""`` runs it bare)."""
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._wrap(base_model, tokenizer)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, base_model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> PrefixModel:
+        model = cls.without_prefix(base_model, tokenizer)
         model.load_prefix(path)
         return model

@@ -1,0 +1,160 @@
+"""Data: prompt/completion examples from JSONL or CSV, prompt formatting, tokenization with the
+loss only on the completion (+ EOS), padding, and grouping references for evaluation.
+
+Formats:
+* JSONL: one object per line with a prompt and a completion field (``prompt`` / ``completion``).
+* CSV: a header row; prompt and completion columns (E2E's ``mr`` / ``ref`` by default).
+Every bad row is reported with file, line and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DEFAULT_TEMPLATE = "{prompt}\n"
+FIELDS_BY_SUFFIX = {".jsonl": ("prompt", "completion"), ".csv": ("mr", "ref")}
+
+
+class DataError(ValueError):
+    """A data file is missing, empty or malformed (the message names file, line and field)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    where: str  # "file:line", for error messages
+
+
+def default_fields(path: str | Path) -> tuple[str, str]:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIELDS_BY_SUFFIX:
+        raise DataError(f"{path}: unsupported data format {suffix!r}; expected .jsonl or .csv")
+    return FIELDS_BY_SUFFIX[suffix]
+
+
+def _field(record: dict[str, Any], name: str, where: str) -> str:
+    if name not in record:
+        raise DataError(f"{where}: missing field {name!r} (has {sorted(record)})")
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _jsonl_records(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _csv_records(path: Path):
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, strict=True)
+        try:
+            for record in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in record:
+                    raise DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
+                yield where, record
+        except csv.Error as error:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({error})") from error
+
+
+def read_examples(
+    path: str | Path, prompt_field: str | None = None, completion_field: str | None = None
+) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    default_prompt, default_completion = default_fields(path)
+    prompt_field, completion_field = prompt_field or default_prompt, completion_field or default_completion
+    records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _csv_records(path)
+    try:
+        examples = [
+            Example(_field(record, prompt_field, where), _field(record, completion_field, where), where)
+            for where, record in records
+        ]
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from error
+    if not examples:
+        raise DataError(f"{path}: no examples (empty file?)")
+    return examples
+
+
+def group_references(examples: list[Example]) -> list[tuple[str, list[str]]]:
+    """(prompt, all its completions), in order of first appearance: one entry per distinct prompt."""
+    groups: dict[str, list[str]] = {}
+    for example in examples:
+        groups.setdefault(example.prompt, []).append(example.completion)
+    return list(groups.items())
+
+
+@dataclass
+class PromptFormatter:
+    """Turns a raw prompt into model input text: a template, or the tokenizer's chat template."""
+
+    tokenizer: Any
+    template: str = DEFAULT_TEMPLATE
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.template:
+            raise ValueError(f"prompt template {self.template!r} must contain '{{prompt}}'")
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("--chat-template: this tokenizer has no chat template")
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        text = self.template.replace("{prompt}", prompt)
+        if self.chat_template:
+            messages = [{"role": "user", "content": text.strip()}]
+            return list(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
+            )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def training_features(self, example: Example, max_length: int) -> dict[str, list[int]]:
+        """input_ids = prompt + completion + EOS; labels mask the prompt with -100."""
+        prompt = self.prompt_ids(example.prompt)
+        completion = self.tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        completion = completion + [self.tokenizer.eos_token_id]
+        ids = (prompt + completion)[:max_length]
+        labels = ([-100] * len(prompt) + completion)[:max_length]
+        if all(label == -100 for label in labels):
+            raise DataError(f"{example.where}: prompt alone fills max_length={max_length}; nothing left to learn")
+        return {"input_ids": ids, "labels": labels}
+
+
+def _pad(values: list[int], width: int, fill: int, side: str) -> list[int]:
+    padding = [fill] * (width - len(values))
+    return padding + values if side == "left" else values + padding
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int, side: str = "left") -> dict[str, Tensor]:
+    """Pad input_ids (pad id), labels (-100) and build attention_mask; left padding suits generation."""
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {
+        "input_ids": [_pad(row["input_ids"], width, pad_token_id, side) for row in rows],
+        "attention_mask": [_pad([1] * len(row["input_ids"]), width, 0, side) for row in rows],
+    }
+    if "labels" in rows[0]:
+        batch["labels"] = [_pad(row["labels"], width, -100, side) for row in rows]
+    return {key: torch.tensor(value) for key, value in batch.items()}

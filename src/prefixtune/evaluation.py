@@ -1,0 +1,80 @@
+"""Evaluation: batched generation (greedy or beam) and corpus metrics against several references
+per prompt: sacreBLEU and chrF (multi-reference) and ROUGE-L (rouge-score, best reference)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sacrebleu
+from rich.progress import Progress
+from rouge_score import rouge_scorer
+
+from .data import PromptFormatter, pad_batch
+from .model import PrefixChoice, PrefixModel
+
+METRICS = ("bleu", "chrf", "rouge")
+
+
+def generate_completions(
+    model: PrefixModel,
+    formatter: PromptFormatter,
+    prompts: Sequence[str],
+    prefix: PrefixChoice = None,
+    batch_size: int = 16,
+    num_beams: int = 1,
+    max_new_tokens: int = 64,
+    show_progress: bool = False,
+) -> list[str]:
+    """One completion per prompt. ``prefix=""`` generates with the bare base model."""
+    tokenizer = formatter.tokenizer
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task("generating", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            batch = pad_batch([{"input_ids": formatter.prompt_ids(p)} for p in chunk], tokenizer.pad_token_id)
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            names = prefix if isinstance(prefix, str) or prefix is None else list(prefix[start : start + batch_size])
+            tokens = model.generate(
+                **batch,
+                prefix=names,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = tokens[:, batch["input_ids"].shape[1] :]
+            outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            progress.advance(task, len(chunk))
+    model.train(was_training)
+    return outputs
+
+
+def score(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str] = METRICS
+) -> dict[str, float]:
+    """Corpus scores; ``references[i]`` holds every reference for hypothesis i."""
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
+    most = max(len(refs) for refs in references)
+    # sacreBLEU takes reference streams; prompts with fewer references pad with None.
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
+    results: dict[str, float] = {}
+    if "bleu" in metrics:
+        results["bleu"] = sacrebleu.corpus_bleu(list(hypotheses), streams).score
+    if "chrf" in metrics:
+        results["chrf"] = sacrebleu.corpus_chrf(list(hypotheses), streams).score
+    if "rouge" in metrics:
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        best = [
+            scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure
+            for hyp, refs in zip(hypotheses, references, strict=True)
+        ]
+        results["rougeL"] = 100 * sum(best) / len(best)
+    return results
