@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 import yaml
 from rich.console import Console
@@ -29,7 +28,7 @@ app = typer.Typer(
 console = Console()
 
 
-def _read_yaml_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+def _read_yaml_config(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Eager --config: load the YAML into click's default_map, so flags still override it."""
     if value is None:
         return value
@@ -100,10 +99,10 @@ def train(
     config: Path | None = CONFIG,
 ) -> None:
     """Train a prefix on a frozen base model (works under torchrun for DDP)."""
+    options = {k: v for k, v in locals().items() if k != "config"}
     from .training import TrainOptions
     from .training import train as run_training
 
-    options = {k: v for k, v in locals().items() if k != "config"}
     try:
         summary = run_training(TrainOptions(**options))
     except (DataError, PrefixFileError, FileExistsError, ValueError, FileNotFoundError) as error:
@@ -176,7 +175,9 @@ def evaluate(
         results = score(hypotheses, references, wanted)
     except (DataError, PrefixFileError, ValueError, FileNotFoundError) as error:
         _fail(error)
-    folder = Path(output or (Path(prefix) / "eval" if prefix else "runs/eval-bare"))
+    # Default: beside the prefix folder (never inside it: it holds only the prefix files).
+    default = Path(prefix).resolve().parent if prefix else Path("runs")
+    folder = Path(output) if output else default / f"eval-{Path(data).stem}{'' if prefix else '-bare'}"
     folder.mkdir(parents=True, exist_ok=True)
     report = {
         "data": data,

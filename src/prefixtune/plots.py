@@ -26,7 +26,8 @@ def plot_history(history: list[dict[str, Any]], folder: str | Path) -> list[Path
         if steps:
             axes.plot(steps, values, marker="." if key == "eval_loss" else None, label=label)
     axes.set(xlabel="step", ylabel="loss", title="prefix tuning loss")
-    axes.legend()
+    if axes.lines:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(folder / "loss.png", dpi=100)
     plt.close(figure)

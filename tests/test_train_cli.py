@@ -1,0 +1,327 @@
+"""`prefixtune train / eval / generate` end to end on a tiny model saved to disk: learning, outputs,
+kill -9 + --resume exactness, torchrun equivalence, malformed data refused without damage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from prefixtune.cli import app
+from tiny import tiny_model, tiny_tokenizer
+
+HERE = Path(__file__).parent
+WORDS = "restaurant food cheap expensive near river city centre pub coffee shop".split()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny Llama + tokenizer folder and a learnable JSONL dataset (completion copies the prompt)."""
+    root = tmp_path_factory.mktemp("train")
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    for split, size in (("train", 64), ("validation", 16)):
+        rows = []
+        for _ in range(size):
+            prompt = " ".join(rng.sample(WORDS, 3))
+            rows.append(json.dumps({"prompt": prompt, "completion": f"the {prompt} is good"}))
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def train_args(workspace: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--model",
+        str(workspace / "tiny"),
+        "--data",
+        str(workspace / "train.jsonl"),
+        "--output",
+        str(output),
+        "--prefix-length",
+        "6",
+        "--lr",
+        "3e-2",
+        "--warmup-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        *extra,
+    ]
+
+
+def run_cli(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result
+
+
+def final_prefix(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "prefix" / "prefix.safetensors")
+
+
+def test_short_training_lowers_validation_loss_and_writes_everything(workspace, tmp_path):
+    output = tmp_path / "run"
+    result = run_cli(
+        "train",
+        *train_args(
+            workspace,
+            output,
+            "--validation",
+            str(workspace / "validation.jsonl"),
+            "--steps",
+            "40",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "10",
+            "--eval-generate",
+            "4",
+        ),
+    )
+    assert result.exit_code == 0, result.output
+    history = json.loads((output / "log_history.json").read_text())
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(eval_losses) == 4 and eval_losses[-1] < eval_losses[0] - 0.05
+    assert any("eval_bleu" in entry for entry in history)
+    for name in (
+        "prefix/prefix.safetensors",
+        "prefix/prefix_config.json",
+        "loss.png",
+        "metrics.png",
+        "train_summary.json",
+    ):
+        assert (output / name).is_file(), name
+    assert (output / "loss.png").read_bytes().startswith(b"\x89PNG")
+    # the best checkpoint is kept beside the latest
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["best_eval_loss"] == pytest.approx(min(eval_losses))
+
+    result = run_cli(
+        "eval",
+        "--model",
+        str(workspace / "tiny"),
+        "--prefix",
+        str(output / "prefix"),
+        "--data",
+        str(workspace / "validation.jsonl"),
+        "--max-new-tokens",
+        "6",
+        "--num-beams",
+        "2",
+        "--metrics",
+        "bleu,rouge",
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((output / "eval-validation" / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"bleu", "rougeL"} and metrics["num_beams"] == 2
+    generations = (output / "eval-validation" / "generations.jsonl").read_text().splitlines()
+    assert len(generations) == metrics["prompts"] == 16
+    assert set(json.loads(generations[0])) == {"prompt", "generation", "references"}
+
+    result = run_cli(
+        "generate",
+        "--model",
+        str(workspace / "tiny"),
+        "--prefix",
+        f"trained={output / 'prefix'}",
+        "--prompt",
+        "cheap food",
+        "--max-new-tokens",
+        "4",
+    )
+    assert result.exit_code == 0, result.output
+    assert "bare" in result.output and "trained" in result.output
+
+
+def test_yaml_config_sets_options_and_flags_override(workspace, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {workspace / 'tiny'}\ndata: {workspace / 'train.jsonl'}\nprefix-length: 3\n"
+        f"steps: 4\nbatch_size: 4\nparameterization: hidden\n"
+    )
+    result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "out"), "--steps", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["options"]["parameterization"] == "hidden"
+    assert summary["options"]["prefix_length"] == 3
+    config.write_text("stepz: 4\n")
+    result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "out2"), "--data", "x.jsonl")
+    assert result.exit_code != 0 and "unknown option(s) ['stepz']" in result.output
+
+
+def spawn(workspace: Path, output: Path, *own: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    args = train_args(workspace, output, "--steps", "24", "--batch-size", "4", "--eval-every", "4", *extra)
+    command = [sys.executable, str(HERE / "train_process.py"), *own, "--", *args]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workspace, tmp_path_factory) -> dict[str, torch.Tensor]:
+    output = tmp_path_factory.mktemp("uninterrupted") / "run"
+    process = spawn(workspace, output)
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    return final_prefix(output)
+
+
+def assert_same_prefix(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
+
+
+def test_kill_9_at_a_random_step_then_resume_matches_uninterrupted(workspace, tmp_path, uninterrupted):
+    output = tmp_path / "run"
+    process = spawn(workspace, output, "--slow", "0.15")
+    deadline = time.time() + 120
+    while not (output / "checkpoint-4" / "checkpoint_complete.json").exists():
+        assert process.poll() is None and time.time() < deadline, "training did not reach its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 2.0))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (output / "prefix").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefixtune",
+            "train",
+            *train_args(workspace, output, "--steps", "24", "--batch-size", "4", "--eval-every", "4", "--resume"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    assert_same_prefix(final_prefix(output), uninterrupted)
+
+
+def test_kill_while_writing_a_checkpoint_never_resumes_from_the_half_checkpoint(workspace, tmp_path, uninterrupted):
+    output = tmp_path / "run"
+    process = spawn(workspace, output, "--die-while-saving", "12")
+    assert process.wait(timeout=300) == -signal.SIGKILL
+    half = output / "checkpoint-12"
+    assert (half / "prefix.safetensors").exists() and not (half / "checkpoint_complete.json").exists()
+
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefixtune",
+            "train",
+            *train_args(workspace, output, "--steps", "24", "--batch-size", "4", "--eval-every", "4", "--resume"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-8")
+    assert_same_prefix(final_prefix(output), uninterrupted)
+
+
+def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(workspace, tmp_path):
+    common = ["--steps", "6", "--eval-every", "6"]
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefixtune",
+            "train",
+            *train_args(workspace, tmp_path / "one", "--batch-size", "4", *common),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 0, single.stderr
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    double = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "prefixtune",
+            "train",
+            *train_args(workspace, tmp_path / "two", "--batch-size", "2", *common),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["world_size"] == 2
+    one, two = final_prefix(tmp_path / "one"), final_prefix(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
+    assert not torch.equal(one["prefix_key_values"], torch.zeros_like(one["prefix_key_values"]))
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "missing.jsonl",
+            '{"prompt": "cheap food", "completion": "ok"}\n{"prompt": "x"}\n',
+            r"missing\.jsonl:2: missing field 'completion'",
+        ),
+        ("empty.jsonl", "", r"empty\.jsonl: no examples"),
+        ("bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", \n', r"bad\.jsonl:2: invalid JSON"),
+        ("blank.jsonl", '{"prompt": "a", "completion": "  "}\n', r"blank\.jsonl:1: field 'completion' must be"),
+        ("bad.csv", 'mr,ref\n"a","b"\n"c","d","e"\n', r"bad\.csv:3: more values than the 2 header columns"),
+        ("nocol.csv", "meaning,text\na,b\n", r"nocol\.csv:2: missing field 'mr'"),
+        ("quote.csv", 'mr,ref\n"a,b\n', r"quote\.csv:\d+: malformed CSV"),
+    ],
+)
+def test_malformed_data_is_refused_naming_file_line_field_without_touching_output(
+    workspace, tmp_path, name, content, message
+):
+    data = tmp_path / name
+    data.write_text(content)
+    existing = tmp_path / "existing"
+    (existing / "prefix").mkdir(parents=True)
+    (existing / "prefix" / "keep.txt").write_text("previous run")
+    before = folder_digest(existing)
+    for output in (existing, tmp_path / "fresh"):
+        args = train_args(workspace, output, "--steps", "2", "--resume")
+        args[args.index("--data") + 1] = str(data)
+        result = run_cli("train", *args)
+        assert result.exit_code == 2
+        assert result.output.startswith("error:")
+        assert re.search(message, " ".join(result.output.split())), result.output
+    assert folder_digest(existing) == before
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_existing_run_is_not_overwritten_without_resume(workspace, tmp_path):
+    output = tmp_path / "run"
+    assert run_cli("train", *train_args(workspace, output, "--steps", "2", "--batch-size", "4")).exit_code == 0
+    before = folder_digest(output)
+    result = run_cli("train", *train_args(workspace, output, "--steps", "2", "--batch-size", "4"))
+    assert result.exit_code == 2 and "pass --resume" in result.output
+    assert folder_digest(output) == before
