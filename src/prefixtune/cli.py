@@ -17,7 +17,19 @@ from rich.table import Table
 from rich.text import Text
 
 from .data import DEFAULT_TEMPLATE, DataError
-from .files import PrefixFileError
+from .files import PrefixFileError, read_meta
+from .injection import UnsupportedModelError
+
+USER_ERRORS = (
+    DataError,
+    PrefixFileError,
+    UnsupportedModelError,
+    FileExistsError,
+    FileNotFoundError,
+    ValueError,
+    KeyError,
+    OSError,
+)
 
 app = typer.Typer(
     help="Prefix tuning for frozen Hugging Face language models.",
@@ -105,7 +117,7 @@ def train(
 
     try:
         summary = run_training(TrainOptions(**options))
-    except (DataError, PrefixFileError, FileExistsError, ValueError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         _fail(error)
     table = Table("", "value", title=f"trained prefix -> {output}/prefix")
     for key in ("global_step", "train_loss", "best_eval_loss", "trainable_parameters", "seconds", "world_size"):
@@ -114,13 +126,18 @@ def train(
 
 
 def _prompt_format(prefix_dir: str | None) -> dict[str, Any]:
-    if prefix_dir is None:
-        return {}
-    path = Path(prefix_dir) / "prefix_config.json"
-    try:
-        return json.loads(path.read_text()).get("prompt_format") or {}
-    except (OSError, json.JSONDecodeError) as error:
-        raise PrefixFileError(f"{path}: cannot read ({error})") from error
+    """The prompt format a prefix was trained with (saved beside it by `prefixtune train`)."""
+    stored = read_meta(prefix_dir).get("prompt_format") if prefix_dir else None
+    return stored if isinstance(stored, dict) else {}
+
+
+def _prefix_name(item: str) -> tuple[str, str]:
+    """``name=folder``, or a folder named after itself (its parent's name for a run's ``prefix/``)."""
+    if "=" in item:
+        name, folder = item.split("=", 1)
+        return name, folder
+    path = Path(item).resolve()
+    return (path.parent.name if path.name == "prefix" else path.name), item
 
 
 @app.command("eval")
@@ -142,12 +159,13 @@ def evaluate(
 ) -> None:
     """Generate for every distinct prompt and score against all its references."""
     from .data import PromptFormatter, group_references, read_examples
-    from .evaluation import generate_completions, score
+    from .evaluation import check_metrics, generate_completions, score
     from .loading import load_base_model
     from .model import PrefixModel
 
     try:
         wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+        check_metrics(wanted)
         groups = group_references(read_examples(data, prompt_field, completion_field))[:limit]
         stored = _prompt_format(prefix)
         base, tokenizer = load_base_model(model)
@@ -159,7 +177,7 @@ def evaluate(
         prefixed = (
             PrefixModel.from_pretrained(base, prefix, tokenizer)
             if prefix
-            else PrefixModel.without_prefix(base, tokenizer)
+            else PrefixModel(base, name=None, tokenizer=tokenizer)
         )
         prompts, references = [p for p, _ in groups], [refs for _, refs in groups]
         hypotheses = generate_completions(
@@ -173,7 +191,7 @@ def evaluate(
             show_progress=True,
         )
         results = score(hypotheses, references, wanted)
-    except (DataError, PrefixFileError, ValueError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         _fail(error)
     # Default: beside the prefix folder (never inside it: it holds only the prefix files).
     default = Path(prefix).resolve().parent if prefix else Path("runs")
@@ -217,10 +235,10 @@ def generate(
     from .model import PrefixModel
 
     try:
-        named = [item.split("=", 1) if "=" in item else [Path(item).name, item] for item in prefix]
+        named = [_prefix_name(item) for item in prefix]
         stored = _prompt_format(named[0][1]) if named else {}
         base, tokenizer = load_base_model(model)
-        prefixed = PrefixModel.without_prefix(base, tokenizer)
+        prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
         for name, folder in named:
             prefixed.load_prefix(folder, name=name)
         columns = ([("bare", "")] if bare or not named else []) + [(name, name) for name, _ in named]
@@ -238,7 +256,7 @@ def generate(
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
         )
-    except (PrefixFileError, ValueError, FileNotFoundError, KeyError) as error:
+    except USER_ERRORS as error:
         _fail(error)
     table = Table("prompt", *[label for label, _ in columns], show_lines=True)
     for i, text in enumerate(prompt):

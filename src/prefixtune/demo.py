@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 NAMES = [
@@ -91,6 +92,9 @@ def run_demo(
 
     console = Console()
     output = Path(output)
+    if (output / "run").exists():  # the demo's own previous run: start it afresh
+        console.print(f"removing the previous demo run in {output / 'run'}")
+        shutil.rmtree(output / "run")
     train_path, validation_path = make_dataset(output / "data")
     console.print(f"[bold]1/3[/] data: {train_path} and {validation_path} (generated, seeded)")
     console.print(f"[bold]2/3[/] training a {steps}-step prefix on {model} (frozen) ...")
@@ -107,7 +111,6 @@ def run_demo(
         prefix_length=10,
         init="activations",
         init_text="Describe the restaurant in one sentence.",
-        resume=True,
     )
     summary = train(options)
 

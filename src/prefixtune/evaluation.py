@@ -26,10 +26,17 @@ def generate_completions(
     show_progress: bool = False,
 ) -> list[str]:
     """One completion per prompt. ``prefix=""`` generates with the bare base model."""
-    tokenizer = formatter.tokenizer
-    outputs: list[str] = []
     was_training = model.training
     model.eval()
+    try:
+        return _generate(model, formatter, prompts, prefix, batch_size, num_beams, max_new_tokens, show_progress)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, formatter, prompts, prefix, batch_size, num_beams, max_new_tokens, show_progress) -> list[str]:
+    tokenizer = formatter.tokenizer
+    outputs: list[str] = []
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task("generating", total=len(prompts))
         for start in range(0, len(prompts), batch_size):
@@ -49,17 +56,20 @@ def generate_completions(
             new_tokens = tokens[:, batch["input_ids"].shape[1] :]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             progress.advance(task, len(chunk))
-    model.train(was_training)
     return outputs
+
+
+def check_metrics(metrics: Sequence[str]) -> None:
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
 
 
 def score(
     hypotheses: Sequence[str], references: Sequence[Sequence[str]], metrics: Sequence[str] = METRICS
 ) -> dict[str, float]:
     """Corpus scores; ``references[i]`` holds every reference for hypothesis i."""
-    unknown = sorted(set(metrics) - set(METRICS))
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+    check_metrics(metrics)
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
     most = max(len(refs) for refs in references)

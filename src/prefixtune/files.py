@@ -56,10 +56,16 @@ def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write to a temp file beside `path`, flush it to disk, then rename over `path`."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(temp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; prefixes are meant to be shared
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):
@@ -67,7 +73,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write(Path(path), lambda temp: Path(temp).write_text(text))
+    _atomic_write(Path(path), lambda temp: Path(temp).write_bytes(text.encode()))
 
 
 def save(
@@ -81,6 +87,9 @@ def save(
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    clashes = sorted(set(extra or {}) & {"format_version", "name", "prefix_length", "config", "base_model"})
+    if clashes:
+        raise ValueError(f"extra prefix fields {clashes} would overwrite the file's own fields")
     meta = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -95,7 +104,7 @@ def save(
     # apart by a crash between the two renames is refused on load instead of loading mismatched.
     metadata = {"name": name, CONFIG_HASH_KEY: _sha256(config_text.encode())}
     _atomic_write(directory / WEIGHTS_NAME, lambda temp: save_file(tensors, temp, metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_text(config_text))
+    _atomic_write(directory / CONFIG_NAME, lambda temp: Path(temp).write_bytes(config_text.encode()))
     return directory
 
 
@@ -113,14 +122,28 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise PrefixFileError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(meta, dict):
         raise PrefixFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    for field, kind in (("format_version", int), ("prefix_length", int), ("config", dict), ("base_model", dict)):
-        if not isinstance(meta.get(field), kind):
-            raise PrefixFileError(f"{path}: field {field!r} missing or not {kind.__name__} (got {meta.get(field)!r})")
+    for field, kind in (
+        ("format_version", int),
+        ("prefix_length", int),
+        ("config", dict),
+        ("base_model", dict),
+        ("name", str),
+    ):
+        value = meta.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PrefixFileError(f"{path}: field {field!r} missing or not {kind.__name__} (got {value!r})")
+    if meta["prefix_length"] < 1 or not meta["name"]:
+        raise PrefixFileError(f"{path}: field 'prefix_length' must be >= 1 and 'name' non-empty")
     if meta["format_version"] != FORMAT_VERSION:
         raise PrefixFileError(
             f"{path}: format_version {meta['format_version']} unsupported (expected {FORMAT_VERSION})"
         )
     meta["config"] = PrefixConfig.from_dict(meta["config"], source=str(path))
+    declared = meta["config"].prefix_length
+    if declared is not None and declared != meta["prefix_length"]:
+        raise PrefixFileError(
+            f"{path}: prefix_length {meta['prefix_length']} disagrees with config.prefix_length {declared}"
+        )
     return meta
 
 

@@ -72,6 +72,7 @@ def _prefix_columns(
         text_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
         text_mask = text_mask[None, None]
     text_mask = text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
+    prefix_mask = prefix_mask.to(text_mask.device, torch.bool)
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)
     if text_mask.dtype != torch.bool:
         blocked = torch.finfo(text_mask.dtype).min
@@ -96,7 +97,7 @@ def _prefix_attention(delegate: str) -> Callable:
             prefixtune_capture.record(module, key, value)
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
-            prefix = prefix_key_values[:, layer].to(key.dtype)  # [B, 2, kv_heads, P, head_dim]
+            prefix = prefix_key_values[:, layer].to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
             attention_mask = _prefix_columns(
                 attention_mask, prefix_attention_mask, query, key.shape[2], getattr(module, "is_causal", True)
             )
@@ -121,6 +122,8 @@ def text_positions(kwargs: dict) -> Tensor:
         tokens = kwargs.get("inputs_embeds")
     if tokens is None:
         tokens = kwargs.get("decoder_input_ids")
+    if tokens is None:
+        raise ValueError("prefixtune: pass input_ids or inputs_embeds by keyword when a prefix is active")
     query_length = tokens.shape[1]
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.ndim == 2:

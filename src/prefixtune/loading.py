@@ -77,4 +77,6 @@ def load_base_model(spec: str = SMOLLM2_ALIAS, dtype: torch.dtype = torch.float3
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not config.is_encoder_decoder:
+        tokenizer.padding_side = "left"  # decoder-only generation continues after the last real token
     return model.eval(), tokenizer

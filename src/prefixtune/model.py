@@ -33,14 +33,11 @@ class PrefixModel(nn.Module):
         self,
         base_model: PreTrainedModel,
         config: PrefixConfig | None = None,
-        name: str = "default",
+        name: str | None = "default",
         tokenizer: Any = None,
     ) -> None:
+        """Freeze `base_model` and add the prefix `name` (``name=None``: no prefix yet)."""
         super().__init__()
-        self._wrap(base_model, tokenizer)
-        self.add_prefix(name, config or PrefixConfig())
-
-    def _wrap(self, base_model: PreTrainedModel, tokenizer: Any) -> None:
         base_model.requires_grad_(False)
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -49,6 +46,8 @@ class PrefixModel(nn.Module):
         self.prefixes = nn.ModuleDict()
         self.prefix_configs: dict[str, PrefixConfig] = {}
         self.active_prefix: str | None = None
+        if name is not None:
+            self.add_prefix(name, config or PrefixConfig())
 
     @property
     def device(self) -> torch.device:
@@ -131,47 +130,48 @@ class PrefixModel(nn.Module):
         if len(names) != batch_size:
             raise ValueError(f"prefix: got {len(names)} names for a batch of {batch_size} rows")
         self._check_names([name for name in set(names) if name])
-        computed = {name: self.prefixes[name](self.kv_path) for name in dict.fromkeys(names) if name}
-        device = self.device
+        dtype = self.base_model.get_input_embeddings().weight.dtype  # cast once, not per layer and step
+        computed = {name: self.prefixes[name](self.kv_path).to(dtype) for name in dict.fromkeys(names) if name}
+        empty = torch.zeros(*self.geometry.kv_shape, 0, self.geometry.head_dim, device=self.device, dtype=dtype)
         longest = max([kv.shape[3] for kv in computed.values()], default=0)
         if len(computed) == 1 and all(names):
             (key_values,) = computed.values()
             return {
                 "prefix_key_values": key_values[None].expand(batch_size, *key_values.shape),
-                "prefix_attention_mask": torch.ones(batch_size, longest, dtype=torch.bool, device=device),
+                "prefix_attention_mask": torch.ones(batch_size, longest, dtype=torch.bool, device=self.device),
             }
-        rows, masks = [], []
-        for name in names:
-            kv = (
-                computed[name]
-                if name
-                else torch.zeros(*self.geometry.kv_shape, 0, self.geometry.head_dim, device=device)
-            )
-            padding = longest - kv.shape[3]
-            rows.append(nn.functional.pad(kv, (0, 0, 0, padding)))
-            masks.append(torch.arange(longest, device=device) < kv.shape[3])
+        rows = [computed[name] if name else empty for name in names]
+        masks = [torch.arange(longest, device=self.device) < kv.shape[3] for kv in rows]
+        rows = [nn.functional.pad(kv, (0, 0, 0, longest - kv.shape[3])) for kv in rows]
         return {"prefix_key_values": torch.stack(rows), "prefix_attention_mask": torch.stack(masks)}
 
     @staticmethod
-    def _batch_size(kwargs: dict[str, Any]) -> int:
-        for key in ("input_ids", "inputs_embeds", "decoder_input_ids"):
+    def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:
+        if args:
+            raise TypeError(
+                "PrefixModel takes model inputs by keyword (input_ids=..., prefix=...), "
+                f"got {len(args)} positional argument(s)"
+            )
+        for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "inputs"):
             if kwargs.get(key) is not None:
                 return kwargs[key].shape[0]
         raise ValueError("pass input_ids or inputs_embeds by keyword")
 
-    def forward(self, prefix: PrefixChoice = None, **kwargs: Any):
+    def forward(self, *args: Any, prefix: PrefixChoice = None, **kwargs: Any):
         """The base model's forward (same arguments and output, loss with ``labels``) with the prefix."""
+        batch_size = self._batch_size(args, kwargs)
         if self.training and torch.is_grad_enabled():
             self._refuse_reentrant_checkpointing()
-        return self.base_model(**kwargs, **self.prefix_inputs(prefix, self._batch_size(kwargs)))
+        return self.base_model(**kwargs, **self.prefix_inputs(prefix, batch_size))
 
     @torch.no_grad()
-    def generate(self, prefix: PrefixChoice = None, **kwargs: Any) -> Tensor:
+    def generate(self, *args: Any, prefix: PrefixChoice = None, **kwargs: Any) -> Tensor:
         """``base_model.generate`` with the prefix: greedy, beam, sampling and streamers all keep it."""
-        return self.base_model.generate(**kwargs, **self.prefix_inputs(prefix, self._batch_size(kwargs)))
+        return self.base_model.generate(**kwargs, **self.prefix_inputs(prefix, self._batch_size(args, kwargs)))
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.base_model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base model's layers (non-reentrant; the prefix reaches them as arguments)."""
+        self.base_model.activation_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def _refuse_reentrant_checkpointing(self) -> None:
         """Reentrant checkpointing backpropagates each layer separately into the prefix's graph, which
@@ -245,24 +245,18 @@ class PrefixModel(nn.Module):
         identity, so an optimizer holding them resumes correctly)."""
         name = name or self.active_prefix
         self._check_names([name])
-        meta, saved = self._read_prefix(path)
+        meta = files.read_meta(path)
+        files.check_fingerprint(path, meta["base_model"], self.fingerprint)
         if meta["config"] != self.prefix_configs[name]:
             raise files.PrefixFileError(
                 f"{path}: saved config {meta['config']} differs from prefix {name!r}'s {self.prefix_configs[name]}"
             )
-        for target, source in zip(self.prefixes[name].parameters(), saved.parameters(), strict=True):
-            target.copy_(source)
-
-    @classmethod
-    def without_prefix(cls, base_model: PreTrainedModel, tokenizer: Any = None) -> PrefixModel:
-        """Wrap a base model with no prefix yet (load or add some later; ``prefix=""`` runs it bare)."""
-        model = cls.__new__(cls)
-        nn.Module.__init__(model)
-        model._wrap(base_model, tokenizer)
-        return model
+        prefix = self.prefixes[name]
+        expected = {key: tuple(value.shape) for key, value in prefix.state_dict().items()}
+        prefix.load_state_dict(files.load_tensors(path, expected))  # copies in place
 
     @classmethod
     def from_pretrained(cls, base_model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> PrefixModel:
-        model = cls.without_prefix(base_model, tokenizer)
+        model = cls(base_model, name=None, tokenizer=tokenizer)
         model.load_prefix(path)
         return model

@@ -116,6 +116,8 @@ class PrefixTrainer(Trainer):
         self.generation_eval = generation_eval
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # rank 0 only
+            return
         self.model.save_prefix(output_dir or self.args.output_dir, self.prefix_name, self.extra_fields())
 
     def extra_fields(self) -> dict[str, Any]:
@@ -131,12 +133,12 @@ class PrefixTrainer(Trainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": self.state.global_step}))
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         metrics = super().evaluate(*args, **kwargs)
-        if self.generation_eval is not None:
+        if self.generation_eval is not None and self.is_world_process_zero():
             generated = {f"eval_{key}": value for key, value in self.generation_eval().items()}
             self.log(generated)
             metrics.update(generated)
