@@ -9,12 +9,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    T5Config,
 )
 
 VOCAB = 100
@@ -78,6 +81,48 @@ TINY_CONFIGS = {
     ),
 }
 ARCHITECTURES = list(TINY_CONFIGS)
+
+TINY_SEQ2SEQ_CONFIGS = {
+    "bart": lambda: BartConfig(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.3,
+        decoder_start_token_id=SPECIAL["eos"],
+        forced_eos_token_id=None,
+        **_common(),
+    ),
+    "t5": lambda: T5Config(
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        initializer_factor=3.0,
+        decoder_start_token_id=SPECIAL["pad"],
+        vocab_size=VOCAB,
+        pad_token_id=SPECIAL["pad"],
+        eos_token_id=SPECIAL["eos"],
+    ),
+}
+SEQ2SEQ = list(TINY_SEQ2SEQ_CONFIGS)
+
+
+def tiny_seq2seq(architecture: str, attn_implementation: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    config = TINY_SEQ2SEQ_CONFIGS[architecture]()
+    return AutoModelForSeq2SeqLM.from_config(config, attn_implementation=attn_implementation).eval()
 
 
 def tiny_model(architecture: str, attn_implementation: str = "sdpa", seed: int = 0):

@@ -21,6 +21,8 @@ class PrefixConfig:
     init: ``random`` (normal with ``init_std``), ``vocab`` (word embeddings of ``init_text``) or
         ``activations`` (the frozen model's own activations on ``init_text``).
     dropout: dropout on the prefix keys/values while training.
+    encoder / decoder / cross: which attention gets the prefix in encoder-decoder models (BART, T5):
+        the encoder's self-attention, the decoder's self-attention, the decoder's cross-attention.
     """
 
     prefix_length: int | None = 10
@@ -30,6 +32,15 @@ class PrefixConfig:
     init_text: str | None = None
     init_std: float = 0.02
     dropout: float = 0.0
+    encoder: bool = True
+    decoder: bool = True
+    cross: bool = True
+
+    @property
+    def places(self) -> tuple[str, ...]:
+        """Where the prefix goes: encoder self-attention, decoder self-attention, decoder
+        cross-attention (decoder-only models have only the decoder's)."""
+        return tuple(p for p in ("encoder", "decoder", "cross") if getattr(self, p))
 
     def __post_init__(self) -> None:
         if self.parameterization not in PARAMETERIZATIONS:
@@ -50,6 +61,9 @@ class PrefixConfig:
             raise ValueError(f"PrefixConfig.mlp_hidden_size: expected a positive int, got {self.mlp_hidden_size!r}")
         if not self.init_std > 0:
             raise ValueError(f"PrefixConfig.init_std: expected > 0, got {self.init_std!r}")
+        for place in ("encoder", "decoder", "cross"):
+            if not isinstance(getattr(self, place), bool):
+                raise ValueError(f"PrefixConfig.{place}: expected true or false, got {getattr(self, place)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PrefixConfig.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
 

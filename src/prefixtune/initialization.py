@@ -44,21 +44,27 @@ def word_embeddings(model: PreTrainedModel, token_ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def text_activations(model: PreTrainedModel, attention_modules: list[nn.Module], token_ids: Tensor) -> TextActivations:
-    """Run the frozen model on the tokens and keep each layer's keys/values and attention inputs."""
+    """Run the frozen model on the tokens and keep each layer's keys/values and attention inputs.
+
+    Encoder-decoders read the tokens on both sides: the encoder prefix gets the encoder's
+    activations, the decoder prefixes the decoder's (cross-attention: its keys/values of the encoded text).
+    """
     inputs: dict[nn.Module, Tensor] = {}
 
     def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs[module] = args[0] if args else kwargs["hidden_states"]
+        source = kwargs.get("key_value_states", kwargs.get("encoder_hidden_states"))  # cross-attention
+        inputs[module] = source if source is not None else (args[0] if args else kwargs["hidden_states"])
 
     hooks = [module.register_forward_pre_hook(keep_input, with_kwargs=True) for module in attention_modules]
     capture = Capture()
     ids = token_ids[None].to(model.device)
+    extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     try:
-        model(input_ids=ids, use_cache=False, prefixtune_capture=capture)
+        model(input_ids=ids, use_cache=False, prefixtune_capture=capture, **extra)
     finally:
         for hook in hooks:
             hook.remove()
-    by_module = {module: torch.stack([key[0], value[0]]) for module, key, value in capture.calls}
+    by_module = {call.module: torch.stack([call.key[0], call.value[0]]) for call in capture.calls}
     return TextActivations(
         key_values=torch.stack([by_module[module] for module in attention_modules]).float(),
         attention_inputs=torch.stack([inputs[module][0] for module in attention_modules]).float(),

@@ -42,14 +42,19 @@ class UnsupportedModelError(TypeError):
     """The model does not route its attention through transformers' ``AttentionInterface``."""
 
 
+@dataclass
+class AttentionCall:
+    module: nn.Module
+    query: Tensor
+    key: Tensor
+    value: Tensor
+
+
 class Capture:
-    """Records, per attention call, the module and the keys/values it computed (pass as ``prefixtune_capture``)."""
+    """Records every attention call's module, queries, keys and values (pass as ``prefixtune_capture``)."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []
-
-    def record(self, module: nn.Module, key: Tensor, value: Tensor) -> None:
-        self.calls.append((module, key, value))
+        self.calls: list[AttentionCall] = []
 
 
 def _model_eager_function(module: nn.Module) -> Callable:
@@ -94,13 +99,17 @@ def _prefix_attention(delegate: str) -> Callable:
     ) -> tuple[Tensor, Tensor | None]:
         function = sdpa_attention_forward if delegate == "sdpa" else _model_eager_function(module)
         if prefixtune_capture is not None:
-            prefixtune_capture.record(module, key, value)
+            prefixtune_capture.calls.append(AttentionCall(module, query, key, value))
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
             prefix = prefix_key_values[:, layer].to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
+            causal = getattr(module, "is_causal", True)
             attention_mask = _prefix_columns(
-                attention_mask, prefix_attention_mask, query, key.shape[2], getattr(module, "is_causal", True)
+                attention_mask, prefix_attention_mask[:, layer], query, key.shape[2], causal
             )
+            if kwargs.get("position_bias") is not None:  # T5: prefix columns get no relative-position bias
+                bias = kwargs["position_bias"]
+                kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], prefix.shape[3]), bias], -1)
             key = torch.cat([prefix[:, 0], key], dim=2)
             value = torch.cat([prefix[:, 1], value], dim=2)
             kwargs["is_causal"] = False  # the mask above says everything
@@ -134,7 +143,15 @@ def text_positions(kwargs: dict) -> Tensor:
     return torch.arange(past, past + query_length, device=tokens.device)[None].expand(tokens.shape[0], -1)
 
 
+def prefix_lengths(prefix_mask: Tensor, layers: tuple[int, ...] | None = None) -> Tensor:
+    """Per-row prefix length (over the given layers) from ``prefix_attention_mask`` ``[B, layers, P]``."""
+    if layers is not None:
+        prefix_mask = prefix_mask[:, list(layers)]
+    return prefix_mask.any(dim=1).sum(-1)
+
+
 def _offset_positions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Decoder-only models: shift ``position_ids`` by each row's prefix length."""
     prefix_mask = kwargs.get("prefix_attention_mask")
     if prefix_mask is None:
         return None
@@ -143,31 +160,76 @@ def _offset_positions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     positions = kwargs.get("position_ids")
     if positions is None:
         positions = text_positions(kwargs)
-    kwargs["position_ids"] = positions + prefix_mask.sum(-1, keepdim=True).to(positions.dtype)
+    kwargs["position_ids"] = positions + prefix_lengths(prefix_mask)[:, None].to(positions.dtype)
     return args, kwargs
+
+
+def _shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> None:
+    """Decoders of encoder-decoders with learned absolute positions (BART family: an
+    ``embed_positions`` embedding with an ``offset``) take no position ids, so their position
+    embedding is recomputed per row at text position + that row's decoder prefix length. Decoders
+    without one (T5: relative bias) need nothing."""
+    embedding = getattr(stack, "embed_positions", None)
+    if embedding is None:
+        return
+    if not isinstance(embedding, nn.Embedding) or not hasattr(embedding, "offset"):
+        raise UnsupportedModelError(f"{type(stack).__name__}: cannot shift positions of {type(embedding).__name__}")
+
+    def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        prefix_mask = kwargs.get("prefix_attention_mask")
+        embedding.prefixtune_shift = None if prefix_mask is None else prefix_lengths(prefix_mask, layers)
+
+    def forget(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        embedding.prefixtune_shift = None
+
+    def shifted(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+        shift = getattr(module, "prefixtune_shift", None)
+        if shift is None or not bool(shift.any()):
+            return None
+        # output[b, t] is the embedding of position index (start + t + offset); recompute at + shift[b].
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            start = args[1] if len(args) > 1 else kwargs.get("cache_length", 0)
+            positions = torch.arange(start, start + output.shape[-2], device=output.device)
+        positions = positions.reshape(1, -1) + shift.to(output.device)[:, None] + module.offset
+        return nn.functional.embedding(positions, module.weight)
+
+    stack.register_forward_pre_hook(remember, with_kwargs=True)
+    stack.register_forward_hook(forget, with_kwargs=True)
+    embedding.register_forward_hook(shifted, with_kwargs=True)
+
+
+PLACES = ("encoder", "decoder", "cross")
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """The shape of a prefix for one base model (what the probe found)."""
+    """The shape of a prefix for one base model (what the probe found).
+
+    Layers are numbered across the whole model; ``places`` says which belong to the encoder's
+    self-attention, the decoder's self-attention and the decoder's cross-attention (decoder-only
+    models have just ``decoder``).
+    """
 
     num_layers: int
     kv_heads: int
     head_dim: int
     hidden_size: int
+    places: dict[str, tuple[int, ...]]
 
-    @property
-    def kv_shape(self) -> tuple[int, int, int]:
-        return (self.num_layers, 2, self.kv_heads)
+    def layers_for(self, places: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(sorted(layer for place in places for layer in self.places.get(place, ())))
 
 
 class KeyValuePath:
     """Sends hidden states through one layer's own frozen key/value path, as a real token at
     positions 0..P-1 would go: its projections, any key norm and rotary embedding. It calls the
-    attention module itself and keeps the keys/values it hands to the attention function."""
+    attention module itself and keeps the keys/values it hands to the attention function
+    (cross-attention modules get the states as their encoder states)."""
 
-    def __init__(self, model: PreTrainedModel, attention_modules: list[nn.Module]) -> None:
+    def __init__(self, model: PreTrainedModel, attention_modules: list[nn.Module], cross: tuple[int, ...]) -> None:
         self.attention_modules = attention_modules
+        self.cross = set(cross)
         self.rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
 
     def __call__(self, layer: int, hidden: Tensor) -> Tensor:
@@ -179,6 +241,9 @@ class KeyValuePath:
         kwargs: dict = {"hidden_states": hidden}
         if "attention_mask" in accepted:
             kwargs["attention_mask"] = None
+        if layer in self.cross:
+            source = "key_value_states" if "key_value_states" in accepted else "encoder_hidden_states"
+            kwargs[source] = hidden
         if "position_embeddings" in accepted:
             if self.rotary is None:
                 raise UnsupportedModelError(f"{type(module).__name__} wants rotary embeddings but none was found")
@@ -187,8 +252,8 @@ class KeyValuePath:
             kwargs["position_ids"] = positions
         capture = Capture()
         module(**kwargs, prefixtune_capture=capture)
-        _, key, value = capture.calls[-1]
-        return torch.stack([key[0], value[0]])
+        call = capture.calls[-1]
+        return torch.stack([call.key[0], call.value[0]])
 
 
 def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
@@ -200,6 +265,39 @@ def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
         validate({key: value for key, value in model_kwargs.items() if key not in PREFIX_KWARGS})
 
     model._validate_model_kwargs = validate_without_prefix
+
+
+def _probe(model: PreTrainedModel) -> Capture:
+    """One forward on dummy tokens, recording every attention call. Encoder-decoders get inputs of
+    different lengths (3 source, 2 target tokens) so the three kinds of attention tell apart."""
+    capture = Capture()
+    inputs = {
+        "input_ids": torch.zeros(
+            (1, 3 if model.config.is_encoder_decoder else 2), dtype=torch.long, device=model.device
+        ),
+        "use_cache": False,
+        "prefixtune_capture": capture,
+    }
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = torch.zeros((1, 2), dtype=torch.long, device=model.device)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except TypeError as error:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not pass attention arguments through AttentionInterface: {error}"
+        ) from error
+    return capture
+
+
+def _place(model: PreTrainedModel, call: AttentionCall) -> str:
+    if not model.config.is_encoder_decoder:
+        return "decoder"
+    shape = (call.query.shape[2], call.key.shape[2])
+    places = {(3, 3): "encoder", (2, 2): "decoder", (2, 3): "cross"}
+    if shape not in places:
+        raise UnsupportedModelError(f"{type(call.module).__name__}: unexpected attention shape {shape} in the probe")
+    return places[shape]
 
 
 def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
@@ -215,35 +313,38 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         name = "sdpa"
     model.set_attn_implementation(name if name.startswith("prefixtune_") else f"prefixtune_{name}")
 
-    capture = Capture()
-    probe = torch.zeros((1, 2), dtype=torch.long, device=model.device)
-    inputs = {"input_ids": probe, "use_cache": False, "prefixtune_capture": capture}
-    if model.config.is_encoder_decoder:
-        inputs["decoder_input_ids"] = probe
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    except TypeError as error:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not pass attention arguments through AttentionInterface: {error}"
-        ) from error
-    modules: list[nn.Module] = []
-    for module, _key, _value in capture.calls:
-        if all(module is not seen for seen in modules):
-            modules.append(module)
-            module.prefixtune_layer = len(modules) - 1
-    if not modules:
+    calls = _probe(model).calls
+    by_place: dict[str, list[nn.Module]] = {place: [] for place in PLACES}
+    for call in calls:
+        modules = by_place[_place(model, call)]
+        if all(call.module is not seen for seen in modules):
+            modules.append(call.module)
+    ordered = [module for place in PLACES for module in by_place[place]]
+    if not ordered:
         raise UnsupportedModelError(
             f"{type(model).__name__} (model_type={model.config.model_type!r}) does not route attention through "
             "transformers' AttentionInterface, so prefixtune cannot inject a prefix into it"
         )
-    shapes = {tuple(key.shape[1::2]) for module, key, _ in capture.calls}
+    for index, module in enumerate(ordered):
+        module.prefixtune_layer = index
+    places, start = {}, 0
+    for place in PLACES:
+        if by_place[place]:
+            places[place] = tuple(range(start, start + len(by_place[place])))
+            start += len(by_place[place])
+    shapes = {(call.key.shape[1], call.key.shape[3]) for call in calls}
     if len(shapes) != 1:
         raise UnsupportedModelError(f"{type(model).__name__}: layers disagree on key shapes {sorted(shapes)}")
     ((kv_heads, head_dim),) = shapes
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not getattr(model, "_prefixtune_injected", False):
-        model.register_forward_pre_hook(_offset_positions, with_kwargs=True)
+        if model.config.is_encoder_decoder:
+            # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
+            # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
+            _shift_stack_positions(model.get_decoder(), places["decoder"])
+        else:
+            model.register_forward_pre_hook(_offset_positions, with_kwargs=True)
         _accept_prefix_in_generate(model)
         model._prefixtune_injected = True
-    return Geometry(len(modules), kv_heads, head_dim, hidden_size), KeyValuePath(model, modules)
+    geometry = Geometry(len(ordered), kv_heads, head_dim, hidden_size, places)
+    return geometry, KeyValuePath(model, ordered, places.get("cross", ()))

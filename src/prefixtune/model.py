@@ -130,20 +130,41 @@ class PrefixModel(nn.Module):
         if len(names) != batch_size:
             raise ValueError(f"prefix: got {len(names)} names for a batch of {batch_size} rows")
         self._check_names([name for name in set(names) if name])
-        dtype = self.base_model.get_input_embeddings().weight.dtype  # cast once, not per layer and step
-        computed = {name: self.prefixes[name](self.kv_path).to(dtype) for name in dict.fromkeys(names) if name}
-        empty = torch.zeros(*self.geometry.kv_shape, 0, self.geometry.head_dim, device=self.device, dtype=dtype)
-        longest = max([kv.shape[3] for kv in computed.values()], default=0)
-        if len(computed) == 1 and all(names):
-            (key_values,) = computed.values()
+        unique = [name for name in dict.fromkeys(names) if name]
+        longest = max([self.prefixes[name].length for name in unique], default=0)
+        laid_out = {name: self._model_wide(name, longest) for name in unique}
+        if len(laid_out) == 1 and all(names):
+            ((key_values, mask),) = laid_out.values()
             return {
                 "prefix_key_values": key_values[None].expand(batch_size, *key_values.shape),
-                "prefix_attention_mask": torch.ones(batch_size, longest, dtype=torch.bool, device=self.device),
+                "prefix_attention_mask": mask[None].expand(batch_size, *mask.shape),
             }
-        rows = [computed[name] if name else empty for name in names]
-        masks = [torch.arange(longest, device=self.device) < kv.shape[3] for kv in rows]
-        rows = [nn.functional.pad(kv, (0, 0, 0, longest - kv.shape[3])) for kv in rows]
-        return {"prefix_key_values": torch.stack(rows), "prefix_attention_mask": torch.stack(masks)}
+        if "" in names:
+            laid_out[""] = self._model_wide(None, longest)
+        return {
+            "prefix_key_values": torch.stack([laid_out[name][0] for name in names]),
+            "prefix_attention_mask": torch.stack([laid_out[name][1] for name in names]),
+        }
+
+    def _model_wide(self, name: str | None, length: int) -> tuple[Tensor, Tensor]:
+        """A prefix's keys/values over all the model's layers ``[layers, 2, kv_heads, length, head_dim]``
+        and its mask ``[layers, length]``: zeros and False for layers it does not cover and slots past its
+        own length. ``name=None``: no prefix at all."""
+        geometry = self.geometry
+        dtype = self.base_model.get_input_embeddings().weight.dtype  # cast once, not per layer and step
+        mask = torch.zeros(geometry.num_layers, length, dtype=torch.bool, device=self.device)
+        if name is None:
+            shape = (geometry.num_layers, 2, geometry.kv_heads, length, geometry.head_dim)
+            return torch.zeros(shape, dtype=dtype, device=self.device), mask
+        prefix = self.prefixes[name]
+        key_values = prefix(self.kv_path).to(dtype)
+        layers = list(prefix.layers)
+        mask[layers, : prefix.length] = True
+        if len(layers) == geometry.num_layers and prefix.length == length:
+            return key_values, mask
+        full = key_values.new_zeros(geometry.num_layers, 2, geometry.kv_heads, length, geometry.head_dim)
+        full[layers, :, :, : prefix.length] = key_values
+        return full, mask
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:

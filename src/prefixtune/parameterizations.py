@@ -26,19 +26,24 @@ from .injection import Geometry, KeyValuePath
 logger = logging.getLogger(__name__)
 
 
-def _layer_key_values(kv_path: KeyValuePath, hidden: Tensor) -> Tensor:
+def _layer_key_values(kv_path: KeyValuePath, layers: tuple[int, ...], hidden: Tensor) -> Tensor:
     """Per-layer hidden states ``[layers, P, d]`` (or one ``[P, d]`` for all) -> ``[layers, 2, kv, P, hd]``."""
-    layers = len(kv_path.attention_modules)
-    return torch.stack([kv_path(i, hidden[i] if hidden.ndim == 3 else hidden) for i in range(layers)])
+    return torch.stack([kv_path(layer, hidden[i] if hidden.ndim == 3 else hidden) for i, layer in enumerate(layers)])
 
 
 class Prefix(nn.Module):
-    """Common part: the length, dropout on the produced keys/values, and the init hooks."""
+    """Common part: the length, the layers it covers (model-wide indices, see `Geometry`), dropout on
+    the produced keys/values, and the init hooks."""
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__()
         self.length = length
         self.geometry = geometry
+        self.layers = geometry.layers_for(config.places)
+        if not self.layers:
+            raise ValueError(
+                f"prefix covers no attention layer: places {config.places}, model has {list(geometry.places)}"
+            )
         self.dropout = nn.Dropout(config.dropout)
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
@@ -59,8 +64,7 @@ class KVPrefix(Prefix):
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__(config, length, geometry)
-        layers, _, kv_heads = geometry.kv_shape
-        shape = (layers, 2, kv_heads, length, geometry.head_dim)
+        shape = (len(self.layers), 2, geometry.kv_heads, length, geometry.head_dim)
         self.prefix_key_values = nn.Parameter(torch.randn(shape) * config.init_std)
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
@@ -68,11 +72,11 @@ class KVPrefix(Prefix):
 
     @torch.no_grad()
     def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
-        self.prefix_key_values.copy_(_layer_key_values(kv_path, embeddings))
+        self.prefix_key_values.copy_(_layer_key_values(kv_path, self.layers, embeddings))
 
     @torch.no_grad()
     def init_activations(self, activations: TextActivations) -> None:
-        self.prefix_key_values.copy_(activations.key_values)
+        self.prefix_key_values.copy_(activations.key_values[list(self.layers)])
 
 
 class MLPPrefix(Prefix):
@@ -80,19 +84,18 @@ class MLPPrefix(Prefix):
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__(config, length, geometry)
-        layers, two, kv_heads = geometry.kv_shape
         self.embedding = nn.Parameter(torch.randn(length, geometry.hidden_size) * config.init_std)
         self.mlp = nn.Sequential(
             nn.Linear(geometry.hidden_size, config.mlp_hidden_size),
             nn.Tanh(),
-            nn.Linear(config.mlp_hidden_size, layers * two * kv_heads * geometry.head_dim),
+            nn.Linear(config.mlp_hidden_size, len(self.layers) * 2 * geometry.kv_heads * geometry.head_dim),
         )
         self.fit_report: dict[str, float] | None = None
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
-        layers, two, kv_heads = self.geometry.kv_shape
         flat = self.mlp(self.embedding)  # [P, layers * 2 * kv * hd]
-        return flat.view(self.length, layers, two, kv_heads, self.geometry.head_dim).permute(1, 2, 3, 0, 4)
+        shape = (self.length, len(self.layers), 2, self.geometry.kv_heads, self.geometry.head_dim)
+        return flat.view(shape).permute(1, 2, 3, 0, 4)
 
     @torch.no_grad()
     def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
@@ -101,8 +104,8 @@ class MLPPrefix(Prefix):
     def init_activations(self, activations: TextActivations, steps: int = 300, lr: float = 3e-3) -> None:
         """Fit embedding + MLP by regression to the frozen model's keys/values on the init text."""
         with torch.no_grad():
-            self.embedding.copy_(activations.attention_inputs.mean(0))
-        target = activations.key_values.detach()
+            self.embedding.copy_(activations.attention_inputs[list(self.layers)].mean(0))
+        target = activations.key_values[list(self.layers)].detach()
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
@@ -121,11 +124,11 @@ class HiddenPrefix(Prefix):
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__(config, length, geometry)
-        shape = (geometry.num_layers, length, geometry.hidden_size)
+        shape = (len(self.layers), length, geometry.hidden_size)
         self.prefix_hidden = nn.Parameter(torch.randn(shape) * config.init_std)
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
-        return _layer_key_values(kv_path, self.prefix_hidden)
+        return _layer_key_values(kv_path, self.layers, self.prefix_hidden)
 
     @torch.no_grad()
     def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
@@ -133,7 +136,7 @@ class HiddenPrefix(Prefix):
 
     @torch.no_grad()
     def init_activations(self, activations: TextActivations) -> None:
-        self.prefix_hidden.copy_(activations.attention_inputs)
+        self.prefix_hidden.copy_(activations.attention_inputs[list(self.layers)])
 
 
 PARAMETERIZATION_CLASSES: dict[str, type[Prefix]] = {"kv": KVPrefix, "mlp": MLPPrefix, "hidden": HiddenPrefix}
