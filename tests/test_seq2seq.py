@@ -259,3 +259,71 @@ def test_t5_prefix_columns_get_no_position_bias():
     hook.remove()
     expected = attention.o(expected.transpose(1, 2).reshape(1, len(SOURCE), -1))
     torch.testing.assert_close(outputs["attention"], expected, atol=1e-5, rtol=0)
+
+
+def test_cli_trains_and_evaluates_a_seq2seq_prefix(tmp_path, tokenizer):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+
+    tiny_seq2seq("bart").save_pretrained(tmp_path / "bart")
+    tokenizer.save_pretrained(tmp_path / "bart")
+    rows = [
+        {"prompt": f"the {w} restaurant near the river", "completion": f"{w} restaurant"}
+        for w in ("cheap", "expensive", "french", "italian", "chinese", "english", "indian", "good")
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tmp_path / "bart"),
+            "--data",
+            str(data),
+            "--validation",
+            str(data),
+            "--output",
+            str(tmp_path / "run"),
+            "--steps",
+            "12",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "4",
+            "--lr",
+            "3e-2",
+            "--prefix-length",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert losses[-1] < losses[0]
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "bart"),
+            "--prefix",
+            str(tmp_path / "run" / "prefix"),
+            "--data",
+            str(data),
+            "--metrics",
+            "rouge",
+            "--max-new-tokens",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    generations = [json.loads(line) for line in (tmp_path / "run" / "eval-data" / "generations.jsonl").open()]
+    # encoder-decoder outputs are all new tokens: nothing of the prompt is cut off or echoed
+    assert all(g["generation"] and not g["generation"].startswith(g["prompt"]) for g in generations)
+    metrics = json.loads((tmp_path / "run" / "eval-data" / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"rouge1", "rouge2", "rougeL"}

@@ -126,7 +126,7 @@ def test_short_training_lowers_validation_loss_and_writes_everything(workspace, 
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((output / "eval-validation" / "metrics.json").read_text())
-    assert set(metrics["metrics"]) == {"bleu", "rougeL"} and metrics["num_beams"] == 2
+    assert set(metrics["metrics"]) == {"bleu", "rouge1", "rouge2", "rougeL"} and metrics["num_beams"] == 2
     generations = (output / "eval-validation" / "generations.jsonl").read_text().splitlines()
     assert len(generations) == metrics["prompts"] == 16
     assert set(json.loads(generations[0])) == {"prompt", "generation", "references"}

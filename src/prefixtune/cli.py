@@ -131,6 +131,18 @@ def _prompt_format(prefix_dir: str | None) -> dict[str, Any]:
     return stored if isinstance(stored, dict) else {}
 
 
+def _formatter(base, tokenizer, stored: dict[str, Any], template: str | None, chat_template: bool | None):
+    """Format prompts as given on the command line, else as the prefix was trained."""
+    from .data import PromptFormatter
+
+    return PromptFormatter(
+        tokenizer,
+        template or stored.get("template", DEFAULT_TEMPLATE),
+        stored.get("chat_template", False) if chat_template is None else chat_template,
+        base.config.is_encoder_decoder,
+    )
+
+
 def _prefix_name(item: str) -> tuple[str, str]:
     """``name=folder``, or a folder named after itself (its parent's name for a run's ``prefix/``)."""
     if "=" in item:
@@ -158,7 +170,7 @@ def evaluate(
     config: Path | None = CONFIG,
 ) -> None:
     """Generate for every distinct prompt and score against all its references."""
-    from .data import PromptFormatter, group_references, read_examples
+    from .data import group_references, read_examples
     from .evaluation import check_metrics, generate_completions, score
     from .loading import load_base_model
     from .model import PrefixModel
@@ -169,11 +181,7 @@ def evaluate(
         groups = group_references(read_examples(data, prompt_field, completion_field))[:limit]
         stored = _prompt_format(prefix)
         base, tokenizer = load_base_model(model)
-        formatter = PromptFormatter(
-            tokenizer,
-            template or stored.get("template", DEFAULT_TEMPLATE),
-            stored.get("chat_template", False) if chat_template is None else chat_template,
-        )
+        formatter = _formatter(base, tokenizer, stored, template, chat_template)
         prefixed = (
             PrefixModel.from_pretrained(base, prefix, tokenizer)
             if prefix
@@ -229,7 +237,6 @@ def generate(
     config: Path | None = CONFIG,
 ) -> None:
     """Generate with one or more prefixes (one mixed batch) and show the outputs side by side."""
-    from .data import PromptFormatter
     from .evaluation import generate_completions
     from .loading import load_base_model
     from .model import PrefixModel
@@ -242,11 +249,7 @@ def generate(
         for name, folder in named:
             prefixed.load_prefix(folder, name=name)
         columns = ([("bare", "")] if bare or not named else []) + [(name, name) for name, _ in named]
-        formatter = PromptFormatter(
-            tokenizer,
-            template or stored.get("template", DEFAULT_TEMPLATE),
-            stored.get("chat_template", False) if chat_template is None else chat_template,
-        )
+        formatter = _formatter(base, tokenizer, stored, template, chat_template)
         rows = [(p, choice) for p in prompt for _, choice in columns]
         texts = generate_completions(
             prefixed,

@@ -108,11 +108,20 @@ def group_references(examples: list[Example]) -> list[tuple[str, list[str]]]:
 
 @dataclass
 class PromptFormatter:
-    """Turns a raw prompt into model input text: a template, or the tokenizer's chat template."""
+    """Turns a raw prompt into model input text: a template, or the tokenizer's chat template.
+
+    Decoder-only models read prompt + completion as one sequence (left-padded, loss on the
+    completion); encoder-decoders read the prompt in the encoder (with the tokenizer's special
+    tokens) and predict the completion (right-padded)."""
 
     tokenizer: Any
     template: str = DEFAULT_TEMPLATE
     chat_template: bool = False
+    encoder_decoder: bool = False
+
+    @property
+    def padding_side(self) -> str:
+        return "right" if self.encoder_decoder else "left"
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
@@ -129,13 +138,15 @@ class PromptFormatter:
                     messages, add_generation_prompt=True, tokenize=True, return_dict=True
                 )["input_ids"]
             )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=self.encoder_decoder)["input_ids"]
 
     def training_features(self, example: Example, max_length: int) -> dict[str, list[int]]:
         """input_ids = prompt + completion + EOS; labels mask the prompt with -100."""
         prompt = self.prompt_ids(example.prompt)
         completion = self.tokenizer(example.completion, add_special_tokens=False)["input_ids"]
         completion = completion + [self.tokenizer.eos_token_id]
+        if self.encoder_decoder:
+            return {"input_ids": prompt[:max_length], "labels": completion[:max_length]}
         ids = (prompt + completion)[:max_length]
         labels = ([-100] * len(prompt) + completion)[:max_length]
         if all(label == -100 for label in labels):
@@ -149,12 +160,14 @@ def _pad(values: list[int], width: int, fill: int, side: str) -> list[int]:
 
 
 def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int, side: str = "left") -> dict[str, Tensor]:
-    """Pad input_ids (pad id), labels (-100) and build attention_mask; left padding suits generation."""
+    """Pad input_ids (pad id), labels (-100, to their own width: a seq2seq target differs in length)
+    and build attention_mask. Left padding suits decoder-only generation."""
     width = max(len(row["input_ids"]) for row in rows)
     batch = {
         "input_ids": [_pad(row["input_ids"], width, pad_token_id, side) for row in rows],
         "attention_mask": [_pad([1] * len(row["input_ids"]), width, 0, side) for row in rows],
     }
     if "labels" in rows[0]:
-        batch["labels"] = [_pad(row["labels"], width, -100, side) for row in rows]
+        label_width = max(len(row["labels"]) for row in rows)
+        batch["labels"] = [_pad(row["labels"], label_width, -100, side) for row in rows]
     return {key: torch.tensor(value) for key, value in batch.items()}

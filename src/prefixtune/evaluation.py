@@ -1,5 +1,5 @@
 """Evaluation: batched generation (greedy or beam) and corpus metrics against several references
-per prompt: sacreBLEU and chrF (multi-reference) and ROUGE-L (rouge-score, best reference)."""
+per prompt: sacreBLEU and chrF (multi-reference) and ROUGE-1/2/L (rouge-score, best reference)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def _generate(model, formatter, prompts, prefix, batch_size, num_beams, max_new_
         task = progress.add_task("generating", total=len(prompts))
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            batch = pad_batch([{"input_ids": formatter.prompt_ids(p)} for p in chunk], tokenizer.pad_token_id)
+            rows = [{"input_ids": formatter.prompt_ids(p)} for p in chunk]
+            batch = pad_batch(rows, tokenizer.pad_token_id, formatter.padding_side)
             batch = {key: value.to(model.device) for key, value in batch.items()}
             names = prefix if isinstance(prefix, str) or prefix is None else list(prefix[start : start + batch_size])
             tokens = model.generate(
@@ -53,7 +54,8 @@ def _generate(model, formatter, prompts, prefix, batch_size, num_beams, max_new_
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            new_tokens = tokens[:, batch["input_ids"].shape[1] :]
+            # decoder-only outputs repeat the prompt; encoder-decoder outputs are all new
+            new_tokens = tokens if formatter.encoder_decoder else tokens[:, batch["input_ids"].shape[1] :]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             progress.advance(task, len(chunk))
     return outputs
@@ -81,10 +83,9 @@ def score(
     if "chrf" in metrics:
         results["chrf"] = sacrebleu.corpus_chrf(list(hypotheses), streams).score
     if "rouge" in metrics:
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        best = [
-            scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure
-            for hyp, refs in zip(hypotheses, references, strict=True)
-        ]
-        results["rougeL"] = 100 * sum(best) / len(best)
+        kinds = ("rouge1", "rouge2", "rougeL")
+        scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
+        best = [scorer.score_multi(list(refs), hyp) for hyp, refs in zip(hypotheses, references, strict=True)]
+        for kind in kinds:  # F1 against the best-matching reference, averaged over prompts
+            results[kind] = 100 * sum(scores[kind].fmeasure for scores in best) / len(best)
     return results

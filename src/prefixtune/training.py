@@ -193,7 +193,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
 
     torch.manual_seed(options.seed)
     base, tokenizer = load_base_model(options.model)
-    formatter = PromptFormatter(tokenizer, options.template, options.chat_template)
+    formatter = PromptFormatter(tokenizer, options.template, options.chat_template, base.config.is_encoder_decoder)
     train_set = _tokenize(train_examples, formatter, options.max_length)
     validation_set = _tokenize(validation_examples, formatter, options.max_length) if validation_examples else None
 
@@ -248,7 +248,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=validation_set,
-        data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id),
+        data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id, formatter.padding_side),
         callbacks=callbacks,
         prefix_name=options.prefix_name,
         prompt_format={"template": options.template, "chat_template": options.chat_template},
