@@ -299,9 +299,12 @@ def test_cli_trains_and_evaluates_a_seq2seq_prefix(tmp_path, tokenizer):
             "3e-2",
             "--prefix-length",
             "4",
+            "--no-encoder",
         ],
     )
     assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["trainable_parameters"] == 4 * 2 * 4 * 4 * 8  # decoder + cross layers only
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     assert losses[-1] < losses[0]

@@ -182,6 +182,12 @@ def assert_same_prefix(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
         torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
 
 
+def resume(workspace: Path, output: Path) -> None:
+    args = train_args(workspace, output, "--steps", "24", "--batch-size", "4", "--eval-every", "4", "--resume")
+    resumed = subprocess.run([sys.executable, "-m", "prefixtune", "train", *args], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+
 def test_kill_9_at_a_random_step_then_resume_matches_uninterrupted(workspace, tmp_path, uninterrupted):
     output = tmp_path / "run"
     process = spawn(workspace, output, "--slow", "0.15")
@@ -194,18 +200,7 @@ def test_kill_9_at_a_random_step_then_resume_matches_uninterrupted(workspace, tm
     assert process.wait() == -signal.SIGKILL
     assert not (output / "prefix").exists(), "the run finished before it could be killed"
 
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefixtune",
-            "train",
-            *train_args(workspace, output, "--steps", "24", "--batch-size", "4", "--eval-every", "4", "--resume"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resume(workspace, output)
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["resumed_from"] is not None
     assert_same_prefix(final_prefix(output), uninterrupted)
@@ -218,18 +213,7 @@ def test_kill_while_writing_a_checkpoint_never_resumes_from_the_half_checkpoint(
     half = output / "checkpoint-12"
     assert (half / "prefix.safetensors").exists() and not (half / "checkpoint_complete.json").exists()
 
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "prefixtune",
-            "train",
-            *train_args(workspace, output, "--steps", "24", "--batch-size", "4", "--eval-every", "4", "--resume"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resume(workspace, output)
     summary = json.loads((output / "train_summary.json").read_text())
     assert summary["resumed_from"].endswith("checkpoint-8")
     assert_same_prefix(final_prefix(output), uninterrupted)

@@ -108,6 +108,9 @@ def train(
     prompt_field: str | None = typer.Option(None, help="Prompt field/column (default: prompt, or mr for CSV)."),
     completion_field: str | None = typer.Option(None, help="Completion field/column (default: completion, or ref)."),
     prefix_name: str = typer.Option("default"),
+    encoder: bool = typer.Option(True, "--encoder/--no-encoder", help="Seq2seq: prefix the encoder's self-attention."),
+    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="Prefix the decoder's self-attention."),
+    cross: bool = typer.Option(True, "--cross/--no-cross", help="Seq2seq: prefix the decoder's cross-attention."),
     config: Path | None = CONFIG,
 ) -> None:
     """Train a prefix on a frozen base model (works under torchrun for DDP)."""

@@ -76,6 +76,9 @@ class TrainOptions:
     prompt_field: str | None = None
     completion_field: str | None = None
     prefix_name: str = "default"
+    encoder: bool = True
+    decoder: bool = True
+    cross: bool = True
 
     def prefix_config(self) -> PrefixConfig:
         return PrefixConfig(
@@ -85,6 +88,9 @@ class TrainOptions:
             init=self.init,
             init_text=self.init_text,
             dropout=self.dropout,
+            encoder=self.encoder,
+            decoder=self.decoder,
+            cross=self.cross,
         )
 
 
