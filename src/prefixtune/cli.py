@@ -271,6 +271,39 @@ def generate(
 
 
 @app.command()
+def serve(
+    prefix_store: str = typer.Option(..., help="Folder of prefixes, one subfolder per name."),
+    model: str = MODEL,
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    admin_token: str | None = typer.Option(
+        None, envvar="PREFIXTUNE_ADMIN_TOKEN", help="Bearer token for the upload/delete endpoints (off without one)."
+    ),
+    max_batch_size: int = typer.Option(16),
+    max_prompt_tokens: int = typer.Option(1024),
+    max_tokens: int = typer.Option(256, help="Largest max_tokens a request may ask for."),
+    max_upload_mb: float = typer.Option(64.0),
+    config: Path | None = CONFIG,
+) -> None:
+    """Serve the base model and every prefix in the store: OpenAI-style API and a playground at /."""
+    import uvicorn
+
+    from .loading import load_base_model
+    from .serving import Limits, build_app
+
+    try:
+        base, tokenizer = load_base_model(model)
+        limits = Limits(max_prompt_tokens, max_tokens, int(max_upload_mb * 1024 * 1024))
+        server, _, store = build_app(base, tokenizer, prefix_store, admin_token, limits, max_batch_size, model_id=model)
+    except USER_ERRORS as error:
+        _fail(error)
+    for name, problem in store.load_errors.items():
+        console.print(f"[yellow]skipped prefix {name}:[/] {Text(problem)}")
+    console.print(f"serving base + {store.names()} on http://{host}:{port} (playground at /)")
+    uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def demo(
     output: str = typer.Option("runs/demo", help="Where data, prefix, plots and results go."),
     steps: int = typer.Option(60, help="Training steps (about 1.3 s each on 2 CPU cores)."),

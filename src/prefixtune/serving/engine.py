@@ -1,0 +1,197 @@
+"""The batching engine: requests with different prefixes, prompt lengths and lengths to generate
+share one `generate()` call, one prefix per row.
+
+Batching happens at micro-batch boundaries: a worker thread takes up to ``max_batch_size``
+waiting requests that can share a decoding mode (greedy together; sampling with the same
+temperature/top-p together; a seeded sampling request alone, so its seed means what it says),
+generates for the longest ``max_tokens`` among them, and hands each request its own tokens,
+cut at its own ``max_tokens`` or end-of-sequence. Requests arriving meanwhile join the next
+micro-batch. Because left padding and per-row prefixes are exact (see `injection.py`), a greedy
+request gets the same tokens as it would alone. ``mix_prefixes=False`` batches only requests of
+the same prefix: the "one prefix at a time" baseline the load test compares against.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..data import pad_batch
+from ..model import PrefixModel
+from .store import BASE_NAME
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    prefix: str = BASE_NAME
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stream: queue.Queue | None = None  # receives each new token id, then None
+    future: Future = field(default_factory=Future)  # -> Completion
+
+    def mode(self) -> tuple:
+        if self.temperature <= 0:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", id(self))
+        return ("sample", self.temperature, self.top_p)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of sequence) or "length"
+
+
+class _RowStreamer(BaseStreamer):
+    """Routes each step's new tokens ``[B]`` to the rows' own queues and notes where rows end."""
+
+    def __init__(self, requests: list[Request], eos_token_id: int | None) -> None:
+        self.requests = requests
+        self.eos = eos_token_id
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.done = [False] * len(requests)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            request = self.requests[row]
+            if token == self.eos:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            if request.stream is not None:
+                request.stream.put(token)
+            if len(self.tokens[row]) >= request.max_tokens:
+                self.done[row] = True
+
+    def end(self) -> None:
+        pass
+
+
+class BatchingEngine:
+    def __init__(
+        self,
+        model: PrefixModel,
+        tokenizer,
+        lock: threading.Lock | None = None,
+        max_batch_size: int = 16,
+        mix_prefixes: bool = True,
+        wait_seconds: float = 0.005,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.lock = lock or threading.Lock()
+        self.max_batch_size = max_batch_size
+        self.mix_prefixes = mix_prefixes
+        self.wait_seconds = wait_seconds  # a moment for concurrent requests to arrive together
+        self.encoder_decoder = model.base_model.config.is_encoder_decoder
+        self.pending: list[Request] = []
+        self.condition = threading.Condition()
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "generated_tokens": 0, "errors": 0}
+        self.running = False
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> BatchingEngine:
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="prefixtune-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.condition:
+            self.running = False
+            self.condition.notify_all()
+        if self.thread:
+            self.thread.join(timeout=30)
+
+    def submit(self, request: Request) -> Future:
+        with self.condition:
+            self.pending.append(request)
+            self.stats["requests"] += 1
+            self.condition.notify()
+        return request.future
+
+    def generate(self, request: Request, timeout: float | None = None) -> Completion:
+        return self.submit(request).result(timeout)
+
+    # ------------------------------------------------------------------ the worker
+    def _take_batch(self) -> list[Request]:
+        with self.condition:
+            while self.running and not self.pending:
+                self.condition.wait()
+            if not self.running:
+                return []
+        time.sleep(self.wait_seconds)
+        with self.condition:
+            first = self.pending[0]
+            same = [
+                r for r in self.pending if r.mode() == first.mode() and (self.mix_prefixes or r.prefix == first.prefix)
+            ][: self.max_batch_size]
+            taken = {id(r) for r in same}
+            self.pending = [r for r in self.pending if id(r) not in taken]
+            return same
+
+    def _loop(self) -> None:
+        while self.running:
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                completions = self._run(batch)
+            except Exception as error:  # one bad batch must not kill the server
+                self.stats["errors"] += len(batch)
+                for request in batch:
+                    if request.stream is not None:
+                        request.stream.put(None)
+                    request.future.set_exception(error)
+                continue
+            for request, completion in zip(batch, completions, strict=True):
+                if request.stream is not None:
+                    request.stream.put(None)
+                request.future.set_result(completion)
+
+    def _run(self, batch: list[Request]) -> list[Completion]:
+        side = "right" if self.encoder_decoder else "left"
+        inputs = pad_batch([{"input_ids": r.prompt_ids} for r in batch], self.tokenizer.pad_token_id, side)
+        inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
+        first = batch[0]
+        options = {
+            "max_new_tokens": max(r.max_tokens for r in batch),
+            "num_beams": 1,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if first.temperature > 0:
+            options |= {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p, "top_k": 0}
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        else:
+            options["do_sample"] = False
+        streamer = _RowStreamer(batch, self.tokenizer.eos_token_id)
+        names = ["" if r.prefix == BASE_NAME else r.prefix for r in batch]
+        with self.lock, torch.no_grad():
+            self.model.generate(**inputs, prefix=names, streamer=streamer, **options)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        completions = []
+        for request, tokens, done in zip(batch, streamer.tokens, streamer.done, strict=True):
+            self.stats["generated_tokens"] += len(tokens)
+            stopped = done and len(tokens) < request.max_tokens
+            completions.append(Completion(tokens, "stop" if stopped else "length"))
+        return completions
