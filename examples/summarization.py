@@ -161,7 +161,7 @@ def main() -> None:
     model = PrefixModel.from_pretrained(base, output / "prefix-run" / "prefix", tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer, "{prompt}", encoder_decoder=True)
     groups = group_references(read_examples(validation_path))
-    prompts, references = [p for p, _ in groups], [refs for _, refs in groups]
+    prompts, references = [g.prompt for g in groups], [g.references for g in groups]
     results = {}
     for label, prefix in (("frozen base (denoiser)", ""), ("base + prefix", None)):
         outputs = generate_completions(model, formatter, prompts, prefix=prefix, num_beams=2, max_new_tokens=24)

@@ -10,14 +10,22 @@ import time
 
 import pytest
 import uvicorn
+
+from prefixtune.serving import build_app
 from test_serving import PROMPTS, write_store
 from tiny import tiny_model, tiny_tokenizer
 
-from prefixtune.serving import build_app
-
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install)")
 

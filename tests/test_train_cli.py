@@ -309,3 +309,52 @@ def test_existing_run_is_not_overwritten_without_resume(workspace, tmp_path):
     result = run_cli("train", *train_args(workspace, output, "--steps", "2", "--batch-size", "4"))
     assert result.exit_code == 2 and "pass --resume" in result.output
     assert folder_digest(output) == before
+
+
+def test_multi_task_training_trains_one_prefix_per_task_in_mixed_batches(workspace, tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for i in range(64):
+        prompt = " ".join(rng.sample(WORDS, 3))
+        task = "praise" if i % 2 else "complain"
+        completion = f"the {prompt} is good" if task == "praise" else f"{prompt} was bad bad"
+        rows.append(json.dumps({"prompt": prompt, "completion": completion, "task": task}))
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    args = train_args(workspace, tmp_path / "run", "--steps", "40", "--batch-size", "8", "--task-field", "task")
+    args[args.index("--data") + 1] = str(data)
+    result = run_cli("train", *args)
+    assert result.exit_code == 0, result.output
+    saved = sorted(p.name for p in (tmp_path / "run" / "prefixes").iterdir())
+    assert saved == ["complain", "praise"]
+
+    from prefixtune import PrefixModel, load_base_model
+    from prefixtune.data import PromptFormatter, pad_batch, read_examples
+
+    base, tokenizer = load_base_model(str(workspace / "tiny"))
+    model = PrefixModel(base, name=None, tokenizer=tokenizer)
+    for name in saved:
+        model.load_prefix(tmp_path / "run" / "prefixes" / name)
+    formatter = PromptFormatter(tokenizer)
+    examples = read_examples(data, task_field="task")
+
+    def loss(task: str, prefix: str) -> float:
+        rows = [formatter.training_features(e, 64) for e in examples if e.task == task]
+        with torch.no_grad():
+            return model(**pad_batch(rows, tokenizer.pad_token_id), prefix=prefix).loss.item()
+
+    # each prefix learned its own task: it fits its task better than the other task's prefix does
+    assert loss("praise", "praise") < loss("praise", "complain")
+    assert loss("complain", "complain") < loss("complain", "praise")
+
+
+def test_task_names_are_checked(workspace, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b", "task": "../escape"}) + "\n")
+    args = train_args(workspace, tmp_path / "run", "--steps", "2", "--task-field", "task")
+    args[args.index("--data") + 1] = str(data)
+    result = run_cli("train", *args)
+    assert result.exit_code == 2 and "bad.jsonl:1: field 'task' must be a prefix name" in " ".join(
+        result.output.split()
+    )
+    assert not (tmp_path / "run").exists()

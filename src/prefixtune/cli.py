@@ -108,6 +108,9 @@ def train(
     prompt_field: str | None = typer.Option(None, help="Prompt field/column (default: prompt, or mr for CSV)."),
     completion_field: str | None = typer.Option(None, help="Completion field/column (default: completion, or ref)."),
     prefix_name: str = typer.Option("default"),
+    task_field: str | None = typer.Option(
+        None, help="Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
+    ),
     encoder: bool = typer.Option(True, "--encoder/--no-encoder", help="Seq2seq: prefix the encoder's self-attention."),
     decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="Prefix the decoder's self-attention."),
     cross: bool = typer.Option(True, "--cross/--no-cross", help="Seq2seq: prefix the decoder's cross-attention."),
@@ -190,7 +193,7 @@ def evaluate(
             if prefix
             else PrefixModel(base, name=None, tokenizer=tokenizer)
         )
-        prompts, references = [p for p, _ in groups], [refs for _, refs in groups]
+        prompts, references = [g.prompt for g in groups], [g.references for g in groups]
         hypotheses = generate_completions(
             prefixed,
             formatter,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 DEFAULT_TEMPLATE = "{prompt}\n"
+PREFIX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a folder name: nothing can escape
 FIELDS_BY_SUFFIX = {".jsonl": ("prompt", "completion"), ".csv": ("mr", "ref")}
 
 
@@ -31,6 +33,16 @@ class Example:
     prompt: str
     completion: str
     where: str  # "file:line", for error messages
+    task: str | None = None  # multi-task training: the name of the prefix this row trains
+
+
+@dataclass(frozen=True)
+class ReferenceGroup:
+    """One distinct (task, prompt) and every reference completion given for it."""
+
+    prompt: str
+    references: list[str]
+    task: str | None = None
 
 
 def default_fields(path: str | Path) -> tuple[str, str]:
@@ -78,8 +90,12 @@ def _csv_records(path: Path):
 
 
 def read_examples(
-    path: str | Path, prompt_field: str | None = None, completion_field: str | None = None
+    path: str | Path,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    task_field: str | None = None,
 ) -> list[Example]:
+    """Examples from JSONL or CSV; with `task_field`, each row also names the prefix it trains."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -88,7 +104,12 @@ def read_examples(
     records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _csv_records(path)
     try:
         examples = [
-            Example(_field(record, prompt_field, where), _field(record, completion_field, where), where)
+            Example(
+                _field(record, prompt_field, where),
+                _field(record, completion_field, where),
+                where,
+                _task(record, task_field, where) if task_field else None,
+            )
             for where, record in records
         ]
     except UnicodeDecodeError as error:
@@ -98,12 +119,19 @@ def read_examples(
     return examples
 
 
-def group_references(examples: list[Example]) -> list[tuple[str, list[str]]]:
-    """(prompt, all its completions), in order of first appearance: one entry per distinct prompt."""
-    groups: dict[str, list[str]] = {}
+def _task(record: dict[str, Any], name: str, where: str) -> str:
+    task = _field(record, name, where)
+    if not PREFIX_NAME.match(task) or ".." in task:
+        raise DataError(f"{where}: field {name!r} must be a prefix name (letters, digits, '_', '-', '.'), got {task!r}")
+    return task
+
+
+def group_references(examples: list[Example]) -> list[ReferenceGroup]:
+    """One group per distinct (task, prompt) with all its completions, in order of first appearance."""
+    groups: dict[tuple[str | None, str], list[str]] = {}
     for example in examples:
-        groups.setdefault(example.prompt, []).append(example.completion)
-    return list(groups.items())
+        groups.setdefault((example.task, example.prompt), []).append(example.completion)
+    return [ReferenceGroup(prompt, references, task) for (task, prompt), references in groups.items()]
 
 
 @dataclass

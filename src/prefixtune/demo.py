@@ -119,7 +119,7 @@ def run_demo(
     prefixed = PrefixModel.from_pretrained(base, output / "run" / "prefix", tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer)
     groups = group_references(read_examples(validation_path))
-    prompts, references = [p for p, _ in groups], [refs for _, refs in groups]
+    prompts, references = [g.prompt for g in groups], [g.references for g in groups]
     outputs = {}
     for label, prefix in (("bare", ""), ("prefixed", None)):
         outputs[label] = generate_completions(

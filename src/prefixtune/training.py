@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from .config import PrefixConfig
-from .data import DEFAULT_TEMPLATE, PromptFormatter, group_references, pad_batch, read_examples
+from .data import DEFAULT_TEMPLATE, DataError, PromptFormatter, group_references, pad_batch, read_examples
 from .evaluation import generate_completions, score
 from .files import atomic_write_text
 from .loading import load_base_model
@@ -76,6 +76,7 @@ class TrainOptions:
     prompt_field: str | None = None
     completion_field: str | None = None
     prefix_name: str = "default"
+    task_field: str | None = None
     encoder: bool = True
     decoder: bool = True
     cross: bool = True
@@ -111,30 +112,43 @@ class PrefixTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        prefix_name: str = "default",
+        prefix_names: list[str],
+        multi_task: bool = False,
         prompt_format: dict[str, Any] | None = None,
         generation_eval=None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.prefix_name = prefix_name
+        self.prefix_names = prefix_names
+        self.multi_task = multi_task
         self.prompt_format = prompt_format
         self.generation_eval = generation_eval
 
+    def prefix_folder(self, folder: str | Path, name: str) -> Path:
+        """One prefix: the folder itself; several (multi-task): ``<folder>/prefixes/<name>``."""
+        return Path(folder) / "prefixes" / name if self.multi_task else Path(folder)
+
+    def save_prefixes(self, folder: str | Path) -> None:
+        for name in self.prefix_names:
+            self.model.save_prefix(self.prefix_folder(folder, name), name, self.extra_fields())
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:  # rank 0 only
-            return
-        self.model.save_prefix(output_dir or self.args.output_dir, self.prefix_name, self.extra_fields())
+        if self.args.should_save:  # rank 0 only
+            self.save_prefixes(output_dir or self.args.output_dir)
 
     def extra_fields(self) -> dict[str, Any]:
         """Saved beside the prefix, so evaluation and serving format prompts as training did."""
         return {"prompt_format": self.prompt_format} if self.prompt_format else {}
 
+    def restore_prefixes(self, folder: str | Path) -> None:
+        for name in self.prefix_names:
+            self.model.restore_prefix(self.prefix_folder(folder, name), name)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        self.model.restore_prefix(resume_from_checkpoint, self.prefix_name)
+        self.restore_prefixes(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        self.model.restore_prefix(self.state.best_model_checkpoint, self.prefix_name)
+        self.restore_prefixes(self.state.best_model_checkpoint)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -175,25 +189,45 @@ def _check_output(options: TrainOptions) -> None:
     output = Path(options.output)
     if options.resume or not output.exists():
         return
-    if any(CHECKPOINT_PATTERN.match(p.name) for p in output.iterdir()) or (output / "prefix").exists():
+    finished = (output / "prefix").exists() or (output / "prefixes").exists()
+    if finished or any(CHECKPOINT_PATTERN.match(p.name) for p in output.iterdir()):
         raise FileExistsError(
             f"{output} already holds a training run; pass --resume to continue it, or choose another --output"
         )
 
 
 def _tokenize(examples, formatter: PromptFormatter, max_length: int) -> TokenizedExamples:
-    return TokenizedExamples([formatter.training_features(example, max_length) for example in examples])
+    """Features per example; multi-task rows also carry the name of the prefix they train."""
+    rows = []
+    for example in examples:
+        features = formatter.training_features(example, max_length)
+        rows.append(features | {"prefix": example.task} if example.task else features)
+    return TokenizedExamples(rows)
+
+
+def _tasks(train_examples, validation_examples) -> list[str]:
+    tasks = sorted({example.task for example in train_examples})
+    for example in validation_examples or []:
+        if example.task not in tasks:
+            raise DataError(f"{example.where}: task {example.task!r} has no training rows (tasks: {tasks})")
+    return tasks
+
+
+def _collate(rows: list[dict[str, Any]], pad_token_id: int, side: str) -> dict[str, Any]:
+    batch = pad_batch([{k: v for k, v in row.items() if k != "prefix"} for row in rows], pad_token_id, side)
+    if "prefix" in rows[0]:
+        batch["prefix"] = [row["prefix"] for row in rows]  # one prefix per row
+    return batch
 
 
 def train(options: TrainOptions) -> dict[str, Any]:
     """Train a prefix as `options` say; returns a summary (also written to ``train_summary.json``)."""
     # Read and check all input before creating or touching the output folder.
-    train_examples = read_examples(options.data, options.prompt_field, options.completion_field)
-    validation_examples = (
-        read_examples(options.validation, options.prompt_field, options.completion_field)
-        if options.validation
-        else None
-    )
+    fields = (options.prompt_field, options.completion_field, options.task_field)
+    train_examples = read_examples(options.data, *fields)
+    validation_examples = read_examples(options.validation, *fields) if options.validation else None
+    multi_task = options.task_field is not None
+    names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
     _check_output(options)
     prefix_config = options.prefix_config()
 
@@ -203,7 +237,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
     train_set = _tokenize(train_examples, formatter, options.max_length)
     validation_set = _tokenize(validation_examples, formatter, options.max_length) if validation_examples else None
 
-    model = PrefixModel(base, prefix_config, name=options.prefix_name, tokenizer=tokenizer)
+    model = PrefixModel(base, name=None, tokenizer=tokenizer)
+    for name in names:  # multi-task: one prefix per task, trained together in mixed batches
+        model.add_prefix(name, prefix_config)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -212,8 +248,9 @@ def train(options: TrainOptions) -> dict[str, Any]:
         groups = group_references(validation_examples)[: options.eval_generate]
 
         def generation_eval() -> dict[str, float]:
-            hypotheses = generate_completions(model, formatter, [prompt for prompt, _ in groups])
-            return score(hypotheses, [refs for _, refs in groups], metrics=("bleu",))
+            prefixes = [group.task or names[0] for group in groups]
+            hypotheses = generate_completions(model, formatter, [group.prompt for group in groups], prefix=prefixes)
+            return score(hypotheses, [group.references for group in groups], metrics=("bleu",))
 
     has_validation = validation_set is not None
     args = TrainingArguments(
@@ -254,9 +291,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
         args=args,
         train_dataset=train_set,
         eval_dataset=validation_set,
-        data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id, formatter.padding_side),
+        data_collator=lambda rows: _collate(rows, tokenizer.pad_token_id, formatter.padding_side),
         callbacks=callbacks,
-        prefix_name=options.prefix_name,
+        prefix_names=names,
+        multi_task=multi_task,
         prompt_format={"template": options.template, "chat_template": options.chat_template},
         generation_eval=generation_eval,
     )
@@ -279,7 +317,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
     }
     if trainer.is_world_process_zero():
         output = Path(options.output)
-        model.save_prefix(output / "prefix", options.prefix_name, trainer.extra_fields())
+        trainer.save_prefixes(output if multi_task else output / "prefix")
         history = trainer.state.log_history
         atomic_write_text(output / "log_history.json", json.dumps(history, indent=2))
         summary["plots"] = [str(path) for path in plot_history(history, output)]

@@ -9,17 +9,17 @@ written to a hidden staging folder, validated by loading them, and only then ren
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from ..data import PREFIX_NAME
 from ..files import CONFIG_NAME, WEIGHTS_NAME, PrefixFileError, read_meta
 from ..model import PrefixModel
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = PREFIX_NAME
 BASE_NAME = "base"  # the bare base model, reachable like a prefix
 
 
