@@ -37,17 +37,33 @@ STYLES = {  # activations-initialised prefixes: real, visibly different behaviou
     "formal": "Write in a very formal, polite register.",
     "terse": "One word.",
 }
-PROMPTS = ["The best way to learn to cook is", "My favourite city is", "Tell me about the ocean.",
-           "The weather today", "A good restaurant should", "Write a sentence about cats.",
-           "The history of bread", "Music makes people", "Travelling by train is", "In the morning I"]
+PROMPTS = [
+    "The best way to learn to cook is",
+    "My favourite city is",
+    "Tell me about the ocean.",
+    "The weather today",
+    "A good restaurant should",
+    "Write a sentence about cats.",
+    "The history of bread",
+    "Music makes people",
+    "Travelling by train is",
+    "In the morning I",
+]
 
 
 def base_model(quick: bool):
     model, tokenizer = load_base_model("smollm2-135m")
     if quick:  # same tokenizer, tiny random Llama
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        )
         model = AutoModelForCausalLM.from_config(config).eval()
     return model, tokenizer
 
@@ -110,8 +126,10 @@ def main() -> int:
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
-    jobs = [{"model": names[i % len(names)], "prompt": PROMPTS[i % len(PROMPTS)],
-             "max_tokens": args.max_tokens - (i % 4)} for i in range(args.requests)]
+    jobs = [
+        {"model": names[i % len(names)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens - (i % 4)}
+        for i in range(args.requests)
+    ]
 
     phases = {}
     reference, seconds, errors = asyncio.run(run_phase(url, jobs, 1, args.timeout))
@@ -122,8 +140,12 @@ def main() -> int:
         outputs, seconds, errors = asyncio.run(run_phase(url, jobs, args.concurrency, args.timeout))
         mismatches = sum(1 for got, want in zip(outputs, reference, strict=True) if got is not None and got != want)
         batches = engine.stats["batches"] - before["batches"]
-        phases[label] = {"seconds": seconds, "errors": errors, "mismatches": mismatches,
-                         "mean_batch_rows": (engine.stats["rows"] - before["rows"]) / max(batches, 1)}
+        phases[label] = {
+            "seconds": seconds,
+            "errors": errors,
+            "mismatches": mismatches,
+            "mean_batch_rows": (engine.stats["rows"] - before["rows"]) / max(batches, 1),
+        }
     server.should_exit = True
     thread.join(timeout=10)
     engine.stop()
@@ -131,13 +153,17 @@ def main() -> int:
     for phase in phases.values():
         phase["requests_per_second"] = args.requests / phase["seconds"]
     base_rps = phases["one prefix per batch"]["requests_per_second"]
-    print(f"\n{args.requests} requests, {args.concurrency} concurrent, {len(names)} prefixes "
-          f"({'tiny random Llama' if args.quick else 'SmolLM2-135M'}), greedy, {platform.processor() or 'cpu'}")
+    print(
+        f"\n{args.requests} requests, {args.concurrency} concurrent, {len(names)} prefixes "
+        f"({'tiny random Llama' if args.quick else 'SmolLM2-135M'}), greedy, {platform.processor() or 'cpu'}"
+    )
     print(f"{'phase':28} {'req/s':>8} {'vs one-prefix':>14} {'errors':>7} {'mismatches':>11} {'rows/batch':>11}")
     for label, phase in phases.items():
         rows = phase.get("mean_batch_rows", 1.0)
-        print(f"{label:28} {phase['requests_per_second']:8.2f} {phase['requests_per_second'] / base_rps:13.2f}x "
-              f"{phase['errors']:7d} {phase['mismatches']:11d} {rows:11.1f}")
+        print(
+            f"{label:28} {phase['requests_per_second']:8.2f} {phase['requests_per_second'] / base_rps:13.2f}x "
+            f"{phase['errors']:7d} {phase['mismatches']:11d} {rows:11.1f}"
+        )
     report = {"args": vars(args), "prefixes": names, "torch_threads": torch.get_num_threads(), "phases": phases}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,283 @@
+"""Speed and memory of prefixtune, side by side in one run (ratios, not absolute times).
+
+1. Train step (forward + backward, B=8, T=64, P=10) for kv / mlp / hidden, against the floor (the
+   frozen base's forward + backward to its input activations, nothing trained) and against PEFT
+   0.21's prefix tuning. Goals: <= 1.05x the floor, <= 1.0x PEFT.
+2. Peak memory of one train step at T=512, gradient checkpointing off and on (each in a fresh
+   process: ru_maxrss growth during the step); PEFT's prefix tuning with checkpointing is tried too.
+3. Greedy generation tokens/s with a prefix against the bare model (goal >= 0.95x), and proof in the
+   same run that the prefix changed the output.
+4. 8 requests with 8 different prefixes: one mixed batch against one prefix at a time (goal >= 3x),
+   checking the outputs are identical.
+5. Prefix file size per parameterization, before and after `compile_prefix`.
+
+Timings interleave the variants round by round and report medians, so machine noise hits all alike.
+
+    .venv/bin/python benchmarks/speed.py            # SmolLM2-135M (the numbers in BENCHMARKS.md)
+    .venv/bin/python benchmarks/speed.py --quick    # tiny random Llama: checks it runs and outputs agree
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from prefixtune.files import WEIGHTS_NAME
+
+PARAMETERIZATIONS = ("kv", "mlp", "hidden")
+
+
+def base_model(quick: bool):
+    if quick:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
+        return AutoModelForCausalLM.from_config(config).eval()
+    return load_base_model("smollm2-135m")[0]
+
+
+def batch(vocab: int, size: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (size, length), generator=generator)
+
+
+def interleaved(steps: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per variant; each round runs every variant once, in turn."""
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def train_steps(quick: bool, rounds: int) -> dict:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    ids = batch(1000 if quick else 49152, 8, 64)
+    base = base_model(quick).train()
+    base.requires_grad_(False)
+    model = PrefixModel(base, name=None).train()
+    for name in PARAMETERIZATIONS:
+        model.add_prefix(name, PrefixConfig(prefix_length=10, parameterization=name))
+    peft_model = get_peft_model(
+        base_model(quick).train(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+    )
+
+    def floor() -> None:
+        embeddings = base.get_input_embeddings()(ids).detach().requires_grad_()
+        base(inputs_embeds=embeddings, labels=ids).loss.backward()
+
+    def ours(name: str):
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, prefix=name).loss.backward()
+
+        return step
+
+    def peft() -> None:
+        peft_model.zero_grad(set_to_none=True)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+
+    steps = {
+        "floor (frozen fwd+bwd to inputs)": floor,
+        **{f"prefixtune {n}": ours(n) for n in PARAMETERIZATIONS},
+        "PEFT prefix tuning": peft,
+    }
+    seconds = interleaved(steps, rounds)
+    floor_time, peft_time = seconds["floor (frozen fwd+bwd to inputs)"], seconds["PEFT prefix tuning"]
+    return {
+        name: {"seconds": value, "vs_floor": value / floor_time, "vs_peft": value / peft_time}
+        for name, value in seconds.items()
+    }
+
+
+def memory_child(quick: bool, variant: str, length: int) -> None:
+    """Runs in a fresh process: one train step, prints the RSS growth it caused (MiB)."""
+    ids = batch(1000 if quick else 49152, 8, length)
+    base = base_model(quick)
+    if variant.startswith("peft"):
+        from peft import PrefixTuningConfig, get_peft_model
+
+        model = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10))
+    else:
+        model = PrefixModel(base, PrefixConfig(prefix_length=10))
+    model.train()
+    if variant.endswith("+gc"):
+        model.gradient_checkpointing_enable()
+    with torch.no_grad():
+        model(input_ids=ids[:1, :8])  # touch the code paths once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        model(input_ids=ids, labels=ids).loss.backward()
+    except Exception as error:  # noqa: BLE001 - reported, e.g. PEFT refusing checkpointing
+        print(json.dumps({"error": f"{type(error).__name__}: {str(error)[:160]}"}))
+        return
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_growth_mib": (after - before) / 1024}))
+
+
+def memory(quick: bool, length: int) -> dict:
+    results = {}
+    for variant in ("prefixtune kv", "prefixtune kv+gc", "peft", "peft+gc"):
+        command = [sys.executable, __file__, "--memory-child", variant, "--length", str(length)]
+        command += ["--quick"] if quick else []
+        output = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        lines = [line for line in output.stdout.splitlines() if line.startswith("{")]
+        results[variant] = json.loads(lines[-1]) if lines else {"error": output.stderr[-300:]}
+    return results
+
+
+def generation(quick: bool, rounds: int) -> dict:
+    base = base_model(quick)
+    model = PrefixModel(base, PrefixConfig(prefix_length=10, init_std=1.0 if quick else 0.5))
+    prompts = batch(1000 if quick else 49152, 8, 16, seed=1)
+    options = {"max_new_tokens": 32, "do_sample": False, "min_new_tokens": 32, "pad_token_id": 0}
+    outputs = {}
+
+    def bare() -> None:  # the base model itself (its attention delegates straight to sdpa without a prefix)
+        outputs["bare"] = model.base_model.generate(input_ids=prompts, **options)
+
+    def prefixed() -> None:
+        outputs["prefixed"] = model.generate(input_ids=prompts, **options)
+
+    seconds = interleaved({"bare": bare, "prefixed": prefixed}, rounds)
+    tokens = 8 * 32
+    changed = sum(a != b for a, b in zip(outputs["bare"].tolist(), outputs["prefixed"].tolist(), strict=True))
+    return {
+        "bare_tokens_per_second": tokens / seconds["bare"],
+        "prefixed_tokens_per_second": tokens / seconds["prefixed"],
+        "ratio": seconds["bare"] / seconds["prefixed"],
+        "rows_changed_by_prefix": changed,
+    }
+
+
+def mixed_batch(quick: bool, rounds: int) -> dict:
+    base = base_model(quick)
+    model = PrefixModel(base, name=None)
+    names = [f"task{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        model.add_prefix(name, PrefixConfig(prefix_length=4 + i, init_std=1.0 if quick else 0.5))
+    prompt = batch(1000 if quick else 49152, 8, 16, seed=2)
+    options = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    results = {}
+
+    def one_batch() -> None:
+        results["mixed"] = model.generate(input_ids=prompt, prefix=names, **options)
+
+    def one_at_a_time() -> None:
+        rows = [model.generate(input_ids=prompt[i : i + 1], prefix=[name], **options) for i, name in enumerate(names)]
+        results["sequential"] = torch.cat(rows)
+
+    seconds = interleaved({"one mixed batch": one_batch, "one prefix at a time": one_at_a_time}, rounds)
+    return {
+        "seconds": seconds,
+        "speedup": seconds["one prefix at a time"] / seconds["one mixed batch"],
+        "outputs_identical": results["mixed"].tolist() == results["sequential"].tolist(),
+    }
+
+
+def file_sizes(quick: bool) -> dict:
+    base = base_model(quick)
+    model = PrefixModel(base, name=None)
+    sizes = {}
+    with tempfile.TemporaryDirectory() as folder:
+        ids = batch(1000 if quick else 49152, 1, 8)
+        for name in PARAMETERIZATIONS:
+            model.add_prefix(name, PrefixConfig(prefix_length=10, parameterization=name))
+            raw = model.save_prefix(Path(folder) / f"{name}-raw", name) / WEIGHTS_NAME
+            with torch.no_grad():
+                before = model(input_ids=ids, prefix=name).logits
+                model.compile_prefix(name)
+                after = model(input_ids=ids, prefix=name).logits
+            compiled = model.save_prefix(Path(folder) / f"{name}-compiled", name) / WEIGHTS_NAME
+            sizes[name] = {
+                "bytes": raw.stat().st_size,
+                "compiled_bytes": compiled.stat().st_size,
+                "compile_max_logit_change": (before - after).abs().max().item(),
+            }
+    return sizes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="prefixtune speed and memory benchmarks")
+    parser.add_argument("--quick", action="store_true", help="tiny random model: runs fast, checks agreement")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--memory-length", type=int, default=512)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, default=512, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.quick, args.memory_child, args.length)
+        return 0
+    rounds = args.rounds or (3 if args.quick else 5)
+    torch.manual_seed(0)
+    report = {
+        "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "train_step": train_steps(args.quick, rounds),
+        "memory": memory(args.quick, 64 if args.quick else args.memory_length),
+        "generation": generation(args.quick, rounds),
+        "mixed_batch": mixed_batch(args.quick, rounds),
+        "file_sizes": file_sizes(args.quick),
+    }
+
+    print(f"\n{report['model']} on {report['machine']}\n")
+    print(f"{'train step (B=8, T=64, P=10)':36} {'median s':>9} {'vs floor':>9} {'vs PEFT':>8}")
+    for name, row in report["train_step"].items():
+        print(f"{name:36} {row['seconds']:9.3f} {row['vs_floor']:8.2f}x {row['vs_peft']:7.2f}x")
+    print(f"\n{'peak memory growth of one step':36} {'MiB':>9}")
+    for name, row in report["memory"].items():
+        print(f"{name:36} {row['peak_growth_mib']:9.0f}" if "peak_growth_mib" in row else f"{name:36} {row['error']}")
+    g = report["generation"]
+    print(
+        f"\ngeneration: bare {g['bare_tokens_per_second']:.1f} tok/s, prefixed {g['prefixed_tokens_per_second']:.1f} "
+        f"tok/s, ratio {g['ratio']:.2f}x; rows changed by the prefix: {g['rows_changed_by_prefix']}/8"
+    )
+    m = report["mixed_batch"]
+    print(
+        f"8 prefixes: one mixed batch {m['speedup']:.2f}x faster than one at a time; "
+        f"identical outputs: {m['outputs_identical']}"
+    )
+    print(f"\n{'prefix file (P=10)':20} {'bytes':>10} {'compiled':>10} {'max logit change':>17}")
+    for name, row in report["file_sizes"].items():
+        print(f"{name:20} {row['bytes']:10,} {row['compiled_bytes']:10,} {row['compile_max_logit_change']:17.2e}")
+
+    path = Path(args.json or f"benchmarks/results/speed{'-quick' if args.quick else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    agree = (
+        m["outputs_identical"]
+        and g["rows_changed_by_prefix"] > 0
+        and all(row["compile_max_logit_change"] < 1e-4 for row in report["file_sizes"].values())
+    )
+    print("outputs agree" if agree else "FAILED: outputs disagree")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

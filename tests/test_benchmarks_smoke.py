@@ -1,0 +1,43 @@
+"""The benchmark scripts run in --quick mode (tiny model): they finish and their outputs agree.
+Timings are not asserted here; the numbers live in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_speed_quick_runs_and_outputs_agree(tmp_path):
+    result = run("speed.py", "--rounds", "1", "--json", str(tmp_path / "speed.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["mixed_batch"]["outputs_identical"]
+    assert report["generation"]["rows_changed_by_prefix"] > 0
+    assert set(report["train_step"]) == {
+        "floor (frozen fwd+bwd to inputs)",
+        "prefixtune kv",
+        "prefixtune mlp",
+        "prefixtune hidden",
+        "PEFT prefix tuning",
+    }
+    assert report["file_sizes"]["mlp"]["compiled_bytes"] < report["file_sizes"]["mlp"]["bytes"]
+
+
+def test_load_test_quick_has_no_errors_or_mismatches(tmp_path):
+    result = run("load_test.py", "--requests", "24", "--concurrency", "8", "--json", str(tmp_path / "load.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    phases = json.loads((tmp_path / "load.json").read_text())["phases"]
+    assert all(phase["errors"] == 0 and phase["mismatches"] == 0 for phase in phases.values())
