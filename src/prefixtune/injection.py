@@ -5,14 +5,17 @@ Differences from the base model, and nothing else:
 * The model's attention implementation (``sdpa`` or ``eager``) is swapped for ``prefixtune_sdpa`` /
   ``prefixtune_eager``, registered with transformers' ``AttentionInterface``. When the forward call
   carries ``prefix_key_values`` ``[B, layers, 2, kv_heads, P, head_dim]`` and ``prefix_attention_mask``
-  ``[B, P]``, each layer puts its slice in front of the text's keys/values, adds always-visible
-  columns for the valid prefix slots to the mask, and hands over to the model's own ``sdpa`` /
-  ``eager`` function. Without those arguments the model computes exactly what it did before.
+  ``[B, layers, P]``, each layer puts its slice in front of the text's keys/values, adds
+  always-visible columns for the valid prefix slots to the mask (T5: with no position bias), and
+  hands over to the model's own ``sdpa`` / ``eager`` function. Without those arguments the model
+  computes exactly what it did before. Layers are numbered model-wide; encoder-decoders have three
+  places (encoder self-, decoder self- and cross-attention), told apart by a probe forward.
 * The same name is registered with ``AttentionMaskInterface`` (transformers builds padding masks
   through it; a name without a mask function silently gets none). The mask is always materialised,
   because "causal" as a flag would be aligned wrongly once prefix columns come first.
 * A forward pre-hook shifts text positions per row by that row's prefix length: the prefix owns
-  positions ``0..P-1``. Positions come from the attention mask, so left padding is exact.
+  positions ``0..P-1``. Positions come from the attention mask, so left padding is exact. (BART-style
+  decoders, which take no position ids, get the same shift on their position embedding.)
 
 The prefix travels as forward keyword arguments, never through the KV cache. So the generation
 cache holds only text (greedy, beam, sampling, streaming all keep the prefix: `generate` expands
