@@ -11,8 +11,9 @@ Differences from the base model, and nothing else:
   computes exactly what it did before. Layers are numbered model-wide; encoder-decoders have three
   places (encoder self-, decoder self- and cross-attention), told apart by a probe forward.
 * The same name is registered with ``AttentionMaskInterface`` (transformers builds padding masks
-  through it; a name without a mask function silently gets none). The mask is always materialised,
-  because "causal" as a flag would be aligned wrongly once prefix columns come first.
+  through it; a name without a mask function silently gets none). Where transformers skips the
+  mask (no padding: "causal" as a flag), the prefix path builds it explicitly, since the flag would
+  be aligned wrongly once prefix columns come first; the bare path keeps the fast flag.
 * A forward pre-hook shifts text positions per row by that row's prefix length: the prefix owns
   positions ``0..P-1``. Positions come from the attention mask, so left padding is exact. (BART-style
   decoders, which take no position ids, get the same shift on their position embedding.)
@@ -29,7 +30,6 @@ import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +88,28 @@ def _prefix_columns(
     return torch.cat([prefix.to(text_mask.device), text_mask], dim=-1)
 
 
+def _layer_mask(
+    module: nn.Module, text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, length: int, owner: Tensor
+) -> Tensor:
+    """`_prefix_columns`, built once per forward and place rather than per layer: every layer of a
+    place gets the same text mask object and the same prefix mask row. The result is kept on the
+    text mask (it dies with it), or, where transformers skipped the text mask (no padding), on the
+    prefix mask `owner`, where only the latest entry per place is kept: without a text mask the
+    result depends on nothing but the signature."""
+    causal = getattr(module, "is_causal", True)
+    place = getattr(module, "prefixtune_place", None)
+    signature = (query.shape[0], query.shape[2], length, causal)
+    if text_mask is not None:
+        cache = text_mask.__dict__.setdefault("_prefixtune_masks", {})
+        if (place, signature) not in cache:
+            cache[(place, signature)] = _prefix_columns(text_mask, prefix_mask, query, length, causal)
+        return cache[(place, signature)]
+    cache = owner.__dict__.setdefault("_prefixtune_masks", {})
+    if place not in cache or cache[place][0] != signature:
+        cache[place] = (signature, _prefix_columns(None, prefix_mask, query, length, causal))
+    return cache[place][1]
+
+
 def _prefix_attention(delegate: str) -> Callable:
     def attention(
         module: nn.Module,
@@ -106,9 +128,8 @@ def _prefix_attention(delegate: str) -> Callable:
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
             prefix = prefix_key_values[:, layer].to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
-            causal = getattr(module, "is_causal", True)
-            attention_mask = _prefix_columns(
-                attention_mask, prefix_attention_mask[:, layer], query, key.shape[2], causal
+            attention_mask = _layer_mask(
+                module, attention_mask, prefix_attention_mask[:, layer], query, key.shape[2], prefix_attention_mask
             )
             if kwargs.get("position_bias") is not None:  # T5: prefix columns get no relative-position bias
                 bias = kwargs["position_bias"]
@@ -123,7 +144,7 @@ def _prefix_attention(delegate: str) -> Callable:
 
 for _name in SUPPORTED_IMPLEMENTATIONS:
     AttentionInterface.register(f"prefixtune_{_name}", _prefix_attention(_name))
-AttentionMaskInterface.register("prefixtune_sdpa", partial(sdpa_mask, allow_is_causal_skip=False))
+AttentionMaskInterface.register("prefixtune_sdpa", sdpa_mask)
 AttentionMaskInterface.register("prefixtune_eager", eager_mask)
 
 
@@ -330,6 +351,9 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         )
     for index, module in enumerate(ordered):
         module.prefixtune_layer = index
+    for place, modules in by_place.items():
+        for module in modules:
+            module.prefixtune_place = place
     places, start = {}, 0
     for place in PLACES:
         if by_place[place]:
