@@ -229,3 +229,52 @@ def test_a_bad_prefix_in_the_store_is_skipped_not_fatal(tmp_path):
     engine.stop()
     assert "formal-blog" not in store.names() and "corrupt" in store.load_errors["formal-blog"]
     assert sorted(store.names()) == ["recipe-mlp", "twitter-wit"]
+
+
+def test_prefixtune_serve_command_serves_the_store(tmp_path):
+    """The real command line: `prefixtune serve` on a free loopback port, then a request per prefix."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    write_store(tmp_path / "store")
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "prefixtune",
+        "serve",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--prefix-store",
+        str(tmp_path / "store"),
+        "--port",
+        str(port),
+        "--admin-token",
+        TOKEN,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.2)
+        for name in [BASE_NAME, *PREFIXES]:
+            body = {"model": name, "prompt": PROMPTS[0], "max_tokens": 4}
+            response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200 and response.json()["model"] == name
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
