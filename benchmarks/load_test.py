@@ -17,19 +17,17 @@ import argparse
 import asyncio
 import json
 import platform
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.serving import build_app
+from prefixtune.serving.background import running
 
 STYLES = {  # activations-initialised prefixes: real, visibly different behaviours
     "french": "Always answer in French.",
@@ -77,12 +75,6 @@ def write_store(model, tokenizer, folder: Path, count: int) -> list[str]:
     return names
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def run_phase(url: str, jobs: list[dict], concurrency: int, timeout: float) -> tuple[list, float, int]:
     limit = asyncio.Semaphore(concurrency)
     results: list[str | None] = [None] * len(jobs)
@@ -119,13 +111,13 @@ def main() -> int:
     store = Path(tempfile.mkdtemp(prefix="prefixtune-store-"))
     names = write_store(model, tokenizer, store, args.prefixes)
     app, engine, _ = build_app(model, tokenizer, str(store), max_batch_size=args.concurrency)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    with running(app) as url:
+        phases = run_phases(url, engine, names, args)
+    engine.stop()
+    return report(phases, names, args)
+
+
+def run_phases(url: str, engine, names: list[str], args) -> dict:
     jobs = [
         {"model": names[i % len(names)], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens - (i % 4)}
         for i in range(args.requests)
@@ -146,10 +138,10 @@ def main() -> int:
             "mismatches": mismatches,
             "mean_batch_rows": (engine.stats["rows"] - before["rows"]) / max(batches, 1),
         }
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.stop()
+    return phases
 
+
+def report(phases: dict, names: list[str], args) -> int:
     for phase in phases.values():
         phase["requests_per_second"] = args.requests / phase["seconds"]
     base_rps = phases["one prefix per batch"]["requests_per_second"]
@@ -164,9 +156,9 @@ def main() -> int:
             f"{label:28} {phase['requests_per_second']:8.2f} {phase['requests_per_second'] / base_rps:13.2f}x "
             f"{phase['errors']:7d} {phase['mismatches']:11d} {rows:11.1f}"
         )
-    report = {"args": vars(args), "prefixes": names, "torch_threads": torch.get_num_threads(), "phases": phases}
+    summary = {"args": vars(args), "prefixes": names, "torch_threads": torch.get_num_threads(), "phases": phases}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    Path(args.json).write_text(json.dumps(summary, indent=2))
     failed = any(phase["errors"] or phase["mismatches"] for phase in phases.values())
     print("FAILED: errors or mismatches" if failed else "ok: 0 errors, 0 mismatches")
     return 1 if failed else 0

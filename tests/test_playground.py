@@ -4,14 +4,11 @@ pick two prefixes, type a prompt, compare, and see both outputs stream in."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 
 from prefixtune.serving import build_app
+from prefixtune.serving.background import running
 from test_serving import PROMPTS, write_store
 from tiny import tiny_model, tiny_tokenizer
 
@@ -30,27 +27,12 @@ FLAGS = [
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install)")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def live_server(tmp_path):
     write_store(tmp_path / "store")
     app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield url, engine
     engine.stop()
 
 

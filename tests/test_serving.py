@@ -233,19 +233,18 @@ def test_a_bad_prefix_in_the_store_is_skipped_not_fatal(tmp_path):
 
 def test_prefixtune_serve_command_serves_the_store(tmp_path):
     """The real command line: `prefixtune serve` on a free loopback port, then a request per prefix."""
-    import socket
     import subprocess
     import sys
     import time
 
     import httpx
 
+    from prefixtune.serving.background import free_port
+
     write_store(tmp_path / "store")
     tiny_model("llama").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(tmp_path / "tiny")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable,
         "-m",
