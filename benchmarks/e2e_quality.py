@@ -34,17 +34,17 @@ from prefixtune.data import PromptFormatter, group_references, pad_batch, read_e
 from prefixtune.evaluation import score  # noqa: E402
 
 INIT_TEXT = "Describe the restaurant in one sentence."
-METHODS = {  # name: (kind, learning rate, how it is decoded)
+METHODS = {  # name: (kind, learning rate, how it is decoded); the order is the run order
     "zero-shot (instruct, chat prompt)": ("zero-shot", 0.0, "generate(), chat template, no training"),
+    "prefixtune kv activations": ("prefixtune-kv-activations", 5e-3, "generate()"),
     "PEFT prefix tuning": ("peft-prefix", 5e-3, "greedy via forward (PEFT generate ignores the prefix)"),
+    "prefixtune kv random": ("prefixtune-kv-random", 5e-3, "generate()"),
     "PEFT LoRA r=8": ("peft-lora", 1e-3, "generate()"),
     "full fine-tuning": ("full", 5e-5, "generate()"),
-    "prefixtune kv random": ("prefixtune-kv-random", 5e-3, "generate()"),
-    "prefixtune kv activations": ("prefixtune-kv-activations", 5e-3, "generate()"),
-    "prefixtune mlp random": ("prefixtune-mlp-random", 5e-4, "generate()"),
+    "prefixtune hidden activations": ("prefixtune-hidden-activations", 5e-3, "generate()"),
     "prefixtune mlp activations": ("prefixtune-mlp-activations", 5e-4, "generate()"),
     "prefixtune hidden random": ("prefixtune-hidden-random", 5e-3, "generate()"),
-    "prefixtune hidden activations": ("prefixtune-hidden-activations", 5e-3, "generate()"),
+    "prefixtune mlp random": ("prefixtune-mlp-random", 5e-4, "generate()"),
 }
 
 
