@@ -121,6 +121,27 @@ class BleuAtSteps(TrainerCallback):
             model.train()
 
 
+def report(results: dict, output: Path, curve_prompts: int) -> None:
+    """Print the table (markdown) and draw BLEU vs steps from the results gathered so far."""
+    print("| method | BLEU | trainable params | BLEU at the curve steps (first MRs) | lr | decoding |")
+    print("|---|---|---|---|---|---|")
+    for label, row in results.items():
+        curve = " / ".join(f"{bleu:.1f} (step {step})" for step, bleu in row["curve"]) or "-"
+        print(
+            f"| {label} | {row['bleu']:.1f} | {row['trainable_parameters']:,} | {curve} | "
+            f"{row['learning_rate']:g} | {row['decoding']} |"
+        )
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, row in results.items():
+        if row["curve"]:
+            axes.plot(*zip(*row["curve"], strict=True), marker="o", label=label)
+    axes.set(xlabel="training step", ylabel=f"BLEU (first {curve_prompts} MRs)", title="E2E: BLEU vs steps")
+    if axes.lines:
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output / "bleu_vs_steps.png", dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="E2E quality of prefixtune vs baselines under one budget")
     parser.add_argument("--train", default="../shared/data/e2e/train.csv")
@@ -132,7 +153,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--methods", default=",".join(kind for kind, _, _ in METHODS.values()))
     parser.add_argument("--output", default="benchmarks/results/e2e_quality")
+    parser.add_argument("--report-only", action="store_true", help="print/plot the results gathered so far")
     args = parser.parse_args()
+    if args.report_only:
+        report(json.loads((Path(args.output) / "results.json").read_text()), Path(args.output), args.curve_prompts)
+        return
     wanted = set(args.methods.split(","))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -201,18 +226,7 @@ def main() -> None:
         print(f"{label:34} BLEU {bleu:6.2f}  trainable {trainable:>12,}  ({decoding})", flush=True)
         (output / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n{'method':34} {'BLEU':>6} {'trainable params':>17}  decoding")
-    for label, row in results.items():
-        print(f"{label:34} {row['bleu']:6.2f} {row['trainable_parameters']:17,}  {row['decoding']}")
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for label, row in results.items():
-        if row["curve"]:
-            axes.plot(*zip(*row["curve"], strict=True), marker="o", label=label)
-    axes.set(xlabel="training step", ylabel=f"BLEU (first {args.curve_prompts} MRs)", title="E2E: BLEU vs steps")
-    if axes.lines:
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(output / "bleu_vs_steps.png", dpi=100)
+    report(results, output, args.curve_prompts)
     meta = {"args": vars(args), "eval_mrs": len(prompts), "train_rows": len(train_rows)}
     (output / "meta.json").write_text(json.dumps(meta, indent=2))
 
