@@ -239,19 +239,25 @@ class PrefixModel(nn.Module):
             path, name, self.prefix_configs[name], prefix.length, prefix.state_dict(), self.fingerprint, extra
         )
 
-    def _read_prefix(self, path: str | Path) -> tuple[dict[str, Any], Prefix]:
-        """A checked prefix module from `path` (fingerprint, names, shapes), not yet attached."""
+    def _checked_meta(self, path: str | Path) -> dict[str, Any]:
+        """The prefix folder's config, after checking it belongs to this base model."""
         meta = files.read_meta(path)
         files.check_fingerprint(path, meta["base_model"], self.fingerprint)
-        config, length = meta["config"], meta["prefix_length"]
-        prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, length, self.geometry)
+        return meta
+
+    @staticmethod
+    def _fill(prefix: Prefix, path: str | Path) -> None:
+        """Load the folder's tensors into `prefix` in place, checking names and shapes first."""
         expected = {key: tuple(value.shape) for key, value in prefix.state_dict().items()}
         prefix.load_state_dict(files.load_tensors(path, expected))
-        return meta, prefix.to(self.device)
 
     def load_prefix(self, path: str | Path, name: str | None = None) -> str:
         """Load a saved prefix (checked against this base model) under `name` (default: its saved name)."""
-        meta, prefix = self._read_prefix(path)
+        meta = self._checked_meta(path)
+        config = meta["config"]
+        prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, meta["prefix_length"], self.geometry)
+        self._fill(prefix, path)
+        prefix.to(self.device)
         name = name or meta.get("name") or "default"
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
@@ -266,15 +272,12 @@ class PrefixModel(nn.Module):
         identity, so an optimizer holding them resumes correctly)."""
         name = name or self.active_prefix
         self._check_names([name])
-        meta = files.read_meta(path)
-        files.check_fingerprint(path, meta["base_model"], self.fingerprint)
+        meta = self._checked_meta(path)
         if meta["config"] != self.prefix_configs[name]:
             raise files.PrefixFileError(
                 f"{path}: saved config {meta['config']} differs from prefix {name!r}'s {self.prefix_configs[name]}"
             )
-        prefix = self.prefixes[name]
-        expected = {key: tuple(value.shape) for key, value in prefix.state_dict().items()}
-        prefix.load_state_dict(files.load_tensors(path, expected))  # copies in place
+        self._fill(self.prefixes[name], path)
 
     @classmethod
     def from_pretrained(cls, base_model: PreTrainedModel, path: str | Path, tokenizer: Any = None) -> PrefixModel:
