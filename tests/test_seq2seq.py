@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prefixtune import PrefixConfig, PrefixFileError, PrefixModel
+from prefixtune.config import PLACES
 from prefixtune.injection import Capture
 from tiny import SEQ2SEQ, SPECIAL, tiny_seq2seq
 
@@ -85,10 +86,10 @@ def bare_with_decoder_text_at(model, offset: int):
 
 
 @pytest.mark.parametrize("architecture", SEQ2SEQ)
-@pytest.mark.parametrize("place", ["encoder", "decoder", "cross"])
+@pytest.mark.parametrize("place", PLACES)
 def test_prefix_with_vanishing_attention_leaves_each_place_unchanged(architecture, place):
     model = tiny_seq2seq(architecture)
-    only = {p: p == place for p in ("encoder", "decoder", "cross")}
+    only = {p: p == place for p in PLACES}
     prefixed = PrefixModel(model, PrefixConfig(prefix_length=3, init_std=1.0, **only))
     reference = bare_with_decoder_text_at(model, 3) if place == "decoder" else model
     vanishing_keys(prefixed, "default", reference)

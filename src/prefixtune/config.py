@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 PARAMETERIZATIONS = ("kv", "mlp", "hidden")
+PLACES = ("encoder", "decoder", "cross")  # encoder self-, decoder self-, decoder cross-attention
 INITS = ("random", "vocab", "activations")
 
 
@@ -40,7 +41,7 @@ class PrefixConfig:
     def places(self) -> tuple[str, ...]:
         """Where the prefix goes: encoder self-attention, decoder self-attention, decoder
         cross-attention (decoder-only models have only the decoder's)."""
-        return tuple(p for p in ("encoder", "decoder", "cross") if getattr(self, p))
+        return tuple(p for p in PLACES if getattr(self, p))
 
     def __post_init__(self) -> None:
         if self.parameterization not in PARAMETERIZATIONS:
@@ -61,7 +62,7 @@ class PrefixConfig:
             raise ValueError(f"PrefixConfig.mlp_hidden_size: expected a positive int, got {self.mlp_hidden_size!r}")
         if not self.init_std > 0:
             raise ValueError(f"PrefixConfig.init_std: expected > 0, got {self.init_std!r}")
-        for place in ("encoder", "decoder", "cross"):
+        for place in PLACES:
             if not isinstance(getattr(self, place), bool):
                 raise ValueError(f"PrefixConfig.{place}: expected true or false, got {getattr(self, place)!r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -1,0 +1,40 @@
+"""Attention-level injection: how prefix keys/values get into a frozen `transformers` model.
+
+Differences from the base model, and nothing else, in three modules:
+
+* `attention`: the model's attention implementation (``sdpa`` or ``eager``) is swapped for
+  ``prefixtune_sdpa`` / ``prefixtune_eager``. When the forward call carries ``prefix_key_values``
+  ``[B, layers, 2, kv_heads, P, head_dim]`` and ``prefix_attention_mask`` ``[B, layers, P]``, each
+  layer puts its slice in front of the text's keys/values, adds always-visible mask columns for the
+  valid prefix slots, and hands over to the model's own function. Without those arguments the
+  model computes exactly what it did before.
+* `positions`: text positions shift per row by that row's prefix length: the prefix owns positions
+  ``0..P-1``. Positions come from the attention mask, so left padding is exact.
+* `probing`: a probe forward finds the attention layers (numbered model-wide; encoder-decoders have
+  three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry` and
+  the `KeyValuePath` through a layer's frozen projections; `inject` puts it all in place.
+
+The prefix travels as forward keyword arguments, never through the KV cache. So the generation
+cache holds only text (greedy, beam, sampling, streaming all keep the prefix: `generate` expands
+the tensors per beam like any model input), and gradient checkpointing replays layers with the same
+arguments.
+"""
+
+from ..config import PLACES
+from .attention import PREFIX_KWARGS, SUPPORTED_IMPLEMENTATIONS, AttentionCall, Capture, UnsupportedModelError
+from .positions import prefix_lengths, text_positions
+from .probing import Geometry, KeyValuePath, inject
+
+__all__ = [
+    "PLACES",
+    "PREFIX_KWARGS",
+    "SUPPORTED_IMPLEMENTATIONS",
+    "AttentionCall",
+    "Capture",
+    "Geometry",
+    "KeyValuePath",
+    "UnsupportedModelError",
+    "inject",
+    "prefix_lengths",
+    "text_positions",
+]

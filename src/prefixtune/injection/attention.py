@@ -1,0 +1,144 @@
+"""The attention and mask functions: prefix keys/values go in front of the text's, inside attention.
+
+``prefixtune_sdpa`` / ``prefixtune_eager`` are registered with transformers' ``AttentionInterface``.
+They differ from the model's own ``sdpa`` / ``eager`` only when the forward call carries
+``prefix_key_values`` ``[B, layers, 2, kv_heads, P, head_dim]`` and ``prefix_attention_mask``
+``[B, layers, P]``: then each layer puts its slice in front of the text's keys/values, adds
+always-visible columns for the valid prefix slots to the mask (T5: with no position bias), and
+hands over to the model's own function. Keys and values of different head sizes (multi-head latent
+attention) are stored zero-padded to ``head_dim`` and cut to the layer's own sizes here.
+
+The same names are registered with ``AttentionMaskInterface`` (transformers builds padding masks
+through it; a name without a mask function silently gets none). Where transformers skips the mask
+(no padding: "causal" as a flag), the prefix path builds it explicitly, since the flag would be
+aligned wrongly once prefix columns come first; the bare path keeps the fast flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
+MASK_CACHE_KWARG = "prefixtune_masks"
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class UnsupportedModelError(TypeError):
+    """The model's type cannot take a prefix exactly (the message names the type and the reason)."""
+
+
+@dataclass
+class AttentionCall:
+    module: nn.Module
+    query: Tensor  # [B, heads, T, head_dim]
+    key: Tensor  # [B, kv_heads, T, key_head_dim]
+    value: Tensor  # [B, kv_heads, T, value_head_dim]
+
+
+class Capture:
+    """Records every attention call's module, queries, keys and values (pass as ``prefixtune_capture``)."""
+
+    def __init__(self) -> None:
+        self.calls: list[AttentionCall] = []
+
+
+def _model_eager_function(module: nn.Module) -> Callable:
+    """The model's own eager attention (each modeling file defines one; some add softcapping etc.)."""
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise UnsupportedModelError(f"{type(module).__name__} has no module-level eager_attention_forward")
+    return function
+
+
+def _prefix_columns(
+    text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, text_length: int, causal: bool
+) -> Tensor:
+    """The text mask with always-visible prefix columns in front (bool: True attends; float: additive)."""
+    batch, query_length = query.shape[0], query.shape[2]
+    if text_mask is None:
+        # No mask was built: full attention, or causal aligned to the end of the keys.
+        rows = torch.arange(query_length, device=query.device)[:, None] + (text_length - query_length)
+        cols = torch.arange(text_length, device=query.device)[None, :]
+        text_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+        text_mask = text_mask[None, None]  # [1, 1, T_q, T_k]
+    text_mask = text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
+    prefix_mask = prefix_mask.to(text_mask.device, torch.bool)  # [B, P]
+    prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
+    if text_mask.dtype != torch.bool:
+        blocked = torch.finfo(text_mask.dtype).min
+        prefix = torch.zeros((), dtype=text_mask.dtype, device=text_mask.device).masked_fill(~prefix, blocked)
+    return torch.cat([prefix.to(text_mask.device), text_mask], dim=-1)  # [B, h, T_q, P + T_k]
+
+
+def new_mask_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook on the whole model: a fresh dict per forward call in which the layers share
+    their prefix masks (it travels to the attention functions with the other keyword arguments and
+    dies with the call; gradient checkpointing replays layers with the same dict)."""
+    if kwargs.get("prefix_attention_mask") is None:
+        return None
+    kwargs[MASK_CACHE_KWARG] = {}
+    return args, kwargs
+
+
+def _layer_mask(
+    module: nn.Module, text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, length: int, cache: dict | None
+) -> Tensor:
+    """`_prefix_columns`, built once per forward call and place rather than per layer: the layers of
+    a place get the same text mask object (one per layer type, e.g. full or sliding) and the same
+    prefix mask row. The cache entry holds the text mask itself, so its ``id`` stays unique while the
+    cache lives."""
+    causal = getattr(module, "is_causal", True)
+    if cache is None:
+        return _prefix_columns(text_mask, prefix_mask, query, length, causal)
+    key = (getattr(module, "prefixtune_place", None), id(text_mask), query.shape[0], query.shape[2], length, causal)
+    if key not in cache:
+        cache[key] = (text_mask, _prefix_columns(text_mask, prefix_mask, query, length, causal))
+    return cache[key][1]
+
+
+def _prefix_attention(delegate: str) -> Callable:
+    def attention(
+        module: nn.Module,
+        query: Tensor,  # [B, heads, T, key_head_dim]
+        key: Tensor,  # [B, kv_heads, T, key_head_dim]
+        value: Tensor,  # [B, kv_heads, T, value_head_dim]
+        attention_mask: Tensor | None,
+        prefix_key_values: Tensor | None = None,  # [B, layers, 2, kv_heads, P, head_dim]
+        prefix_attention_mask: Tensor | None = None,  # [B, layers, P]
+        prefixtune_capture: Capture | None = None,
+        prefixtune_masks: dict | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor | None]:
+        function = sdpa_attention_forward if delegate == "sdpa" else _model_eager_function(module)
+        if prefixtune_capture is not None:
+            prefixtune_capture.calls.append(AttentionCall(module, query, key, value))
+        layer = getattr(module, "prefixtune_layer", None)
+        if prefix_key_values is not None and layer is not None:
+            prefix = prefix_key_values[:, layer].to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
+            attention_mask = _layer_mask(
+                module, attention_mask, prefix_attention_mask[:, layer], query, key.shape[2], prefixtune_masks
+            )
+            if kwargs.get("position_bias") is not None:  # T5: prefix columns get no relative-position bias
+                bias = kwargs["position_bias"]
+                kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], prefix.shape[3]), bias], -1)
+            # Stored zero-padded to head_dim; a no-op slice unless key and value head sizes differ (MLA).
+            key = torch.cat([prefix[:, 0, ..., : key.shape[-1]], key], dim=2)  # [B, kv_heads, P + T, key_head_dim]
+            value = torch.cat([prefix[:, 1, ..., : value.shape[-1]], value], dim=2)
+            kwargs["is_causal"] = False  # the mask above says everything
+        return function(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+for _name in SUPPORTED_IMPLEMENTATIONS:
+    AttentionInterface.register(f"prefixtune_{_name}", _prefix_attention(_name))
+AttentionMaskInterface.register("prefixtune_sdpa", sdpa_mask)
+AttentionMaskInterface.register("prefixtune_eager", eager_mask)
