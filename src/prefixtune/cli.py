@@ -282,6 +282,37 @@ def score_predictions(
 
 
 @app.command()
+def convert(
+    source: str = typer.Argument(..., help="Prefix folder: prefixtune's, or a PEFT prefix-tuning adapter."),
+    destination: str = typer.Argument(..., help="New folder to write (must not exist yet)."),
+    to: str = typer.Option(..., "--to", help="peft | prefixtune"),
+    model: str = MODEL,
+    config: Path | None = CONFIG,
+) -> None:
+    """Convert a prefix between prefixtune's files and PEFT's adapter format (mlp/hidden compiled to keys/values)."""
+    from .loading import load_base_model
+    from .model import PrefixModel
+    from .peft_format import is_peft_folder
+
+    try:
+        if to not in ("peft", "prefixtune"):
+            raise ValueError(f"--to: expected 'peft' or 'prefixtune', got {to!r}")
+        if Path(destination).exists():
+            raise FileExistsError(f"{destination}: exists already; convert writes a new folder")
+        base, tokenizer = load_base_model(model)
+        prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
+        name = prefixed.load_prefix(source)
+        stored = {} if is_peft_folder(source) else _prompt_format(source)
+        extra = {"prompt_format": stored} if stored and to == "prefixtune" else None
+        prefixed.save_prefix(destination, name, extra=extra, format=to)
+    except USER_ERRORS as error:
+        _fail(error)
+    if stored and to == "peft":
+        console.print(f"[yellow]note:[/] PEFT has no field for the prompt format {Text(json.dumps(stored))}")
+    console.print(f"wrote {to} prefix {name!r} to {destination}")
+
+
+@app.command()
 def generate(
     prompt: list[str] = typer.Option(..., help="Prompt text (repeatable)."),
     prefix: list[str] = typer.Option([], help="Prefix folder, or name=folder (repeatable, compared side by side)."),
