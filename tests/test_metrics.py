@@ -134,3 +134,55 @@ def test_prediction_files_that_do_not_match_the_prompts_are_refused(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected an object with string fields"):
         read_predictions(tmp_path / "bad.jsonl", prompts)
+
+
+def test_eval_reports_the_e2e_metrics_and_score_recomputes_them_from_its_generations(tmp_path, monkeypatch):
+    """Java hidden to keep this fast (the JVM metrics go through the same path in the check-file test)."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    monkeypatch.setattr(e2e_metrics.shutil, "which", lambda name: None)
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    rows = [
+        ("name pub area city", "the pub is in the city"),
+        ("name pub area city", "a city pub"),
+        ("food cheap", "cheap food"),
+    ]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    runner = CliRunner()
+    common = ["--data", str(tmp_path / "data.jsonl"), "--metrics", "sacrebleu,e2e"]
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            *common,
+            "--model",
+            str(tmp_path / "tiny"),
+            "--max-new-tokens",
+            "6",
+            "--output",
+            str(tmp_path / "eval"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    evaluated = report["metrics"]
+    assert set(report["unavailable"]) == {"meteor", "rouge_l", "cider"}
+    assert set(evaluated) == {"sacrebleu", "bleu", "nist", "meteor", "rouge_l", "cider"}
+    assert (
+        all(isinstance(evaluated[key], float) for key in ("sacrebleu", "bleu", "nist")) and evaluated["meteor"] is None
+    )
+    result = runner.invoke(
+        app,
+        [
+            "score",
+            *common,
+            "--predictions",
+            str(tmp_path / "eval" / "generations.jsonl"),
+            "--output",
+            str(tmp_path / "scored.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    assert {key: scored[key] for key in evaluated} == evaluated
