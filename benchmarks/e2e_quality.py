@@ -4,8 +4,10 @@ Every trained method gets the same data (`--train`, default ../shared/data/e2e/t
 batch, number of steps, prompt format ("{mr}\\n" + completion + EOS, loss on the completion) and
 the same Hugging Face `Trainer` loop (AdamW, linear warmup + decay); only the learning rate is the
 usual one for each method. Evaluation: greedy decoding of every distinct MR of `--eval` (default
-validation.csv), multi-reference sacreBLEU. BLEU is also measured on a subset at a few steps, so
-"steps to reach a target BLEU" can be read off `bleu_vs_steps.png`.
+validation.csv), multi-reference sacreBLEU and the E2E challenge's official five (BLEU, NIST,
+METEOR, ROUGE-L, CIDEr, as its measure_scores.py computes them; see `prefixtune/e2e_metrics.py`),
+printed under Li & Liang's own numbers for context. BLEU is also measured on a subset at a few
+steps, so "steps to reach a target BLEU" can be read off `bleu_vs_steps.png`.
 
 Decoding notes (also in the table): PEFT 0.21's `generate()` ignores a prefix-tuning prefix with
 transformers 5.24 (its scores equal the bare model's), so the PEFT prefix model is decoded greedily
@@ -31,9 +33,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model  # noqa: E402
 from prefixtune.data import PromptFormatter, group_references, pad_batch, read_examples  # noqa: E402
+from prefixtune.e2e_metrics import NAMES as OFFICIAL  # noqa: E402
 from prefixtune.evaluation import score  # noqa: E402
 
 INIT_TEXT = "Describe the restaurant in one sentence."
+# Li & Liang (2021), Table 1: GPT-2 medium, prefix-tuning (0.1 % of parameters), official E2E *test*
+# set (630 MRs, trained on the full 42k-reference training set). The paper's numbers, not ours.
+PAPER_ROW = (
+    "Li & Liang 2021, Table 1: GPT-2 medium prefix (paper's numbers, E2E test set)",
+    (69.7, 8.81, 46.1, 71.4, 2.49),
+)
 METHODS = {  # name: (kind, learning rate, how it is decoded); the order is the run order
     "zero-shot (instruct, chat prompt)": ("zero-shot", 0.0, "generate(), chat template, no training"),
     "prefixtune kv activations": ("prefixtune-kv-activations", 5e-3, "generate()"),
@@ -121,14 +130,31 @@ class BleuAtSteps(TrainerCallback):
             model.train()
 
 
+def official_cell(official: dict | None, name: str) -> str:
+    if official is None:
+        return "-"
+    value = official[name]
+    return "unavailable" if value is None else f"{value:.{2 if name in ('nist', 'cider') else 1}f}"
+
+
 def report(results: dict, output: Path, curve_prompts: int) -> None:
     """Print the table (markdown) and draw BLEU vs steps from the results gathered so far."""
-    print("| method | BLEU | trainable params | BLEU at the curve steps (first MRs) | lr | decoding |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| method | sacreBLEU | BLEU | NIST | METEOR | ROUGE-L | CIDEr | trainable params "
+        "| BLEU at the curve steps (first MRs) | lr | decoding |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {PAPER_ROW[0]} | - | "
+        + " | ".join(f"{value:g}" for value in PAPER_ROW[1])
+        + " | 0.1 % of 345M | - | - | - |"
+    )
     for label, row in results.items():
         curve = " / ".join(f"{bleu:.1f} (step {step})" for step, bleu in row["curve"]) or "-"
+        official = row.get("official")  # absent in rows measured before the official metrics existed
+        cells = " | ".join(official_cell(official, name) for name in OFFICIAL)
         print(
-            f"| {label} | {row['bleu']:.1f} | {row['trainable_parameters']:,} | {curve} | "
+            f"| {label} | {row['bleu']:.1f} | {cells} | {row['trainable_parameters']:,} | {curve} | "
             f"{row['learning_rate']:g} | {row['decoding']} |"
         )
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -213,9 +239,11 @@ def main() -> None:
             curve = callback.curve
         model.eval()
         texts = decode_all(generate, chat if kind == "zero-shot" else formatter, prompts, args.max_new_tokens)
-        bleu = score(texts, references, ("bleu",))["bleu"]
+        scores = score(texts, references, ("sacrebleu", "e2e"))
+        bleu = scores["sacrebleu"]
         results[label] = {
-            "bleu": bleu,
+            "bleu": bleu,  # sacreBLEU, as in the earlier results
+            "official": {name: scores[name] for name in OFFICIAL},
             "trainable_parameters": trainable,
             "learning_rate": lr,
             "decoding": decoding,

@@ -19,3 +19,13 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "warning: chromium missing (sudo apt-get install chromium); tests/test_playground.py will be skipped" >&2
   fi
 fi
+# Java for the official E2E metrics (pycocoevalcap's PTB tokenizer and METEOR 1.5 are jars); without
+# it METEOR, ROUGE-L and CIDEr are reported as unavailable and their tests are skipped.
+if ! command -v java >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null) \
+      || echo "warning: could not install java; METEOR/ROUGE-L/CIDEr will be unavailable" >&2
+  else
+    echo "warning: java missing (sudo apt-get install default-jre-headless); METEOR/ROUGE-L/CIDEr unavailable" >&2
+  fi
+fi

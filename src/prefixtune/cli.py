@@ -1,4 +1,4 @@
-"""The `prefixtune` command: train, eval, generate, demo (typer + rich).
+"""The `prefixtune` command: train, eval, score, convert, generate, serve, demo (typer + rich).
 
 Every command takes ``--config FILE.yaml`` whose keys are the command's option names (``prefix_length``
 or ``prefix-length``); flags given on the command line win over the file.
@@ -163,7 +163,7 @@ def evaluate(
     data: str = typer.Option(..., help="Evaluation data; rows sharing a prompt are its references."),
     prefix: str | None = typer.Option(None, help="Prefix folder; omit to evaluate the bare base model."),
     model: str = MODEL,
-    metrics: str = typer.Option("bleu,chrf,rouge", help="Comma-separated: bleu, chrf, rouge."),
+    metrics: str = typer.Option("bleu,chrf,rouge", help="Comma-separated: bleu, sacrebleu, chrf, rouge, e2e."),
     num_beams: int = typer.Option(1),
     batch_size: int = typer.Option(16),
     max_new_tokens: int = typer.Option(64),
@@ -218,16 +218,98 @@ def evaluate(
         "num_beams": num_beams,
         "prompts": len(prompts),
         "metrics": results,
+        **_unavailable(results),
     }
     (folder / "metrics.json").write_text(json.dumps(report, indent=2))
     with (folder / "generations.jsonl").open("w") as handle:
         for prompt, hypothesis, refs in zip(prompts, hypotheses, references, strict=True):
             handle.write(json.dumps({"prompt": prompt, "generation": hypothesis, "references": refs}) + "\n")
-    table = Table("metric", "score", title=f"{len(prompts)} prompts from {data}")
-    for key, value in results.items():
-        table.add_row(key, f"{value:.2f}")
-    console.print(table)
+    _print_metrics(results, f"{len(prompts)} prompts from {data}")
     console.print(f"wrote {folder / 'metrics.json'} and {folder / 'generations.jsonl'}")
+
+
+def _unavailable(results: dict[str, float | None]) -> dict[str, Any]:
+    """``{"unavailable": {metric: reason}}`` for metrics that could not be computed here, else ``{}``."""
+    from .evaluation import unavailable
+
+    reasons = unavailable(results)
+    return {"unavailable": reasons} if reasons else {}
+
+
+def _print_metrics(results: dict[str, float | None], title: str) -> None:
+    table = Table("metric", "score", title=title)
+    for key, value in results.items():
+        table.add_row(key, "unavailable" if value is None else f"{value:.2f}")
+    console.print(table)
+    for key, reason in _unavailable(results).get("unavailable", {}).items():
+        console.print(f"[yellow]{key} unavailable:[/] {Text(reason)}")
+
+
+@app.command("score")
+def score_predictions(
+    data: str = typer.Option(..., help="References (.csv or .jsonl); rows sharing a prompt are its references."),
+    predictions: str = typer.Option(
+        ...,
+        help="System outputs: generations.jsonl from `prefixtune eval` (matched by prompt), or .txt with one "
+        "line per distinct prompt of --data in order of first appearance.",
+    ),
+    metrics: str = typer.Option("e2e", help="Comma-separated: e2e (the official five), sacrebleu, bleu, chrf, rouge."),
+    output: str | None = typer.Option(None, help="Write the scores to this JSON file (e.g. metrics.json)."),
+    prompt_field: str | None = typer.Option(None),
+    completion_field: str | None = typer.Option(None),
+    config: Path | None = CONFIG,
+) -> None:
+    """Score existing system outputs against multi-reference data (no model needed)."""
+    from .data import group_references, read_examples
+    from .evaluation import check_metrics, read_predictions, score
+    from .files import atomic_write_text
+
+    try:
+        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+        check_metrics(wanted)
+        groups = group_references(read_examples(data, prompt_field, completion_field))
+        hypotheses = read_predictions(predictions, [group.prompt for group in groups])
+        results = score(hypotheses, [group.references for group in groups], wanted)
+        if output:
+            report = {**results, **_unavailable(results), "data": data, "predictions": predictions}
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(output, json.dumps(report, indent=2))
+    except USER_ERRORS as error:
+        _fail(error)
+    _print_metrics(results, f"{len(groups)} prompts from {data}")
+    if output:
+        console.print(f"wrote {output}")
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Prefix folder: prefixtune's, or a PEFT prefix-tuning adapter."),
+    destination: str = typer.Argument(..., help="New folder to write (must not exist yet)."),
+    to: str = typer.Option(..., "--to", help="peft | prefixtune"),
+    model: str = MODEL,
+    config: Path | None = CONFIG,
+) -> None:
+    """Convert a prefix between prefixtune's files and PEFT's adapter format (mlp/hidden compiled to keys/values)."""
+    from .loading import load_base_model
+    from .model import PrefixModel
+    from .peft_format import is_peft_folder
+
+    try:
+        if to not in ("peft", "prefixtune"):
+            raise ValueError(f"--to: expected 'peft' or 'prefixtune', got {to!r}")
+        if Path(destination).exists():
+            raise FileExistsError(f"{destination}: exists already; convert writes a new folder")
+        base, tokenizer = load_base_model(model)
+        prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
+        name = prefixed.load_prefix(source)
+        stored = {} if is_peft_folder(source) else _prompt_format(source)
+        extra = {"prompt_format": stored} if stored and to == "prefixtune" else None
+        prefixed.save_prefix(destination, name, extra=extra, format=to)
+    except USER_ERRORS as error:
+        _fail(error)
+    if stored and to == "peft":
+        console.print(f"[yellow]note:[/] PEFT has no field for the prompt format {Text(json.dumps(stored))}")
+    console.print(f"wrote {to} prefix {name!r} to {destination}")
 
 
 @app.command()

@@ -72,6 +72,9 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(temp)
 
 
+atomic_write = _atomic_write  # public: peft_format.py writes PEFT's files the same way
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), lambda temp: Path(temp).write_bytes(text.encode()))
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from . import files
+from . import files, peft_format
 from .config import PrefixConfig
 from .initialization import init_token_ids, text_activations, word_embeddings
 from .injection import inject
@@ -230,11 +230,24 @@ class PrefixModel(nn.Module):
         self.prefixes[name] = compiled
         self.prefix_configs[name] = config
 
-    def save_prefix(self, path: str | Path, name: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``prefix.safetensors`` + ``prefix_config.json`` (`extra`: more JSON fields, e.g. the prompt format)."""
+    def save_prefix(
+        self, path: str | Path, name: str | None = None, extra: dict[str, Any] | None = None, format: str = "prefixtune"
+    ) -> Path:
+        """Write ``prefix.safetensors`` + ``prefix_config.json`` (`extra`: more JSON fields, e.g. the prompt
+        format), or with ``format="peft"`` a PEFT prefix-tuning folder (keys/values, `mlp`/`hidden` compiled)."""
         name = name or self.active_prefix
         self._check_names([name])
         prefix = self.prefixes[name]
+        if format == "peft":
+            peft_format.check_model(self.base_model.config)
+            if extra:
+                raise ValueError(f"a PEFT adapter has no place for extra fields {sorted(extra)}")
+            with torch.no_grad():
+                key_values = prefix.key_values(self.kv_path)
+            model_name = self.base_model.config.name_or_path or None
+            return peft_format.write(path, key_values, prefix.layers, self.geometry, model_name)
+        if format != "prefixtune":
+            raise ValueError(f"save_prefix: format must be 'prefixtune' or 'peft', got {format!r}")
         return files.save(
             path, name, self.prefix_configs[name], prefix.length, prefix.state_dict(), self.fingerprint, extra
         )
@@ -252,19 +265,36 @@ class PrefixModel(nn.Module):
         prefix.load_state_dict(files.load_tensors(path, expected))
 
     def load_prefix(self, path: str | Path, name: str | None = None) -> str:
-        """Load a saved prefix (checked against this base model) under `name` (default: its saved name)."""
-        meta = self._checked_meta(path)
-        config = meta["config"]
-        prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, meta["prefix_length"], self.geometry)
-        self._fill(prefix, path)
+        """Load a saved prefix (checked against this base model) under `name` (default: its saved name).
+        A PEFT prefix-tuning folder loads as a `kv` prefix (see `peft_format.py`)."""
+        if peft_format.is_peft_folder(path):
+            (config, prefix), saved_name = self._peft_prefix(path), None
+        else:
+            meta = self._checked_meta(path)
+            config, saved_name = meta["config"], meta.get("name")
+            prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, meta["prefix_length"], self.geometry)
+            self._fill(prefix, path)
         prefix.to(self.device)
-        name = name or meta.get("name") or "default"
+        name = name or saved_name or "default"
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
         self.prefixes[name] = prefix
-        self.prefix_configs[name] = meta["config"]
+        self.prefix_configs[name] = config
         self.active_prefix = name
         return name
+
+    @torch.no_grad()
+    def _peft_prefix(self, path: str | Path) -> tuple[PrefixConfig, KVPrefix]:
+        peft_format.check_model(self.base_model.config)
+        config, key_values = peft_format.read(path, self.geometry)
+        prefix = KVPrefix(config, config.prefix_length, self.geometry)
+        if prefix.prefix_key_values.shape != key_values.shape:  # e.g. keys and values of different head sizes
+            raise files.PrefixFileError(
+                f"{path}: PEFT's keys/values {tuple(key_values.shape)} cannot fill this model's kv prefix "
+                f"{tuple(prefix.prefix_key_values.shape)}"
+            )
+        prefix.prefix_key_values.copy_(key_values)
+        return config, prefix
 
     @torch.no_grad()
     def restore_prefix(self, path: str | Path, name: str | None = None) -> None:
