@@ -155,8 +155,8 @@ def test_yaml_config_sets_options_and_flags_override(workspace, tmp_path):
     result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "out"), "--steps", "2")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
-    assert summary["global_step"] == 2 and summary["options"]["parameterization"] == "hidden"
-    assert summary["options"]["prefix_length"] == 3
+    assert summary["global_step"] == 2 and summary["options"]["prefix"]["parameterization"] == "hidden"
+    assert summary["options"]["prefix"]["prefix_length"] == 3
     config.write_text("stepz: 4\n")
     result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "out2"), "--data", "x.jsonl")
     assert result.exit_code != 0 and "unknown option(s) ['stepz']" in result.output

@@ -9,6 +9,7 @@ import sacrebleu
 from rich.progress import Progress
 from rouge_score import rouge_scorer
 
+from .config import ConfigError
 from .data import PromptFormatter, pad_batch
 from .model import PrefixChoice, PrefixModel
 
@@ -64,7 +65,7 @@ def _generate(model, formatter, prompts, prefix, batch_size, num_beams, max_new_
 def check_metrics(metrics: Sequence[str]) -> None:
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+        raise ConfigError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
 
 
 def score(
