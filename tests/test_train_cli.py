@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -358,3 +359,70 @@ def test_task_names_are_checked(workspace, tmp_path):
         result.output.split()
     )
     assert not (tmp_path / "run").exists()
+
+
+def eval_losses(workspace: Path, output: Path, *flags: str) -> list[float]:
+    validation = ("--validation", str(workspace / "validation.jsonl"), "--eval-every", "5")
+    result = run_cli("train", *train_args(workspace, output, "--steps", "30", "--batch-size", "8", *validation, *flags))
+    assert result.exit_code == 0, result.output
+    return [
+        entry["eval_loss"] for entry in json.loads((output / "log_history.json").read_text()) if "eval_loss" in entry
+    ]
+
+
+@pytest.fixture(scope="module")
+def float32_eval_losses(workspace, tmp_path_factory) -> list[float]:
+    return eval_losses(workspace, tmp_path_factory.mktemp("float32") / "run")
+
+
+@pytest.mark.parametrize(
+    ("flags", "loss_scaled"),
+    [(("--dtype", "bfloat16"), False), (("--bf16",), False), (("--dtype", "float16"), True)],
+    ids=["bf16-base", "bf16-autocast", "fp16-base"],
+)
+def test_low_precision_runs_train_like_float32_with_float32_prefix_parameters_and_files(
+    workspace, tmp_path, float32_eval_losses, flags, loss_scaled
+):
+    output = tmp_path / "run"
+    losses = eval_losses(workspace, output, *flags)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.05, losses
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(float32_eval_losses), atol=0.05, rtol=0)
+    for tensors in (final_prefix(output), load_file(output / "checkpoint-30" / "prefix.safetensors")):
+        assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+    # float16 needs loss scaling (Trainer checkpoints the scaler it used); bfloat16 does not
+    assert (output / "checkpoint-30" / "scaler.pt").is_file() == loss_scaled
+
+
+def test_contradictory_precisions_are_refused_naming_them(workspace, tmp_path):
+    result = run_cli("train", *train_args(workspace, tmp_path / "run", "--dtype", "float16", "--bf16"))
+    assert result.exit_code == 2 and "--dtype float16 --bf16=True --fp16=False: pick one precision" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_length_grouping_lowers_padding_and_is_what_trainer_samples_with(workspace, tmp_path, monkeypatch):
+    from prefixtune import training
+
+    samplers = []
+    original = training.PrefixTrainer._get_train_sampler
+    monkeypatch.setattr(
+        training.PrefixTrainer,
+        "_get_train_sampler",
+        lambda self, *a: samplers.append(original(self, *a)) or samplers[-1],
+    )
+    rng = random.Random(2)
+    rows = [
+        json.dumps({"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 20))), "completion": "the food is good"})
+        for _ in range(256)
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    for grouped in (False, True):
+        args = train_args(workspace, tmp_path / f"run-{grouped}", "--steps", "4", "--batch-size", "8")
+        args[args.index("--data") + 1] = str(data)
+        result = run_cli("train", *args, *(["--group-by-length"] if grouped else []))
+        assert result.exit_code == 0, result.output
+        assert "padding (random / grouped batches)" in result.output
+    assert [type(s).__name__ for s in samplers] == ["RandomSampler", "LengthGroupedSampler"]
+    padding = json.loads((tmp_path / "run-True" / "train_summary.json").read_text())["padding_fraction"]
+    # Trainer's sampler sorts within shuffled mega-batches of 8 batches here (it keeps some randomness)
+    assert padding["grouped"] < padding["random"] / 2, padding
