@@ -3,6 +3,7 @@ kill -9 + --resume exactness, torchrun equivalence, malformed data refused witho
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,10 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -426,3 +430,71 @@ def test_length_grouping_lowers_padding_and_is_what_trainer_samples_with(workspa
     padding = json.loads((tmp_path / "run-True" / "train_summary.json").read_text())["padding_fraction"]
     # Trainer's sampler sorts within shuffled mega-batches of 8 batches here (it keeps some randomness)
     assert padding["grouped"] < padding["random"] / 2, padding
+
+
+def flat_fields(cls) -> dict[str, Any]:
+    """Every option `prefixtune train` has: TrainOptions' fields, PrefixConfig's unnested."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for item in dataclasses.fields(cls):
+        found |= flat_fields(hints[item.name]) if dataclasses.is_dataclass(hints[item.name]) else {item.name: item}
+    return found
+
+
+def other_value(item) -> Any:
+    """A valid value that is not the field's default."""
+    choices, default = item.metadata.get("choices"), item.default
+    if choices:
+        return next(choice for choice in choices if choice != default)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, float):
+        return default / 2 + 0.25
+    if isinstance(default, int) or "int" in str(item.type):
+        return (default or 2) + 1
+    return "{prompt} x"
+
+
+def captured_options(monkeypatch, *args: str):
+    from prefixtune import training
+
+    seen = []
+    summary = {"padding_fraction": {"random": 0.0, "grouped": 0.0}}
+    monkeypatch.setattr(training, "train", lambda options: seen.append(options) or summary)
+    result = run_cli("train", *args)
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def flat_values(options) -> dict[str, Any]:
+    values = dataclasses.asdict(options)
+    return values | values.pop("prefix")
+
+
+def test_every_train_option_is_a_flag_and_a_yaml_key_with_the_dataclass_default(monkeypatch, tmp_path):
+    from prefixtune.training import TrainOptions
+
+    fields = flat_fields(TrainOptions)
+    assert {"init_std", "dtype", "bf16", "fp16", "device", "group_by_length", "fsdp", "prefix_length"} <= set(fields)
+    assert all(item.metadata.get("help") for item in fields.values()), "every option has help"
+
+    defaults = captured_options(monkeypatch, "--data", "d.jsonl", "--output", "out")
+    assert defaults == TrainOptions(data="d.jsonl", output="out")
+
+    wanted = {name: other_value(item) for name, item in fields.items()}
+    wanted |= {"bf16": False, "dtype": "float16"}  # --fp16 and bfloat16 contradict; --bf16 is checked below
+    args = []
+    for name, value in wanted.items():
+        flags = fields[name].metadata.get("flags") or ()
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            spelled = flags[0].split("/") if flags else [flag, f"--no-{flag[2:]}"]
+            args += [spelled[0] if value else spelled[-1]] if value != fields[name].default else []
+        else:
+            args += [flag, str(value)]
+    assert flat_values(captured_options(monkeypatch, *args)) == wanted
+    assert captured_options(monkeypatch, "--data", "d", "--output", "o", "--bf16").bf16 is True
+
+    config = tmp_path / "all.yaml"
+    config.write_text(yaml.safe_dump(wanted))
+    assert flat_values(captured_options(monkeypatch, "--config", str(config))) == wanted
