@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from prefixtune import PrefixModel, load_base_model
+from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.data import PromptFormatter, group_references, pad_batch, read_examples
 from prefixtune.evaluation import generate_completions, score
 from prefixtune.training import TrainOptions, train
@@ -148,7 +148,7 @@ def main() -> None:
             steps=args.steps,
             batch_size=16,
             lr=1e-2,
-            prefix_length=8,
+            prefix=PrefixConfig(prefix_length=8),
             warmup_steps=20,
             eval_every=max(args.steps // 3, 1),
             seed=args.seed,

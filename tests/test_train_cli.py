@@ -3,8 +3,10 @@ kill -9 + --resume exactness, torchrun equivalence, malformed data refused witho
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -12,10 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -155,8 +160,8 @@ def test_yaml_config_sets_options_and_flags_override(workspace, tmp_path):
     result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "out"), "--steps", "2")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
-    assert summary["global_step"] == 2 and summary["options"]["parameterization"] == "hidden"
-    assert summary["options"]["prefix_length"] == 3
+    assert summary["global_step"] == 2 and summary["options"]["prefix"]["parameterization"] == "hidden"
+    assert summary["options"]["prefix"]["prefix_length"] == 3
     config.write_text("stepz: 4\n")
     result = run_cli("train", "--config", str(config), "--output", str(tmp_path / "out2"), "--data", "x.jsonl")
     assert result.exit_code != 0 and "unknown option(s) ['stepz']" in result.output
@@ -358,3 +363,138 @@ def test_task_names_are_checked(workspace, tmp_path):
         result.output.split()
     )
     assert not (tmp_path / "run").exists()
+
+
+def eval_losses(workspace: Path, output: Path, *flags: str) -> list[float]:
+    validation = ("--validation", str(workspace / "validation.jsonl"), "--eval-every", "5")
+    result = run_cli("train", *train_args(workspace, output, "--steps", "30", "--batch-size", "8", *validation, *flags))
+    assert result.exit_code == 0, result.output
+    return [
+        entry["eval_loss"] for entry in json.loads((output / "log_history.json").read_text()) if "eval_loss" in entry
+    ]
+
+
+@pytest.fixture(scope="module")
+def float32_eval_losses(workspace, tmp_path_factory) -> list[float]:
+    return eval_losses(workspace, tmp_path_factory.mktemp("float32") / "run")
+
+
+@pytest.mark.parametrize(
+    ("flags", "loss_scaled"),
+    [(("--dtype", "bfloat16"), False), (("--bf16",), False), (("--dtype", "float16"), True)],
+    ids=["bf16-base", "bf16-autocast", "fp16-base"],
+)
+def test_low_precision_runs_train_like_float32_with_float32_prefix_parameters_and_files(
+    workspace, tmp_path, float32_eval_losses, flags, loss_scaled
+):
+    output = tmp_path / "run"
+    losses = eval_losses(workspace, output, *flags)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.05, losses
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(float32_eval_losses), atol=0.05, rtol=0)
+    for tensors in (final_prefix(output), load_file(output / "checkpoint-30" / "prefix.safetensors")):
+        assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+    # float16 needs loss scaling (Trainer checkpoints the scaler it used); bfloat16 does not
+    assert (output / "checkpoint-30" / "scaler.pt").is_file() == loss_scaled
+
+
+def test_contradictory_precisions_are_refused_naming_them(workspace, tmp_path):
+    result = run_cli("train", *train_args(workspace, tmp_path / "run", "--dtype", "float16", "--bf16"))
+    assert result.exit_code == 2 and "--dtype float16 --bf16=True --fp16=False: pick one precision" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_length_grouping_lowers_padding_and_is_what_trainer_samples_with(workspace, tmp_path, monkeypatch):
+    from prefixtune import training
+
+    samplers = []
+    original = training.PrefixTrainer._get_train_sampler
+    monkeypatch.setattr(
+        training.PrefixTrainer,
+        "_get_train_sampler",
+        lambda self, *a: samplers.append(original(self, *a)) or samplers[-1],
+    )
+    rng = random.Random(2)
+    rows = [
+        json.dumps({"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 20))), "completion": "the food is good"})
+        for _ in range(256)
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    for grouped in (False, True):
+        args = train_args(workspace, tmp_path / f"run-{grouped}", "--steps", "4", "--batch-size", "8")
+        args[args.index("--data") + 1] = str(data)
+        result = run_cli("train", *args, *(["--group-by-length"] if grouped else []))
+        assert result.exit_code == 0, result.output
+        assert "padding (random / grouped batches)" in result.output
+    assert [type(s).__name__ for s in samplers] == ["RandomSampler", "LengthGroupedSampler"]
+    padding = json.loads((tmp_path / "run-True" / "train_summary.json").read_text())["padding_fraction"]
+    # Trainer's sampler sorts within shuffled mega-batches of 8 batches here (it keeps some randomness)
+    assert padding["grouped"] < padding["random"] / 2, padding
+
+
+def flat_fields(cls) -> dict[str, Any]:
+    """Every option `prefixtune train` has: TrainOptions' fields, PrefixConfig's unnested."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for item in dataclasses.fields(cls):
+        found |= flat_fields(hints[item.name]) if dataclasses.is_dataclass(hints[item.name]) else {item.name: item}
+    return found
+
+
+def other_value(item) -> Any:
+    """A valid value that is not the field's default."""
+    choices, default = item.metadata.get("choices"), item.default
+    if choices:
+        return next(choice for choice in choices if choice != default)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, float):
+        return default / 2 + 0.25
+    if isinstance(default, int) or "int" in str(item.type):
+        return (default or 2) + 1
+    return "{prompt} x"
+
+
+def captured_options(monkeypatch, *args: str):
+    from prefixtune import training
+
+    seen = []
+    summary = {"padding_fraction": {"random": 0.0, "grouped": 0.0}}
+    monkeypatch.setattr(training, "train", lambda options: seen.append(options) or summary)
+    result = run_cli("train", *args)
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def flat_values(options) -> dict[str, Any]:
+    values = dataclasses.asdict(options)
+    return values | values.pop("prefix")
+
+
+def test_every_train_option_is_a_flag_and_a_yaml_key_with_the_dataclass_default(monkeypatch, tmp_path):
+    from prefixtune.training import TrainOptions
+
+    fields = flat_fields(TrainOptions)
+    assert {"init_std", "dtype", "bf16", "fp16", "device", "group_by_length", "fsdp", "prefix_length"} <= set(fields)
+    assert all(item.metadata.get("help") for item in fields.values()), "every option has help"
+
+    defaults = captured_options(monkeypatch, "--data", "d.jsonl", "--output", "out")
+    assert defaults == TrainOptions(data="d.jsonl", output="out")
+
+    wanted = {name: other_value(item) for name, item in fields.items()}
+    wanted |= {"bf16": False, "dtype": "float16"}  # --fp16 and bfloat16 contradict; --bf16 is checked below
+    args = []
+    for name, value in wanted.items():
+        flags = fields[name].metadata.get("flags") or ()
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            spelled = flags[0].split("/") if flags else [flag, f"--no-{flag[2:]}"]
+            args += [spelled[0] if value else spelled[-1]] if value != fields[name].default else []
+        else:
+            args += [flag, str(value)]
+    assert flat_values(captured_options(monkeypatch, *args)) == wanted
+    assert captured_options(monkeypatch, "--data", "d", "--output", "o", "--bf16").bf16 is True
+
+    config = tmp_path / "all.yaml"
+    config.write_text(yaml.safe_dump(wanted))
+    assert flat_values(captured_options(monkeypatch, "--config", str(config))) == wanted

@@ -1,12 +1,15 @@
-"""Training touches only the prefix, and gradient checkpointing (which PEFT 0.21.2 refuses for
-prefix tuning) gives the same loss and gradients as a plain backward pass."""
+"""Training touches only the prefix, gradient checkpointing (which PEFT 0.21.2 refuses for prefix
+tuning) gives the same loss and gradients as a plain backward pass, and length-grouped batches
+change only which rows share a batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.data import pad_batch, padding_fraction, padding_fractions
 from tiny import ARCHITECTURES, left_padded, tiny_model
 
 PROMPTS = [[5, 9, 12, 30], [7, 8], [11, 40, 41, 42, 43, 44]]
@@ -94,3 +97,44 @@ def test_reentrant_checkpointing_is_refused_with_a_clear_message():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="use_reentrant=True.*non-reentrant"):
         model(**batch_with_labels())
+
+
+def per_example_losses(model: PrefixModel, rows: list[dict[str, list[int]]], order: list[int], batch_size: int):
+    """Each example's mean token loss, computed inside the padded batches that `order` makes."""
+    losses = {}
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = pad_batch([rows[i] for i in chosen], pad_token_id=0)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        token_losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none"
+        ).view(labels.shape)
+        for row, index in enumerate(chosen):
+            losses[index] = token_losses[row][labels[row] != -100].mean()
+    return losses
+
+
+def test_length_grouping_changes_batch_composition_only():
+    model = prefixed_model("llama", "kv").eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(48):
+        ids = torch.randint(3, 100, (int(torch.randint(3, 30, (1,), generator=generator)),), generator=generator)
+        rows.append({"input_ids": ids.tolist(), "labels": [-100] * (len(ids) - 2) + ids[-2:].tolist()})
+    lengths = [len(row["input_ids"]) for row in rows]
+    random_order = torch.randperm(len(rows), generator=generator).tolist()
+    grouped_order = get_length_grouped_indices(lengths, 4, generator=generator)
+
+    assert sorted(grouped_order) == sorted(random_order) == list(range(len(rows)))  # every row once
+    batches = {tuple(sorted(grouped_order[i : i + 4])) for i in range(0, 48, 4)}
+    assert batches != {tuple(sorted(random_order[i : i + 4])) for i in range(0, 48, 4)}  # different company
+    assert padding_fraction(lengths, grouped_order, 4) < padding_fraction(lengths, random_order, 4) / 2
+    fractions = padding_fractions(lengths, 4, seed=0)  # what `prefixtune train` reports
+    assert 0 <= fractions["grouped"] < fractions["random"] < 1
+
+    ungrouped = per_example_losses(model, rows, random_order, 4)
+    grouped = per_example_losses(model, rows, grouped_order, 4)
+    for index in range(len(rows)):
+        torch.testing.assert_close(grouped[index], ungrouped[index], atol=1e-5, rtol=0)

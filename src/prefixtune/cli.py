@@ -6,9 +6,12 @@ or ``prefix-length``); flags given on the command line win over the file.
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Callable
+from dataclasses import MISSING, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_type_hints
 
 import typer
 import yaml
@@ -16,20 +19,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .config import ConfigError
 from .data import DEFAULT_TEMPLATE, DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
+from .loading import DEVICES, DTYPES, ModelLoadError
+from .training import RunExistsError, TrainOptions
 
-USER_ERRORS = (
-    DataError,
-    PrefixFileError,
-    UnsupportedModelError,
-    FileExistsError,
-    FileNotFoundError,
-    ValueError,
-    KeyError,
-    OSError,
-)
+# The project's own errors for bad input: printed as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, PrefixFileError, UnsupportedModelError, ModelLoadError, RunExistsError)
 
 app = typer.Typer(
     help="Prefix tuning for frozen Hugging Face language models.",
@@ -69,6 +67,71 @@ CONFIG = typer.Option(
     dir_okay=False,
 )
 MODEL = typer.Option("smollm2-135m", help="Base model: local folder, hub id, or 'smollm2-135m'.")
+Dtype = Literal[tuple(DTYPES)]  # the CLI offers exactly these choices
+Device = Literal[DEVICES]
+DTYPE = typer.Option("float32", help="Precision of the frozen base.")
+DEVICE = typer.Option("auto", help="Where the base runs: a GPU when there is one (auto), cpu or cuda.")
+
+
+def _dataclass_parameters(cls: type) -> list[inspect.Parameter]:
+    """One keyword parameter with a `typer.Option` per field of `cls`, nested dataclasses unnested
+    (``TrainOptions.prefix.prefix_length`` is ``--prefix-length``): name, default and help come
+    from the field (`prefixtune.config.option`)."""
+    hints = get_type_hints(cls)
+    parameters = []
+    for item in fields(cls):
+        if is_dataclass(hints[item.name]):
+            parameters += _dataclass_parameters(hints[item.name])
+            continue
+        default = item.default if item.default is not MISSING else ...
+        choices = item.metadata.get("choices")
+        option = typer.Option(
+            default,
+            *item.metadata.get("flags", ()),
+            help=item.metadata.get("help"),
+            show_default=default is not ... and not isinstance(default, bool),
+        )
+        annotation = Literal[tuple(choices)] if choices else hints[item.name]
+        parameters.append(
+            inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+        )
+    return parameters
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """`cls` from the flat option values (the inverse of `_dataclass_parameters`)."""
+    hints = get_type_hints(cls)
+    return cls(
+        **{
+            f.name: _build(hints[f.name], values) if is_dataclass(hints[f.name]) else values[f.name]
+            for f in fields(cls)
+        }
+    )
+
+
+def options_command(cls: type) -> Callable[[Callable], Callable]:
+    """Make ``function(options: cls)`` a command whose options (and ``--config`` YAML keys) are
+    `cls`'s fields, as litgpt builds its CLI from config objects; one dataclass, no repeated list."""
+
+    def decorate(function: Callable) -> Callable:
+        def command(**values: Any) -> Any:
+            values.pop("config", None)
+            try:
+                options = _build(cls, values)
+            except USER_ERRORS as error:
+                _fail(error)
+            return function(options)
+
+        parameters = [
+            *_dataclass_parameters(cls),
+            inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=CONFIG, annotation=Path | None),
+        ]
+        command.__signature__ = inspect.Signature(parameters)
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        command.__name__, command.__doc__ = function.__name__, function.__doc__
+        return command
+
+    return decorate
 
 
 def _fail(error: Exception) -> None:
@@ -77,58 +140,23 @@ def _fail(error: Exception) -> None:
 
 
 @app.command()
-def train(
-    data: str = typer.Option(..., help="Training data (.jsonl prompt/completion or .csv)."),
-    output: str = typer.Option(..., help="Output folder (prefix, checkpoints, plots)."),
-    model: str = MODEL,
-    validation: str | None = typer.Option(None, help="Validation data, same format."),
-    prefix_length: int | None = typer.Option(10, help="Prefix positions P."),
-    parameterization: str = typer.Option("kv", help="kv | mlp | hidden"),
-    init: str = typer.Option("random", help="random | vocab | activations"),
-    init_text: str | None = typer.Option(None, help="Text for the vocab/activations init."),
-    mlp_hidden_size: int = typer.Option(512),
-    dropout: float = typer.Option(0.0, help="Dropout on prefix keys/values."),
-    steps: int = typer.Option(200, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, help="Per-process batch size."),
-    lr: float = typer.Option(5e-3),
-    grad_accum: int = typer.Option(1),
-    warmup_steps: int = typer.Option(10),
-    weight_decay: float = typer.Option(0.0),
-    max_grad_norm: float = typer.Option(1.0),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
-    eval_every: int = typer.Option(50, help="Validate and checkpoint every N steps."),
-    early_stopping_patience: int | None = typer.Option(None, help="Stop after N validations without improvement."),
-    eval_generate: int = typer.Option(0, help="Also generate on N validation prompts at each validation (BLEU)."),
-    logging_steps: int = typer.Option(5),
-    seed: int = typer.Option(0),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
-    max_length: int = typer.Option(256),
-    template: str = typer.Option(DEFAULT_TEMPLATE, help="Prompt template with {prompt}."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap prompts in the tokenizer's chat template."),
-    prompt_field: str | None = typer.Option(None, help="Prompt field/column (default: prompt, or mr for CSV)."),
-    completion_field: str | None = typer.Option(None, help="Completion field/column (default: completion, or ref)."),
-    prefix_name: str = typer.Option("default"),
-    task_field: str | None = typer.Option(
-        None, help="Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
-    ),
-    encoder: bool = typer.Option(True, "--encoder/--no-encoder", help="Seq2seq: prefix the encoder's self-attention."),
-    decoder: bool = typer.Option(True, "--decoder/--no-decoder", help="Prefix the decoder's self-attention."),
-    cross: bool = typer.Option(True, "--cross/--no-cross", help="Seq2seq: prefix the decoder's cross-attention."),
-    config: Path | None = CONFIG,
-) -> None:
-    """Train a prefix on a frozen base model (works under torchrun for DDP)."""
-    options = {k: v for k, v in locals().items() if k != "config"}
-    from .training import TrainOptions
+@options_command(TrainOptions)
+def train(options: TrainOptions) -> None:
+    """Train a prefix on a frozen base model (works under torchrun for DDP/FSDP)."""
     from .training import train as run_training
 
     try:
-        summary = run_training(TrainOptions(**options))
+        summary = run_training(options)
     except USER_ERRORS as error:
         _fail(error)
-    table = Table("", "value", title=f"trained prefix -> {output}/prefix")
+    table = Table("", "value", title="trained prefix")
     for key in ("global_step", "train_loss", "best_eval_loss", "trainable_parameters", "seconds", "world_size"):
         table.add_row(key, str(summary.get(key)))
+    padding = summary["padding_fraction"]
+    table.add_row("padding (random / grouped batches)", f"{padding['random']:.1%} / {padding['grouped']:.1%}")
     console.print(table)
+    for path in summary.get("prefixes", []):
+        console.print(f"wrote {path}")
 
 
 def _prompt_format(prefix_dir: str | None) -> dict[str, Any]:
@@ -173,6 +201,8 @@ def evaluate(
     chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template"),
     prompt_field: str | None = typer.Option(None),
     completion_field: str | None = typer.Option(None),
+    dtype: Dtype = DTYPE,
+    device: Device = DEVICE,
     config: Path | None = CONFIG,
 ) -> None:
     """Generate for every distinct prompt and score against all its references."""
@@ -186,7 +216,7 @@ def evaluate(
         check_metrics(wanted)
         groups = group_references(read_examples(data, prompt_field, completion_field))[:limit]
         stored = _prompt_format(prefix)
-        base, tokenizer = load_base_model(model)
+        base, tokenizer = load_base_model(model, dtype=dtype, device=device)
         formatter = _formatter(base, tokenizer, stored, template, chat_template)
         prefixed = (
             PrefixModel.from_pretrained(base, prefix, tokenizer)
@@ -216,6 +246,7 @@ def evaluate(
         "prefix": prefix,
         "model": model,
         "num_beams": num_beams,
+        "dtype": dtype,
         "prompts": len(prompts),
         "metrics": results,
         **_unavailable(results),
@@ -322,6 +353,8 @@ def generate(
     num_beams: int = typer.Option(1),
     template: str | None = typer.Option(None, help="Prompt template (default: the first prefix's)."),
     chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template"),
+    dtype: Dtype = DTYPE,
+    device: Device = DEVICE,
     config: Path | None = CONFIG,
 ) -> None:
     """Generate with one or more prefixes (one mixed batch) and show the outputs side by side."""
@@ -331,8 +364,11 @@ def generate(
 
     try:
         named = [_prefix_name(item) for item in prefix]
+        repeated = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
+        if repeated:
+            raise ConfigError(f"--prefix: the name(s) {repeated} are given twice; name them name=folder")
         stored = _prompt_format(named[0][1]) if named else {}
-        base, tokenizer = load_base_model(model)
+        base, tokenizer = load_base_model(model, dtype=dtype, device=device)
         prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
         for name, folder in named:
             prefixed.load_prefix(folder, name=name)
@@ -368,6 +404,8 @@ def serve(
     max_prompt_tokens: int = typer.Option(1024),
     max_tokens: int = typer.Option(256, help="Largest max_tokens a request may ask for."),
     max_upload_mb: float = typer.Option(64.0),
+    dtype: Dtype = DTYPE,
+    device: Device = DEVICE,
     config: Path | None = CONFIG,
 ) -> None:
     """Serve the base model and every prefix in the store: OpenAI-style API and a playground at /."""
@@ -377,7 +415,7 @@ def serve(
     from .serving import Limits, build_app
 
     try:
-        base, tokenizer = load_base_model(model)
+        base, tokenizer = load_base_model(model, dtype=dtype, device=device)
         limits = Limits(max_prompt_tokens, max_tokens, int(max_upload_mb * 1024 * 1024))
         server, _, store = build_app(base, tokenizer, prefix_store, admin_token, limits, max_batch_size, model_id=model)
     except USER_ERRORS as error:
@@ -393,12 +431,16 @@ def demo(
     output: str = typer.Option("runs/demo", help="Where data, prefix, plots and results go."),
     steps: int = typer.Option(60, help="Training steps (about 1.3 s each on 2 CPU cores)."),
     model: str = MODEL,
+    dtype: Dtype = DTYPE,
     config: Path | None = CONFIG,
 ) -> None:
     """Train a prefix on generated table-to-text data and compare bare vs prefixed SmolLM2."""
     from .demo import run_demo
 
-    run_demo(output, steps=steps, model=model)
+    try:
+        run_demo(output, steps=steps, model=model, dtype=dtype)
+    except USER_ERRORS as error:
+        _fail(error)
 
 
 def main() -> None:

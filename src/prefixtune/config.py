@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 PARAMETERIZATIONS = ("kv", "mlp", "hidden")
 PLACES = ("encoder", "decoder", "cross")  # encoder self-, decoder self-, decoder cross-attention
 INITS = ("random", "vocab", "activations")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or of the wrong kind (the message names the field)."""
+
+
+def option(default: Any, help: str, *flags: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field that is also a command-line option (PEFT's ``field(metadata={"help": ...})``).
+
+    The CLI builds its options from these (`prefixtune.cli.options_command`): the name is the field's
+    (``--prefix-length``), the default and help are these; `flags` overrides the option's spelling
+    (e.g. ``"--encoder/--no-encoder"``), `choices` restricts the value. ``default=...``: required."""
+    metadata = {"help": help, "flags": flags, "choices": choices}
+    return field(metadata=metadata) if default is ... else field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -26,16 +40,16 @@ class PrefixConfig:
         the encoder's self-attention, the decoder's self-attention, the decoder's cross-attention.
     """
 
-    prefix_length: int | None = 10
-    parameterization: str = "kv"
-    mlp_hidden_size: int = 512
-    init: str = "random"
-    init_text: str | None = None
-    init_std: float = 0.02
-    dropout: float = 0.0
-    encoder: bool = True
-    decoder: bool = True
-    cross: bool = True
+    prefix_length: int | None = option(10, "Prefix positions P (YAML null: as many as init_text has tokens).")
+    parameterization: str = option("kv", "How the prefix is parameterized.", choices=PARAMETERIZATIONS)
+    mlp_hidden_size: int = option(512, "Hidden size of the mlp parameterization.")
+    init: str = option("random", "How the prefix starts.", choices=INITS)
+    init_text: str | None = option(None, "Text for the vocab/activations init.")
+    init_std: float = option(0.02, "Standard deviation of the random init.")
+    dropout: float = option(0.0, "Dropout on prefix keys/values while training.")
+    encoder: bool = option(True, "Seq2seq: prefix the encoder's self-attention.", "--encoder/--no-encoder")
+    decoder: bool = option(True, "Prefix the decoder's self-attention.", "--decoder/--no-decoder")
+    cross: bool = option(True, "Seq2seq: prefix the decoder's cross-attention.", "--cross/--no-cross")
 
     @property
     def places(self) -> tuple[str, ...]:
@@ -45,28 +59,28 @@ class PrefixConfig:
 
     def __post_init__(self) -> None:
         if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"PrefixConfig.parameterization: expected one of {PARAMETERIZATIONS}, got {self.parameterization!r}"
             )
         if self.init not in INITS:
-            raise ValueError(f"PrefixConfig.init: expected one of {INITS}, got {self.init!r}")
+            raise ConfigError(f"PrefixConfig.init: expected one of {INITS}, got {self.init!r}")
         if self.init != "random" and not self.init_text:
-            raise ValueError(f"PrefixConfig.init={self.init!r} needs a non-empty init_text")
+            raise ConfigError(f"PrefixConfig.init={self.init!r} needs a non-empty init_text")
         if self.prefix_length is None and self.init == "random":
-            raise ValueError("PrefixConfig.prefix_length=None needs a text init ('vocab' or 'activations')")
+            raise ConfigError("PrefixConfig.prefix_length=None needs a text init ('vocab' or 'activations')")
         if self.prefix_length is not None and (
             isinstance(self.prefix_length, bool) or not isinstance(self.prefix_length, int) or self.prefix_length < 1
         ):
-            raise ValueError(f"PrefixConfig.prefix_length: expected a positive int or None, got {self.prefix_length!r}")
+            raise ConfigError(f"PrefixConfig.prefix_length: expected an int >= 1 or None, got {self.prefix_length!r}")
         if not isinstance(self.mlp_hidden_size, int) or self.mlp_hidden_size < 1:
-            raise ValueError(f"PrefixConfig.mlp_hidden_size: expected a positive int, got {self.mlp_hidden_size!r}")
+            raise ConfigError(f"PrefixConfig.mlp_hidden_size: expected a positive int, got {self.mlp_hidden_size!r}")
         if not self.init_std > 0:
-            raise ValueError(f"PrefixConfig.init_std: expected > 0, got {self.init_std!r}")
+            raise ConfigError(f"PrefixConfig.init_std: expected > 0, got {self.init_std!r}")
         for place in PLACES:
             if not isinstance(getattr(self, place), bool):
-                raise ValueError(f"PrefixConfig.{place}: expected true or false, got {getattr(self, place)!r}")
+                raise ConfigError(f"PrefixConfig.{place}: expected true or false, got {getattr(self, place)!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"PrefixConfig.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
+            raise ConfigError(f"PrefixConfig.dropout: expected 0 <= dropout < 1, got {self.dropout!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,12 +88,12 @@ class PrefixConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PrefixConfig:
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a JSON object for the prefix config, got {type(data).__name__}")
+            raise ConfigError(f"{source}: expected a JSON object for the prefix config, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown prefix config field(s) {unknown}; expected only {sorted(known)}")
+            raise ConfigError(f"{source}: unknown prefix config field(s) {unknown}; expected only {sorted(known)}")
         try:
             return cls(**data)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from error
+            raise ConfigError(f"{source}: {error}") from error

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import ConfigError
+
 DEFAULT_TEMPLATE = "{prompt}\n"
 PREFIX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a folder name: nothing can escape
 FIELDS_BY_SUFFIX = {".jsonl": ("prompt", "completion"), ".csv": ("mr", "ref")}
@@ -153,9 +155,9 @@ class PromptFormatter:
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
-            raise ValueError(f"prompt template {self.template!r} must contain '{{prompt}}'")
+            raise ConfigError(f"prompt template {self.template!r} must contain '{{prompt}}'")
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("--chat-template: this tokenizer has no chat template")
+            raise ConfigError("--chat-template: this tokenizer has no chat template")
 
     def prompt_ids(self, prompt: str) -> list[int]:
         text = self.template.replace("{prompt}", prompt)
@@ -199,3 +201,26 @@ def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int, side: str = "
         label_width = max(len(row["labels"]) for row in rows)
         batch["labels"] = [_pad(row["labels"], label_width, -100, side) for row in rows]
     return {key: torch.tensor(value) for key, value in batch.items()}
+
+
+def padding_fraction(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """Share of a padded batch's token slots that are padding, over the batches `order` makes."""
+    batches = [[lengths[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+    slots = sum(max(batch) * len(batch) for batch in batches)
+    return 1.0 - sum(lengths) / slots
+
+
+def padding_fractions(lengths: list[int], batch_size: int, seed: int = 0, group_size: int | None = None) -> dict:
+    """One epoch's padding fraction with random batches (`Trainer`'s default) and with length-grouped
+    ones (its ``group_by_length`` sampler, which sorts within shuffled mega-batches of `group_size`).
+    Both orders hold every row once: grouping changes which rows share a batch, nothing else."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    grouped_order = get_length_grouped_indices(
+        lengths, group_size or batch_size, generator=torch.Generator().manual_seed(seed)
+    )
+    return {
+        "random": padding_fraction(lengths, random_order, batch_size),
+        "grouped": padding_fraction(lengths, grouped_order, batch_size),
+    }

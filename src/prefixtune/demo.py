@@ -78,12 +78,14 @@ def run_demo(
     lr: float = 1e-2,
     model: str = "smollm2-135m",
     show: int = 3,
+    dtype: str = "float32",
 ) -> dict:
     """Generate the data, train, then compare bare vs prefixed on the validation prompts."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from .config import PrefixConfig
     from .data import PromptFormatter, group_references, read_examples
     from .evaluation import generate_completions, score
     from .loading import load_base_model
@@ -108,14 +110,14 @@ def run_demo(
         lr=lr,
         eval_every=max(steps // 3, 1),
         warmup_steps=max(steps // 10, 1),
-        prefix_length=10,
-        init="activations",
-        init_text="Describe the restaurant in one sentence.",
+        prefix=PrefixConfig(prefix_length=10, init="activations", init_text="Describe the restaurant in one sentence."),
+        dtype=dtype,
+        group_by_length=True,
     )
     summary = train(options)
 
     console.print("[bold]3/3[/] bare model vs the same model with the prefix, on unseen restaurants:")
-    base, tokenizer = load_base_model(model)
+    base, tokenizer = load_base_model(model, dtype=dtype)
     prefixed = PrefixModel.from_pretrained(base, output / "run" / "prefix", tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer)
     groups = group_references(read_examples(validation_path))

@@ -18,6 +18,7 @@ from rich.progress import Progress
 from rouge_score import rouge_scorer
 
 from . import e2e_metrics
+from .config import ConfigError
 from .data import DataError, PromptFormatter, pad_batch
 from .model import PrefixChoice, PrefixModel
 
@@ -73,9 +74,9 @@ def _generate(model, formatter, prompts, prefix, batch_size, num_beams, max_new_
 def check_metrics(metrics: Sequence[str]) -> None:
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
-        raise ValueError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
+        raise ConfigError(f"unknown metric(s) {unknown}; expected some of {list(METRICS)}")
     if {"bleu", "e2e"} <= set(metrics):
-        raise ValueError(
+        raise ConfigError(
             "metrics 'bleu' (sacreBLEU) and 'e2e' would both write the key 'bleu'; "
             "ask for 'sacrebleu' to get sacreBLEU beside the official E2E BLEU"
         )

