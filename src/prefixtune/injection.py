@@ -33,9 +33,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .transformers_private import (
+    attn_implementation,
+    override_validate_model_kwargs,
+    restore_validate_model_kwargs,
+    validate_model_kwargs,
+)
 
 PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -188,14 +196,14 @@ def _offset_positions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     return args, kwargs
 
 
-def _shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> None:
+def _shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> list[RemovableHandle]:
     """Decoders of encoder-decoders with learned absolute positions (BART family: an
     ``embed_positions`` embedding with an ``offset``) take no position ids, so their position
     embedding is recomputed per row at text position + that row's decoder prefix length. Decoders
     without one (T5: relative bias) need nothing."""
     embedding = getattr(stack, "embed_positions", None)
     if embedding is None:
-        return
+        return []
     if not isinstance(embedding, nn.Embedding) or not hasattr(embedding, "offset"):
         raise UnsupportedModelError(f"{type(stack).__name__}: cannot shift positions of {type(embedding).__name__}")
 
@@ -218,9 +226,11 @@ def _shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> None:
         positions = positions.reshape(1, -1) + shift.to(output.device)[:, None] + module.offset
         return nn.functional.embedding(positions, module.weight)
 
-    stack.register_forward_pre_hook(remember, with_kwargs=True)
-    stack.register_forward_hook(forget, with_kwargs=True)
-    embedding.register_forward_hook(shifted, with_kwargs=True)
+    return [
+        stack.register_forward_pre_hook(remember, with_kwargs=True),
+        stack.register_forward_hook(forget, with_kwargs=True),
+        embedding.register_forward_hook(shifted, with_kwargs=True),
+    ]
 
 
 PLACES = ("encoder", "decoder", "cross")
@@ -283,12 +293,12 @@ class KeyValuePath:
 def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
     """`generate` refuses keyword arguments its forward signature does not name; ours are consumed
     by the attention function, so they are taken out of that check (on this instance only)."""
-    validate = model._validate_model_kwargs
+    validate = validate_model_kwargs(model)
 
     def validate_without_prefix(model_kwargs: dict) -> None:
         validate({key: value for key, value in model_kwargs.items() if key not in PREFIX_KWARGS})
 
-    model._validate_model_kwargs = validate_without_prefix
+    override_validate_model_kwargs(model, validate_without_prefix)
 
 
 def _probe(model: PreTrainedModel) -> Capture:
@@ -331,7 +341,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     their keys; each module is tagged with its layer index. A model whose attention does not go
     through ``AttentionInterface`` (or drops the extra keyword arguments) records nothing and is refused.
     """
-    name = model.config._attn_implementation
+    name = original = attn_implementation(model)
     if name not in SUPPORTED_IMPLEMENTATIONS and not (name or "").startswith("prefixtune_"):
         model.set_attn_implementation("sdpa")
         name = "sdpa"
@@ -364,14 +374,40 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         raise UnsupportedModelError(f"{type(model).__name__}: layers disagree on key shapes {sorted(shapes)}")
     ((kv_heads, head_dim),) = shapes
     hidden_size = model.get_input_embeddings().weight.shape[1]
-    if not getattr(model, "_prefixtune_injected", False):
+    if not getattr(model, "_prefixtune_injected", None):
         if model.config.is_encoder_decoder:
             # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
             # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
-            _shift_stack_positions(model.get_decoder(), places["decoder"])
+            hooks = _shift_stack_positions(model.get_decoder(), places["decoder"])
         else:
-            model.register_forward_pre_hook(_offset_positions, with_kwargs=True)
+            hooks = [model.register_forward_pre_hook(_offset_positions, with_kwargs=True)]
         _accept_prefix_in_generate(model)
-        model._prefixtune_injected = True
+        model._prefixtune_injected = Injected(original, hooks)
     geometry = Geometry(len(ordered), kv_heads, head_dim, hidden_size, places)
     return geometry, KeyValuePath(model, ordered, places.get("cross", ()))
+
+
+TAGS = ("prefixtune_layer", "prefixtune_place", "prefixtune_shift")  # attributes inject puts on modules
+
+
+@dataclass
+class Injected:
+    """What `inject` changed on a model beyond `TAGS`, kept on it so `uninject` can undo it."""
+
+    attn_implementation: str | None  # the model's own, before prefixtune's
+    hooks: list[RemovableHandle]
+
+
+def uninject(model: PreTrainedModel) -> None:
+    """Undo `inject`: remove its hooks and module tags, give `generate` back its own keyword check,
+    and restore the model's own attention implementation."""
+    injected = model.__dict__.pop("_prefixtune_injected", None)
+    if not isinstance(injected, Injected):
+        raise ValueError(f"{type(model).__name__} has no prefixtune injection to undo")
+    for hook in injected.hooks:
+        hook.remove()
+    for module in model.modules():
+        for tag in TAGS:
+            module.__dict__.pop(tag, None)
+    restore_validate_model_kwargs(model)
+    model.set_attn_implementation(injected.attn_implementation)
