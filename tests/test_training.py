@@ -92,11 +92,33 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(architecture, 
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0)
 
 
-def test_reentrant_checkpointing_is_refused_with_a_clear_message():
+def test_reentrant_checkpointing_is_refused_when_enabled_with_a_clear_message():
     model = prefixed_model("llama", "hidden")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="use_reentrant=True.*non-reentrant"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.base_model.modules())
+
+
+@pytest.mark.parametrize("when", ["before_wrapping", "after_wrapping"])
+def test_reentrant_checkpointing_enabled_on_the_base_is_refused_once_on_the_first_training_forward(when, monkeypatch):
+    base = tiny_model("llama")
+    if when == "before_wrapping":
+        base.gradient_checkpointing_enable({"use_reentrant": True})
+    model = PrefixModel(base, PrefixConfig(prefix_length=4, parameterization="hidden")).train()
+    if when == "after_wrapping":
+        base.gradient_checkpointing_enable({"use_reentrant": True})
+    with torch.no_grad():
+        model(**batch_with_labels())  # no gradients, nothing to refuse
+    with pytest.raises(ValueError, match="Llama.* asks for reentrant.*use_reentrant=True"):
         model(**batch_with_labels())
+
+    # Once non-reentrant, the check passes on the first training forward and is not repeated.
+    base.gradient_checkpointing_enable({"use_reentrant": False})
+    checked = []
+    monkeypatch.setattr("prefixtune.model.reentrant_checkpointing", lambda module: checked.append(module) or False)
+    for _ in range(3):
+        model(**batch_with_labels()).loss.backward()
+    assert len(checked) == len(list(base.modules()))
 
 
 def per_example_losses(model: PrefixModel, rows: list[dict[str, list[int]]], order: list[int], batch_size: int):

@@ -329,7 +329,7 @@ def convert(
         if to not in ("peft", "prefixtune"):
             raise ValueError(f"--to: expected 'peft' or 'prefixtune', got {to!r}")
         if Path(destination).exists():
-            raise FileExistsError(f"{destination}: exists already; convert writes a new folder")
+            raise ConfigError(f"{destination}: exists already; convert writes a new folder")
         base, tokenizer = load_base_model(model)
         prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
         name = prefixed.load_prefix(source)

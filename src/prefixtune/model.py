@@ -3,13 +3,15 @@
 How it differs from the base model: every base parameter is frozen; ``forward`` and ``generate``
 take the same arguments plus ``prefix`` (a name, or one name per row) and pass the chosen prefixes'
 keys/values to the attention layers (see `injection.py`). Nothing else changes: same outputs, same
-loss with ``labels``, same generation options.
+loss with ``labels``, same generation options. ``with model.disable_prefix():`` runs the bare model
+through the same object; ``unload()`` gives the base model back as it was (PEFT's ``unload``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,18 @@ from transformers import PreTrainedModel
 from . import files, peft_format
 from .config import PrefixConfig
 from .initialization import init_token_ids, text_activations, word_embeddings
-from .injection import inject
+from .injection import inject, uninject
 from .parameterizations import PARAMETERIZATION_CLASSES, KVPrefix, Prefix
+from .transformers_private import enable_checkpointing, reentrant_checkpointing
 
 logger = logging.getLogger(__name__)
 
 PrefixChoice = str | Sequence[str] | None
+REENTRANT_REFUSAL = (
+    "{what} asks for reentrant gradient checkpointing (use_reentrant=True); prefixtune needs the "
+    "non-reentrant kind: gradient_checkpointing_enable() without use_reentrant, or "
+    "gradient_checkpointing_kwargs={{'use_reentrant': False}}"
+)
 
 
 class PrefixModel(nn.Module):
@@ -38,6 +46,7 @@ class PrefixModel(nn.Module):
     ) -> None:
         """Freeze `base_model` and add the prefix `name` (``name=None``: no prefix yet)."""
         super().__init__()
+        self._base_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}  # for unload
         base_model.requires_grad_(False)
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -46,6 +55,8 @@ class PrefixModel(nn.Module):
         self.prefixes = nn.ModuleDict()
         self.prefix_configs: dict[str, PrefixConfig] = {}
         self.active_prefix: str | None = None
+        self._prefix_disabled = False  # inside `disable_prefix()`
+        self._checkpointing_checked = False  # see `_refuse_reentrant_checkpointing`
         if name is not None:
             self.add_prefix(name, config or PrefixConfig())
 
@@ -122,6 +133,8 @@ class PrefixModel(nn.Module):
         prefix length; shorter ones are padded with masked slots). ``""`` in a per-row list means
         "no prefix" for that row.
         """
+        if not getattr(self.base_model, "_prefixtune_injected", None):
+            raise RuntimeError("the base model was unloaded from prefixtune (unload()); wrap it in a new PrefixModel")
         if prefix is None:
             if self.active_prefix is None:
                 raise ValueError("no prefix is active: add or load one first")
@@ -178,35 +191,63 @@ class PrefixModel(nn.Module):
                 return kwargs[key].shape[0]
         raise ValueError("pass input_ids or inputs_embeds by keyword")
 
+    def _model_inputs(self, args: tuple, prefix: PrefixChoice, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's keyword arguments: the caller's plus the prefix's (none inside `disable_prefix`)."""
+        batch_size = self._batch_size(args, kwargs)
+        if not self._prefix_disabled:
+            return dict(**kwargs, **self.prefix_inputs(prefix, batch_size))
+        if prefix is not None:
+            raise ValueError(f"prefix={prefix!r} inside disable_prefix(): the bare model runs there, without prefixes")
+        return kwargs
+
     def forward(self, *args: Any, prefix: PrefixChoice = None, **kwargs: Any):
         """The base model's forward (same arguments and output, loss with ``labels``) with the prefix."""
-        batch_size = self._batch_size(args, kwargs)
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not self._checkpointing_checked:
             self._refuse_reentrant_checkpointing()
-        return self.base_model(**kwargs, **self.prefix_inputs(prefix, batch_size))
+        return self.base_model(**self._model_inputs(args, prefix, kwargs))
 
     @torch.no_grad()
     def generate(self, *args: Any, prefix: PrefixChoice = None, **kwargs: Any) -> Tensor:
         """``base_model.generate`` with the prefix: greedy, beam, sampling and streamers all keep it."""
-        return self.base_model.generate(**kwargs, **self.prefix_inputs(prefix, self._batch_size(args, kwargs)))
+        return self.base_model.generate(**self._model_inputs(args, prefix, kwargs))
+
+    @contextmanager
+    def disable_prefix(self) -> Iterator[None]:
+        """Inside the block, ``forward`` and ``generate`` run the bare base model (no prefix at all, not
+        an empty one), through this same object (torchtune's ``disable_adapter``)."""
+        was_disabled, self._prefix_disabled = self._prefix_disabled, True
+        try:
+            yield
+        finally:
+            self._prefix_disabled = was_disabled
+
+    def unload(self) -> PreTrainedModel:
+        """Give the base model back as it was before wrapping (PEFT's ``unload``): its own attention
+        implementation, no prefixtune hooks or module tags, ``generate``'s own keyword check, and each
+        parameter's ``requires_grad`` as it was. Gradient checkpointing enabled through this object
+        stays enabled. This object (and any other PrefixModel on the same base) refuses to run afterwards."""
+        uninject(self.base_model)
+        for name, parameter in self.base_model.named_parameters():
+            parameter.requires_grad_(self._base_requires_grad[name])
+        return self.base_model
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpoint the base model's layers (non-reentrant; the prefix reaches them as arguments)."""
-        self.base_model.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(REENTRANT_REFUSAL.format(what="gradient_checkpointing_kwargs"))
+        enable_checkpointing(self.base_model, gradient_checkpointing_kwargs)
 
     def _refuse_reentrant_checkpointing(self) -> None:
         """Reentrant checkpointing backpropagates each layer separately into the prefix's graph, which
-        the MLP and hidden parameterizations share across layers; it would fail or lose gradients."""
+        the MLP and hidden parameterizations share across layers, so they fail. Checked once, on the
+        first training forward, for checkpointing enabled on the base model directly (before or after
+        wrapping; `gradient_checkpointing_enable` checks its own argument). Turned on directly on the
+        base model later still, `kv` trains correctly and the others fail in backward with torch's
+        "backward through the graph a second time" (tests/test_training.py)."""
         for module in self.base_model.modules():
-            function = getattr(module, "_gradient_checkpointing_func", None)
-            if getattr(module, "gradient_checkpointing", False) and getattr(function, "keywords", {}).get(
-                "use_reentrant", False
-            ):
-                raise ValueError(
-                    f"{type(module).__name__} uses reentrant gradient checkpointing (use_reentrant=True); prefixtune "
-                    "needs the non-reentrant kind: gradient_checkpointing_enable() without use_reentrant, or "
-                    "gradient_checkpointing_kwargs={'use_reentrant': False}"
-                )
+            if reentrant_checkpointing(module):
+                raise ValueError(REENTRANT_REFUSAL.format(what=type(module).__name__))
+        self._checkpointing_checked = True
 
     # ------------------------------------------------------------------------- compile, save, load
     @torch.no_grad()

@@ -43,6 +43,7 @@ from .files import atomic_write_text
 from .loading import DEVICES, DTYPES, load_base_model, resolve_device
 from .model import PrefixModel
 from .plots import plot_history
+from .transformers_private import no_split_modules
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
         return {}
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise ConfigError("--fsdp shards the base over processes: launch with torchrun --nproc_per_node N (N > 1)")
-    layers = list(getattr(base, "_no_split_modules", None) or [])
+    layers = no_split_modules(base)
     if not layers:
         raise ConfigError(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
     return {

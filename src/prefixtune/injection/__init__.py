@@ -23,18 +23,20 @@ arguments.
 from ..config import PLACES
 from .attention import PREFIX_KWARGS, SUPPORTED_IMPLEMENTATIONS, AttentionCall, Capture, UnsupportedModelError
 from .positions import prefix_lengths, text_positions
-from .probing import Geometry, KeyValuePath, inject
+from .probing import TAGS, Geometry, KeyValuePath, inject, uninject
 
 __all__ = [
     "PLACES",
     "PREFIX_KWARGS",
     "SUPPORTED_IMPLEMENTATIONS",
+    "TAGS",
     "AttentionCall",
     "Capture",
     "Geometry",
     "KeyValuePath",
     "UnsupportedModelError",
     "inject",
+    "uninject",
     "prefix_lengths",
     "text_positions",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .attention import UnsupportedModelError
 
@@ -55,14 +56,14 @@ def offset_positions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     return args, kwargs
 
 
-def shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> None:
+def shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> list[RemovableHandle]:
     """Decoders of encoder-decoders with learned absolute positions (BART family: an
     ``embed_positions`` embedding with an ``offset``) take no position ids, so their position
     embedding is recomputed per row at text position + that row's decoder prefix length. Decoders
     without one (T5: relative bias) need nothing."""
     embedding = getattr(stack, "embed_positions", None)
     if embedding is None:
-        return
+        return []
     if not isinstance(embedding, nn.Embedding) or not hasattr(embedding, "offset"):
         raise UnsupportedModelError(f"{type(stack).__name__}: cannot shift positions of {type(embedding).__name__}")
 
@@ -85,6 +86,8 @@ def shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> None:
         positions = positions.reshape(1, -1) + shift.to(output.device)[:, None] + module.offset  # [B, T]
         return nn.functional.embedding(positions, module.weight)
 
-    stack.register_forward_pre_hook(remember, with_kwargs=True)
-    stack.register_forward_hook(forget, with_kwargs=True)
-    embedding.register_forward_hook(shifted, with_kwargs=True)
+    return [
+        stack.register_forward_pre_hook(remember, with_kwargs=True),
+        stack.register_forward_hook(forget, with_kwargs=True),
+        embedding.register_forward_hook(shifted, with_kwargs=True),
+    ]

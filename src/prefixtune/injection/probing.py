@@ -10,9 +10,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 
 from ..config import PLACES
+from ..transformers_private import (
+    attn_implementation,
+    override_validate_model_kwargs,
+    restore_validate_model_kwargs,
+    validate_model_kwargs,
+)
 from .attention import (
     PREFIX_KWARGS,
     SUPPORTED_IMPLEMENTATIONS,
@@ -82,12 +89,12 @@ class KeyValuePath:
 def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
     """`generate` refuses keyword arguments its forward signature does not name; ours are consumed
     by the attention function, so they are taken out of that check (on this instance only)."""
-    validate = model._validate_model_kwargs
+    validate = validate_model_kwargs(model)
 
     def validate_without_prefix(model_kwargs: dict) -> None:
         validate({key: value for key, value in model_kwargs.items() if key not in PREFIX_KWARGS})
 
-    model._validate_model_kwargs = validate_without_prefix
+    override_validate_model_kwargs(model, validate_without_prefix)
 
 
 def _probe(model: PreTrainedModel) -> Capture:
@@ -130,7 +137,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     their keys; each module is tagged with its layer index. A model whose attention does not go
     through ``AttentionInterface`` (or drops the extra keyword arguments) records nothing and is refused.
     """
-    name = model.config._attn_implementation
+    name = original = attn_implementation(model)
     if name not in SUPPORTED_IMPLEMENTATIONS and not (name or "").startswith("prefixtune_"):
         model.set_attn_implementation("sdpa")
         name = "sdpa"
@@ -163,15 +170,41 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         raise UnsupportedModelError(f"{type(model).__name__}: layers disagree on key shapes {sorted(shapes)}")
     ((kv_heads, head_dim),) = shapes
     hidden_size = model.get_input_embeddings().weight.shape[1]
-    if not getattr(model, "_prefixtune_injected", False):
-        model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)
+    if not getattr(model, "_prefixtune_injected", None):
+        hooks = [model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)]
         if model.config.is_encoder_decoder:
             # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
             # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
-            shift_stack_positions(model.get_decoder(), places["decoder"])
+            hooks += shift_stack_positions(model.get_decoder(), places["decoder"])
         else:
-            model.register_forward_pre_hook(offset_positions, with_kwargs=True)
+            hooks.append(model.register_forward_pre_hook(offset_positions, with_kwargs=True))
         _accept_prefix_in_generate(model)
-        model._prefixtune_injected = True
+        model._prefixtune_injected = Injected(original, hooks)
     geometry = Geometry(len(ordered), kv_heads, head_dim, hidden_size, places)
     return geometry, KeyValuePath(model, ordered, places.get("cross", ()))
+
+
+TAGS = ("prefixtune_layer", "prefixtune_place", "prefixtune_shift")  # attributes inject puts on modules
+
+
+@dataclass
+class Injected:
+    """What `inject` changed on a model beyond `TAGS`, kept on it so `uninject` can undo it."""
+
+    attn_implementation: str | None  # the model's own, before prefixtune's
+    hooks: list[RemovableHandle]
+
+
+def uninject(model: PreTrainedModel) -> None:
+    """Undo `inject`: remove its hooks and module tags, give `generate` back its own keyword check,
+    and restore the model's own attention implementation."""
+    injected = model.__dict__.pop("_prefixtune_injected", None)
+    if not isinstance(injected, Injected):
+        raise ValueError(f"{type(model).__name__} has no prefixtune injection to undo")
+    for hook in injected.hooks:
+        hook.remove()
+    for module in model.modules():
+        for tag in TAGS:
+            module.__dict__.pop(tag, None)
+    restore_validate_model_kwargs(model)
+    model.set_attn_implementation(injected.attn_implementation)

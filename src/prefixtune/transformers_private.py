@@ -1,0 +1,218 @@
+"""Every part of `transformers` that prefixtune uses beyond its documented public API, in one place.
+
+Each entry of `PRIVATE_APIS` names the object, says why prefixtune needs it, and how
+`tests/test_transformers_private.py` checks it is still there (one test per entry: an upgrade that
+removes or reshapes it fails a test that names it). Code reaches the private attributes through the
+small accessors below, so a rename in transformers is fixed here once.
+
+Tested range: see ``transformers`` in pyproject.toml and the README's "Supported versions" line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class PrivateAPI:
+    """One private (or internal, unexported) transformers object prefixtune depends on.
+
+    ``parameters``: the arguments prefixtune passes or receives, checked against the signature;
+    ``None`` for attributes that are not called. ``check``: for instance attributes, which a class
+    lookup cannot see, a function that returns what is wrong (None: it holds)."""
+
+    name: str  # "module:Object.attribute"
+    reason: str
+    parameters: tuple[str, ...] | None = None
+    check: Callable[[], str | None] | None = None
+
+    def resolve(self) -> Any:
+        module_name, _, path = self.name.partition(":")
+        target: Any = importlib.import_module(module_name)
+        for part in path.split("."):
+            target = getattr(target, part)
+        return target
+
+    def problem(self) -> str | None:
+        """Why this entry no longer holds in the installed transformers (None: it holds)."""
+        if self.check is not None:
+            return self.check()
+        try:
+            target = self.resolve()
+        except (ImportError, AttributeError) as error:
+            return f"{self.name} is gone ({error})"
+        if self.parameters is None:
+            return None
+        accepted = inspect.signature(target).parameters
+        missing = [name for name in self.parameters if name not in accepted]
+        return f"{self.name} no longer takes {missing} (signature {inspect.signature(target)})" if missing else None
+
+
+_TRAINER = "transformers:Trainer"
+
+
+def _check_attn_implementation() -> str | None:
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig(attn_implementation="eager")
+    found = getattr(config, "_attn_implementation", "<missing>")
+    return None if found == "eager" else f"PretrainedConfig._attn_implementation is {found!r}, expected 'eager'"
+
+
+def _check_checkpointing_function() -> str | None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    model = LlamaForCausalLM(config)
+    enable_checkpointing(model, {"use_reentrant": True})
+    layer = model.model.layers[0]
+    if not reentrant_checkpointing(layer):
+        return (
+            "GradientCheckpointingLayer._gradient_checkpointing_func no longer records use_reentrant=True "
+            f"(found {getattr(layer, '_gradient_checkpointing_func', '<missing>')!r})"
+        )
+    return None
+
+
+def _check_bart_offset() -> str | None:
+    from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+
+    if not isinstance(getattr(BartLearnedPositionalEmbedding(4, 2), "offset", None), int):
+        return "BartLearnedPositionalEmbedding has no integer `offset` any more"
+    return None
+
+
+PRIVATE_APIS: tuple[PrivateAPI, ...] = (
+    PrivateAPI(
+        "transformers:GenerationMixin._validate_model_kwargs",
+        "`generate` refuses keyword arguments its forward signature does not name; injection wraps it on the "
+        "instance so prefix_key_values / prefix_attention_mask pass (the attention function consumes them)",
+        ("model_kwargs",),
+    ),
+    PrivateAPI(
+        "transformers:PretrainedConfig._attn_implementation",
+        "the model's current attention implementation has no public getter; injection reads it to pick "
+        "prefixtune_sdpa / prefixtune_eager, and unload() restores it",
+        check=_check_attn_implementation,
+    ),
+    PrivateAPI(
+        "transformers.modeling_layers:GradientCheckpointingLayer._gradient_checkpointing_func",
+        "the only place the checkpointing options live once enabled; PrefixModel refuses use_reentrant=True",
+        check=_check_checkpointing_function,
+    ),
+    PrivateAPI(
+        f"{_TRAINER}._save",
+        "PrefixTrainer saves the prefix file, not the frozen base model",
+        ("output_dir", "state_dict"),
+    ),
+    PrivateAPI(
+        f"{_TRAINER}._save_checkpoint",
+        "PrefixTrainer marks a checkpoint complete after Trainer wrote it (atomic resume)",
+        ("model", "trial"),
+    ),
+    PrivateAPI(
+        f"{_TRAINER}._get_output_dir",
+        "where _save_checkpoint wrote, to put the completion marker beside it",
+        ("trial",),
+    ),
+    PrivateAPI(
+        f"{_TRAINER}._load_from_checkpoint",
+        "--resume restores the prefix in place instead of loading a full model",
+        ("resume_from_checkpoint", "model"),
+    ),
+    PrivateAPI(
+        f"{_TRAINER}._load_best_model",
+        "load_best_model_at_end restores the best prefix instead of loading a full model",
+        (),
+    ),
+    PrivateAPI(
+        f"{_TRAINER}._save_rng_state",
+        "tests only (tests/train_process.py): a run killed in the middle of a checkpoint save",
+        ("output_dir",),
+    ),
+    PrivateAPI(
+        "transformers.integrations.sdpa_attention:sdpa_attention_forward",
+        "internal, unexported: prefixtune_sdpa delegates to it after prepending the prefix",
+        ("module", "query", "key", "value", "attention_mask"),
+    ),
+    PrivateAPI(
+        "transformers.masking_utils:sdpa_mask",
+        "internal: registered as prefixtune_sdpa's mask function, so padding masks are built",
+    ),
+    PrivateAPI(
+        "transformers.masking_utils:eager_mask",
+        "internal: registered as prefixtune_eager's mask function",
+    ),
+    *(
+        PrivateAPI(
+            f"transformers.models.{model_type}.modeling_{model_type}:eager_attention_forward",
+            "internal convention (one per modeling file, some with softcapping): prefixtune_eager delegates to "
+            f"the model's own; checked for the tested {model_type}",
+            ("module", "query", "key", "value", "attention_mask"),
+        )
+        for model_type in ("gpt2", "llama", "qwen2", "opt", "gpt_neox", "bart", "t5")
+    ),
+    PrivateAPI(
+        "transformers:PreTrainedModel._no_split_modules",
+        "the decoder layer classes a model declares unsplittable; --fsdp wraps one FSDP unit per such layer",
+    ),
+    PrivateAPI(
+        "transformers.models.bart.modeling_bart:BartLearnedPositionalEmbedding.offset",
+        "internal: the index offset of BART's learned positions, which injection shifts per row",
+        check=_check_bart_offset,
+    ),
+    PrivateAPI(
+        "transformers.models.bart.modeling_bart:BartLearnedPositionalEmbedding.forward",
+        "internal: BART-style decoders take no position ids, so injection recomputes this embedding per row "
+        "from its `offset` and `position_ids`",
+        ("position_ids",),
+    ),
+)
+
+
+# ------------------------------------------------------------------------------------------- accessors
+def attn_implementation(model: PreTrainedModel) -> str | None:
+    """The model's current attention implementation (``config._attn_implementation``)."""
+    return model.config._attn_implementation
+
+
+def validate_model_kwargs(model: PreTrainedModel) -> Callable[[dict[str, Any]], None]:
+    """`generate`'s check of model keyword arguments (``GenerationMixin._validate_model_kwargs``)."""
+    return model._validate_model_kwargs
+
+
+def override_validate_model_kwargs(model: PreTrainedModel, function: Callable[[dict[str, Any]], None]) -> None:
+    """Replace that check on this instance only (the class keeps the original)."""
+    model._validate_model_kwargs = function
+
+
+def restore_validate_model_kwargs(model: PreTrainedModel) -> None:
+    """Drop the instance's replacement, so the class's own check applies again."""
+    model.__dict__.pop("_validate_model_kwargs", None)
+
+
+def no_split_modules(model: PreTrainedModel) -> list[str]:
+    """The layer class names the model says must not be split (``PreTrainedModel._no_split_modules``)."""
+    return list(getattr(model, "_no_split_modules", None) or [])
+
+
+def reentrant_checkpointing(module: nn.Module) -> bool:
+    """Whether `module` is checkpointed by transformers with ``use_reentrant=True``."""
+    function = getattr(module, "_gradient_checkpointing_func", None)
+    return bool(getattr(module, "gradient_checkpointing", False)) and bool(
+        getattr(function, "keywords", {}).get("use_reentrant", False)
+    )
+
+
+def enable_checkpointing(model: PreTrainedModel, kwargs: dict[str, Any] | None) -> None:
+    """``activation_checkpointing_enable`` (transformers >= 5.20), or its older name
+    ``gradient_checkpointing_enable`` (public on both sides, but renamed within the supported range)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(kwargs)
