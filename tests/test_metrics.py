@@ -132,7 +132,9 @@ def test_prediction_files_that_do_not_match_the_prompts_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"2 prompt\(s\) without a prediction \['b', 'c'\], 1 prediction\(s\).*'z'"):
         read_predictions(tmp_path / "gen.jsonl", prompts)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected an object with string fields"):
+    with pytest.raises(
+        ValueError, match=r"bad\.jsonl:1: expected string fields 'prompt' and 'generation', got \['a', None\]"
+    ):
         read_predictions(tmp_path / "bad.jsonl", prompts)
 
 

@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from typer.testing import CliRunner
 
-from prefixtune import PrefixConfig, PrefixModel
+from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.cli import app
 from prefixtune.files import PrefixFileError
-from tiny import tiny_model, tiny_seq2seq, tiny_tokenizer
+from tiny import needs_smollm2, tiny_model, tiny_seq2seq, tiny_tokenizer
 
 ATOL = 1e-5
 TEXT = torch.tensor([[5, 9, 14, 3, 22, 7], [11, 4, 30, 8, 6, 19]])  # unpadded: PEFT has no per-row prefix mask
@@ -136,3 +136,14 @@ def test_t5_relative_position_bias_models_are_refused_both_ways(tmp_path):
     ours = PrefixModel(tiny_seq2seq("t5"), PrefixConfig(prefix_length=3, encoder=False, cross=False))
     with pytest.raises(ValueError, match="relative position bias"):
         ours.save_prefix(tmp_path / "out", format="peft")
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_peft_adapter_loads_to_the_same_logits(tmp_path):
+    """The real GQA model (30 layers, 9 query / 3 KV heads): PEFT's adapter, its forward, our load."""
+    peft_model = peft_adapter(load_base_model("smollm2-135m")[0], tmp_path, "CAUSAL_LM", length=5)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["num_attention_heads"], config["token_dim"], config["num_layers"]) == (3, 192, 30)
+    ours = PrefixModel.from_pretrained(load_base_model("smollm2-135m")[0], tmp_path / "peft")
+    assert torch.allclose(logits(ours, seq2seq=False), logits(peft_model, seq2seq=False), atol=ATOL)

@@ -206,15 +206,13 @@ def evaluate(
     config: Path | None = CONFIG,
 ) -> None:
     """Generate for every distinct prompt and score against all its references."""
-    from .data import group_references, read_examples
-    from .evaluation import check_metrics, generate_completions, score
+    from .evaluation import generate_completions, score
     from .loading import load_base_model
     from .model import PrefixModel
 
     try:
-        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
-        check_metrics(wanted)
-        groups = group_references(read_examples(data, prompt_field, completion_field))[:limit]
+        wanted, groups = _metrics_and_references(metrics, data, prompt_field, completion_field)
+        groups = groups[:limit]
         stored = _prompt_format(prefix)
         base, tokenizer = load_base_model(model, dtype=dtype, device=device)
         formatter = _formatter(base, tokenizer, stored, template, chat_template)
@@ -259,6 +257,16 @@ def evaluate(
     console.print(f"wrote {folder / 'metrics.json'} and {folder / 'generations.jsonl'}")
 
 
+def _metrics_and_references(metrics: str, data: str, prompt_field: str | None, completion_field: str | None):
+    """The checked metric names of ``--metrics`` and the data's reference groups (one per distinct prompt)."""
+    from .data import group_references, read_examples
+    from .evaluation import check_metrics
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    check_metrics(wanted)
+    return wanted, group_references(read_examples(data, prompt_field, completion_field))
+
+
 def _unavailable(results: dict[str, float | None]) -> dict[str, Any]:
     """``{"unavailable": {metric: reason}}`` for metrics that could not be computed here, else ``{}``."""
     from .evaluation import unavailable
@@ -291,14 +299,11 @@ def score_predictions(
     config: Path | None = CONFIG,
 ) -> None:
     """Score existing system outputs against multi-reference data (no model needed)."""
-    from .data import group_references, read_examples
-    from .evaluation import check_metrics, read_predictions, score
+    from .evaluation import read_predictions, score
     from .files import atomic_write_text
 
     try:
-        wanted = [m.strip() for m in metrics.split(",") if m.strip()]
-        check_metrics(wanted)
-        groups = group_references(read_examples(data, prompt_field, completion_field))
+        wanted, groups = _metrics_and_references(metrics, data, prompt_field, completion_field)
         hypotheses = read_predictions(predictions, [group.prompt for group in groups])
         results = score(hypotheses, [group.references for group in groups], wanted)
         if output:

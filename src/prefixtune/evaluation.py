@@ -9,7 +9,6 @@ Metric names and the keys they write: ``bleu`` -> ``bleu`` (sacreBLEU), ``sacreb
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rouge_score import rouge_scorer
 
 from . import e2e_metrics
 from .config import ConfigError
-from .data import DataError, PromptFormatter, pad_batch
+from .data import DataError, PromptFormatter, _jsonl_records, pad_batch
 from .model import PrefixChoice, PrefixModel
 
 METRICS = ("bleu", "sacrebleu", "chrf", "rouge", "e2e")
@@ -138,22 +137,14 @@ def read_predictions(path: str | Path, prompts: Sequence[str]) -> list[str]:
     if suffix != ".jsonl":
         raise DataError(f"{path}: unsupported predictions format {suffix!r}; expected .jsonl or .txt")
     by_prompt: dict[str, str] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
-            fields = {key: record.get(key) for key in ("prompt", "generation")} if isinstance(record, dict) else {}
-            if not fields or not all(isinstance(value, str) for value in fields.values()):
-                raise DataError(f"{where}: expected an object with string fields 'prompt' and 'generation'")
-            prompt = fields["prompt"].strip()
-            if prompt in by_prompt:
-                raise DataError(f"{where}: a second prediction for prompt {prompt!r}")
-            by_prompt[prompt] = fields["generation"].strip()
+    for where, record in _jsonl_records(path):
+        fields = [record.get("prompt"), record.get("generation")]
+        if not all(isinstance(value, str) for value in fields):
+            raise DataError(f"{where}: expected string fields 'prompt' and 'generation', got {fields}")
+        prompt, generation = (value.strip() for value in fields)
+        if prompt in by_prompt:
+            raise DataError(f"{where}: a second prediction for prompt {prompt!r}")
+        by_prompt[prompt] = generation
     missing = [prompt for prompt in prompts if prompt not in by_prompt]
     extra = sorted(set(by_prompt) - set(prompts))
     if missing or extra:

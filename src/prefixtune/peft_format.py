@@ -12,8 +12,8 @@ the layout is flat. Decoder-only models: each of the L layers' self-attention ge
 decoders: PEFT 0.21 concatenates the 2L slots with themselves, regroups them four at a time as
 (self key, self value, cross key, cross value) per decoder layer, then drops the cross-attention
 part (it recomputes it from the encoder); the encoder gets nothing. So decoder layer i reads slot
-``2i mod L`` (L even), and layers i and i + L/2 share keys/values. We load exactly that, and export
-only prefixes PEFT can represent; anything else is refused with the reason. Models with a relative
+``2i mod L``: with an even L, layers i and i + L/2 share keys/values. We load exactly that, and
+export only prefixes PEFT can represent; anything else is refused with the reason. Models with a relative
 position bias (T5 family) are refused both ways: PEFT's cached prefix gets the bias of positions
 0..P-1 while ours gets none (always visible), so the same keys/values would act differently.
 """
