@@ -97,6 +97,7 @@ def test_short_training_lowers_validation_loss_and_writes_everything(workspace, 
         ),
     )
     assert result.exit_code == 0, result.output
+    assert f"wrote {output / 'prefix'}\n" in result.output  # the path it actually wrote
     history = json.loads((output / "log_history.json").read_text())
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     assert len(eval_losses) == 4 and eval_losses[-1] < eval_losses[0] - 0.05
@@ -343,6 +344,8 @@ def test_multi_task_training_trains_one_prefix_per_task_in_mixed_batches(workspa
     assert result.exit_code == 0, result.output
     saved = sorted(p.name for p in (tmp_path / "run" / "prefixes").iterdir())
     assert saved == ["complain", "praise"]
+    for name in saved:
+        assert f"wrote {tmp_path / 'run' / 'prefixes' / name}\n" in result.output
 
     from prefixtune import PrefixModel, load_base_model
     from prefixtune.data import PromptFormatter, pad_batch, read_examples
