@@ -14,6 +14,12 @@ transformers 5.24 (its scores equal the bare model's), so the PEFT prefix model 
 through its own forward pass, which does apply its prefix cache. Everything else uses `generate()`.
 
     .venv/bin/python benchmarks/e2e_quality.py [--steps 60] [--methods zero-shot,prefixtune-kv-random,...]
+
+`--time-curve` instead trains one method (default: the E2E recipe's, hidden + activations) once per
+base precision (float32, bfloat16) and records validation BLEU against training wall-clock seconds
+(evaluation time excluded), then scores all validation MRs at the same final step for each:
+
+    .venv/bin/python benchmarks/e2e_quality.py --time-curve --steps 60 --curve-every 20
 """
 
 from __future__ import annotations
@@ -120,14 +126,114 @@ def decode_all(generate, formatter: PromptFormatter, prompts: list[str], max_new
 
 
 class BleuAtSteps(TrainerCallback):
-    def __init__(self, evaluate, steps: set[int]) -> None:
-        self.evaluate, self.steps, self.curve = evaluate, steps, []
+    """BLEU at some steps; `timed` also records the training seconds so far (evaluation excluded)."""
+
+    def __init__(self, evaluate, steps: set[int], timed: bool = False) -> None:
+        self.evaluate, self.steps, self.curve, self.timed = evaluate, steps, [], timed
+        self.started, self.evaluating = time.perf_counter(), 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.evaluating = time.perf_counter(), 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
+            trained = time.perf_counter() - self.started - self.evaluating
+            began = time.perf_counter()
             model.eval()
-            self.curve.append((state.global_step, self.evaluate()))
+            bleu = self.evaluate()
             model.train()
+            self.evaluating += time.perf_counter() - began
+            self.curve.append((state.global_step, trained, bleu) if self.timed else (state.global_step, bleu))
+
+
+def training_arguments(output: Path, steps: int, batch_size: int, lr: float, grouped: bool = False):
+    return TrainingArguments(
+        output_dir=str(output / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        warmup_steps=max(steps // 10, 1),
+        lr_scheduler_type="linear",
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        train_sampling_strategy="group_by_length" if grouped else "random",
+    )
+
+
+def time_to_quality(args, output: Path) -> None:
+    """BLEU vs training seconds for one method, float32 base against bfloat16 base."""
+    kind, lr, decoding = next(value for value in METHODS.values() if value[0] == args.time_curve_method)
+    results = {}
+    groups = group_references(read_examples(args.eval))
+    prompts, references = [g.prompt for g in groups], [g.references for g in groups]
+    for dtype in ("float32", "bfloat16"):
+        base, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
+        formatter = PromptFormatter(tokenizer)
+        train_rows = [formatter.training_features(e, 128) for e in read_examples(args.train)]
+        torch.manual_seed(0)
+        model, generate = build(kind, base, tokenizer)
+
+        def curve_bleu(generate=generate, formatter=formatter) -> float:
+            texts = decode_all(generate, formatter, prompts[: args.curve_prompts], args.max_new_tokens)
+            return score(texts, references[: args.curve_prompts], ("bleu",))["bleu"]
+
+        callback = BleuAtSteps(curve_bleu, set(range(args.curve_every, args.steps + 1, args.curve_every)), timed=True)
+        Trainer(
+            model=model,
+            args=training_arguments(output, args.steps, args.batch_size, lr, grouped=args.group_by_length),
+            train_dataset=train_rows,
+            callbacks=[callback],
+            data_collator=lambda rows, tokenizer=tokenizer: pad_batch(rows, tokenizer.pad_token_id),
+        ).train()
+        model.eval()
+        began = time.perf_counter()
+        texts = decode_all(generate, formatter, prompts, args.max_new_tokens)
+        results[dtype] = {
+            "bleu": score(texts, references, ("bleu",))["bleu"],
+            "curve": [{"step": step, "train_seconds": seconds, "bleu": bleu} for step, seconds, bleu in callback.curve],
+            "eval_seconds": time.perf_counter() - began,
+            "example": texts[0],
+        }
+        last = results[dtype]["curve"][-1]
+        print(
+            f"{dtype:9} BLEU {results[dtype]['bleu']:6.2f} on {len(prompts)} MRs after {last['step']} steps "
+            f"({last['train_seconds']:.0f} s of training)",
+            flush=True,
+        )
+    fp32, bf16 = results["float32"], results["bfloat16"]
+    summary = {
+        "method": kind,
+        "learning_rate": lr,
+        "decoding": decoding,
+        "args": vars(args),
+        "results": results,
+        "bf16_vs_fp32_train_seconds": bf16["curve"][-1]["train_seconds"] / fp32["curve"][-1]["train_seconds"],
+        "bf16_minus_fp32_bleu": bf16["bleu"] - fp32["bleu"],
+    }
+    (output / "time_to_quality.json").write_text(json.dumps(summary, indent=2))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for dtype, row in results.items():
+        axes.plot(
+            [p["train_seconds"] for p in row["curve"]], [p["bleu"] for p in row["curve"]], marker="o", label=dtype
+        )
+    axes.set(
+        xlabel="training wall-clock seconds (evaluation excluded)",
+        ylabel=f"BLEU (first {args.curve_prompts} MRs)",
+        title=f"E2E time to quality: {kind}, frozen base in float32 vs bfloat16",
+    )
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(output / "bleu_vs_seconds.png", dpi=100)
+    print(
+        f"bf16/fp32 training time {summary['bf16_vs_fp32_train_seconds']:.2f}x; "
+        f"BLEU bf16 - fp32 = {summary['bf16_minus_fp32_bleu']:+.2f}"
+    )
 
 
 def official_cell(official: dict | None, name: str) -> str:
@@ -180,7 +286,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(kind for kind, _, _ in METHODS.values()))
     parser.add_argument("--output", default="benchmarks/results/e2e_quality")
     parser.add_argument("--report-only", action="store_true", help="print/plot the results gathered so far")
+    parser.add_argument("--time-curve", action="store_true", help="BLEU vs training seconds, float32 vs bfloat16")
+    parser.add_argument("--time-curve-method", default="prefixtune-hidden-activations")
+    parser.add_argument("--group-by-length", action="store_true", help="length-grouped batches (--time-curve)")
     args = parser.parse_args()
+    if args.time_curve:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        time_to_quality(args, Path(args.output))
+        return
     if args.report_only:
         report(json.loads((Path(args.output) / "results.json").read_text()), Path(args.output), args.curve_prompts)
         return
@@ -213,25 +326,9 @@ def main() -> None:
                 return score(texts, references[: args.curve_prompts], ("bleu",))["bleu"]
 
             callback = BleuAtSteps(curve_bleu, set(range(args.curve_every, args.steps + 1, args.curve_every)))
-            training = TrainingArguments(
-                output_dir=str(output / "trainer"),
-                max_steps=args.steps,
-                per_device_train_batch_size=args.batch_size,
-                learning_rate=lr,
-                warmup_steps=max(args.steps // 10, 1),
-                lr_scheduler_type="linear",
-                logging_steps=10,
-                save_strategy="no",
-                report_to="none",
-                use_cpu=True,
-                seed=0,
-                data_seed=0,
-                remove_unused_columns=False,
-                label_names=["labels"],
-            )
             Trainer(
                 model=model,
-                args=training,
+                args=training_arguments(output, args.steps, args.batch_size, lr),
                 train_dataset=train_rows,
                 callbacks=[callback],
                 data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id),

@@ -10,11 +10,16 @@
 4. 8 requests with 8 different prefixes: one mixed batch against one prefix at a time (goal >= 3x),
    checking the outputs are identical.
 5. Prefix file size per parameterization, before and after `compile_prefix`.
+6. Precision: the train step in float32, under bfloat16 autocast (float32 weights) and with bfloat16
+   base weights, for prefixtune kv and PEFT prefix tuning in the same rounds (goal: bf16 <= 0.55x
+   fp32); greedy generation tokens/s with a bfloat16 base against float32; and the padding
+   fraction of one epoch of E2E training batches (B=8) with random and length-grouped batches.
 
 Timings interleave the variants round by round and report medians, so machine noise hits all alike.
 
     .venv/bin/python benchmarks/speed.py            # SmolLM2-135M (the numbers in BENCHMARKS.md)
     .venv/bin/python benchmarks/speed.py --quick    # tiny random Llama: checks it runs and outputs agree
+    .venv/bin/python benchmarks/speed.py --only precision   # just section 6
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from prefixtune.data import PromptFormatter, padding_fractions, read_examples
 from prefixtune.files import WEIGHTS_NAME
 
 PARAMETERIZATIONS = ("kv", "mlp", "hidden")
 
 
-def base_model(quick: bool):
+def base_model(quick: bool, dtype: torch.dtype = torch.float32):
     if quick:
         torch.manual_seed(0)
         config = LlamaConfig(
@@ -51,8 +57,8 @@ def base_model(quick: bool):
             num_key_value_heads=2,
             max_position_embeddings=1024,
         )
-        return AutoModelForCausalLM.from_config(config).eval()
-    return load_base_model("smollm2-135m")[0]
+        return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    return load_base_model("smollm2-135m", dtype=dtype)[0]
 
 
 def batch(vocab: int, size: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -222,12 +228,109 @@ def file_sizes(quick: bool) -> dict:
     return sizes
 
 
+def precision_steps(quick: bool, rounds: int) -> dict:
+    """One train step (B=8, T=64, P=10) per precision, prefixtune kv and PEFT prefix, interleaved."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    ids = batch(1000 if quick else 49152, 8, 64)
+    steps, errors = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        ours = PrefixModel(base_model(quick, dtype).train(), PrefixConfig(prefix_length=10)).train()
+        peft = get_peft_model(
+            base_model(quick, dtype).train(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+        )
+        autocasts = (False, True) if dtype == torch.float32 else (False,)
+        for autocast in autocasts:
+            label = "bf16 autocast" if autocast else "fp32" if dtype == torch.float32 else "bf16 weights"
+            for method, model in (("prefixtune kv", ours), ("PEFT prefix", peft)):
+
+                def step(model=model, autocast=autocast) -> None:
+                    model.zero_grad(set_to_none=True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        model(input_ids=ids, labels=ids).loss.backward()
+
+                try:
+                    step()
+                    steps[f"{method}, {label}"] = step
+                except Exception as error:  # noqa: BLE001 - reported (e.g. a dtype PEFT does not handle)
+                    errors[f"{method}, {label}"] = f"{type(error).__name__}: {str(error)[:160]}"
+    seconds = interleaved(steps, rounds)
+    results = {}
+    for name, value in seconds.items():
+        fp32 = seconds.get(f"{name.split(',')[0]}, fp32")
+        results[name] = {"seconds": value, "vs_fp32": value / fp32 if fp32 else None}
+    return results | {name: {"error": error} for name, error in errors.items()}
+
+
+def precision_generation(quick: bool, rounds: int) -> dict:
+    """Greedy generation with a prefix: bfloat16 base against float32 (same prefix file)."""
+    prompts = batch(1000 if quick else 49152, 8, 16, seed=1)
+    options = {"max_new_tokens": 32, "do_sample": False, "min_new_tokens": 32, "pad_token_id": 0}
+    models, outputs = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        PrefixModel(base_model(quick), PrefixConfig(prefix_length=10, init_std=1.0 if quick else 0.5)).save_prefix(
+            folder
+        )
+        for name, dtype in (("fp32", torch.float32), ("bf16 weights", torch.bfloat16)):
+            models[name] = PrefixModel.from_pretrained(base_model(quick, dtype), folder)
+
+    def generate(name: str):
+        def run() -> None:
+            outputs[name] = models[name].generate(input_ids=prompts, **options)
+
+        return run
+
+    seconds = interleaved({name: generate(name) for name in models}, rounds)
+    same = sum(a == b for a, b in zip(outputs["fp32"].tolist(), outputs["bf16 weights"].tolist(), strict=True))
+    return {
+        "fp32_tokens_per_second": 8 * 32 / seconds["fp32"],
+        "bf16_tokens_per_second": 8 * 32 / seconds["bf16 weights"],
+        "bf16_speedup": seconds["fp32"] / seconds["bf16 weights"],
+        "rows_identical_to_fp32": same,
+    }
+
+
+def padding(quick: bool, data: str) -> dict:
+    """Padding share of one epoch of training batches (B=8), random vs length-grouped (`--group-by-length`)."""
+    if quick or not Path(data).is_file():
+        generator = torch.Generator().manual_seed(0)
+        lengths = torch.randint(8, 64, (512,), generator=generator).tolist()
+        source = "512 random lengths 8..63"
+    else:
+        tokenizer = load_base_model("smollm2-135m")[1]
+        formatter = PromptFormatter(tokenizer)
+        lengths = [len(formatter.training_features(e, 256)["input_ids"]) for e in read_examples(data)]
+        source = f"{data} ({len(lengths)} rows, SmolLM2 tokens)"
+    return {"source": source, "batch_size": 8, **padding_fractions(lengths, 8, seed=0)}
+
+
+def print_precision(report: dict) -> None:
+    print(f"\n{'train step by precision (B=8, T=64, P=10)':44} {'median s':>9} {'vs fp32':>8}")
+    for name, row in report["precision"]["train_step"].items():
+        if "error" in row:
+            print(f"{name:44} {row['error']}")
+        else:
+            print(f"{name:44} {row['seconds']:9.3f} {row['vs_fp32']:7.2f}x")
+    g = report["precision"]["generation"]
+    print(
+        f"generation with a prefix: fp32 {g['fp32_tokens_per_second']:.1f} tok/s, bf16 weights "
+        f"{g['bf16_tokens_per_second']:.1f} tok/s ({g['bf16_speedup']:.2f}x); rows identical to fp32: "
+        f"{g['rows_identical_to_fp32']}/8"
+    )
+    pad = report["precision"]["padding"]
+    print(f"padding of B=8 batches over {pad['source']}: random {pad['random']:.1%}, grouped {pad['grouped']:.1%}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="prefixtune speed and memory benchmarks")
     parser.add_argument("--quick", action="store_true", help="tiny random model: runs fast, checks agreement")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--memory-length", type=int, default=512)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", choices=["precision"], help="run only this section")
+    parser.add_argument("--data", default="../shared/data/e2e/train.csv", help="training data for the padding figures")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=512, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,6 +339,20 @@ def main() -> int:
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
     torch.manual_seed(0)
+    precision = {
+        "train_step": precision_steps(args.quick, rounds),
+        "generation": precision_generation(args.quick, rounds),
+        "padding": padding(args.quick, args.data),
+    }
+    if args.only == "precision":
+        report = {
+            "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct",
+            "precision": precision,
+        }
+        print_precision(report)
+        path = Path(args.json or f"benchmarks/results/speed-precision{'-quick' if args.quick else ''}.json")
+        path.write_text(json.dumps(report, indent=2))
+        return 0
     report = {
         "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
@@ -244,6 +361,7 @@ def main() -> int:
         "generation": generation(args.quick, rounds),
         "mixed_batch": mixed_batch(args.quick, rounds),
         "file_sizes": file_sizes(args.quick),
+        "precision": precision,
     }
 
     print(f"\n{report['model']} on {report['machine']}\n")
@@ -266,6 +384,8 @@ def main() -> int:
     print(f"\n{'prefix file (P=10)':20} {'bytes':>10} {'compiled':>10} {'max logit change':>17}")
     for name, row in report["file_sizes"].items():
         print(f"{name:20} {row['bytes']:10,} {row['compiled_bytes']:10,} {row['compile_max_logit_change']:17.2e}")
+
+    print_precision(report)
 
     path = Path(args.json or f"benchmarks/results/speed{'-quick' if args.quick else ''}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,12 @@ def test_speed_quick_runs_and_outputs_agree(tmp_path):
         "PEFT prefix tuning",
     }
     assert report["file_sizes"]["mlp"]["compiled_bytes"] < report["file_sizes"]["mlp"]["bytes"]
+    precision = report["precision"]
+    assert {f"{m}, {p}" for m in ("prefixtune kv", "PEFT prefix") for p in ("fp32", "bf16 autocast")} <= set(
+        precision["train_step"]
+    )
+    assert precision["train_step"]["prefixtune kv, bf16 weights"]["vs_fp32"] > 0
+    assert precision["padding"]["grouped"] < precision["padding"]["random"]
 
 
 def test_load_test_quick_has_no_errors_or_mismatches(tmp_path):

@@ -97,6 +97,7 @@ def test_short_training_lowers_validation_loss_and_writes_everything(workspace, 
         ),
     )
     assert result.exit_code == 0, result.output
+    assert f"wrote {output / 'prefix'}\n" in result.output  # the path it actually wrote
     history = json.loads((output / "log_history.json").read_text())
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     assert len(eval_losses) == 4 and eval_losses[-1] < eval_losses[0] - 0.05
@@ -224,43 +225,54 @@ def test_kill_while_writing_a_checkpoint_never_resumes_from_the_half_checkpoint(
     assert_same_prefix(final_prefix(output), uninterrupted)
 
 
-def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(workspace, tmp_path):
-    common = ["--steps", "6", "--eval-every", "6"]
+def torchrun_matches_one_process(workspace: Path, tmp_path: Path, *flags: str) -> None:
+    """2 processes x batch 2 train the same prefix as 1 process x batch 4 (atol 1e-5)."""
+    common = ["--steps", "6", "--eval-every", "6", *flags]
     single = subprocess.run(
         [
             sys.executable,
             "-m",
             "prefixtune",
             "train",
-            *train_args(workspace, tmp_path / "one", "--batch-size", "4", *common),
+            *train_args(workspace, tmp_path / "one", "--batch-size", "4", *[f for f in common if f != "--fsdp"]),
         ],
         capture_output=True,
         text=True,
     )
     assert single.returncode == 0, single.stderr
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    double = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "prefixtune",
-            "train",
-            *train_args(workspace, tmp_path / "two", "--batch-size", "2", *common),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    double = torchrun(workspace, tmp_path / "two", "--batch-size", "2", *common)
     assert double.returncode == 0, double.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["world_size"] == 2
     one, two = final_prefix(tmp_path / "one"), final_prefix(tmp_path / "two")
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
     assert not torch.equal(one["prefix_key_values"], torch.zeros_like(one["prefix_key_values"]))
+
+
+def torchrun(workspace: Path, output: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "prefixtune", "train", *train_args(workspace, output, *flags)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(workspace, tmp_path):
+    torchrun_matches_one_process(workspace, tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through Accelerate needs 2 GPUs (see the next test)")
+def test_two_process_fsdp_matches_one_process(workspace, tmp_path):
+    torchrun_matches_one_process(workspace, tmp_path, "--fsdp")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_on_cpu_is_refused_instead_of_silently_running_ddp(workspace, tmp_path):
+    result = torchrun(workspace, tmp_path / "run", "--steps", "2", "--fsdp")
+    assert result.returncode != 0
+    assert "error: --fsdp needs GPUs: Accelerate 1.15 turns FSDP on only for multi-GPU runs" in " ".join(
+        result.stdout.split()
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -332,6 +344,8 @@ def test_multi_task_training_trains_one_prefix_per_task_in_mixed_batches(workspa
     assert result.exit_code == 0, result.output
     saved = sorted(p.name for p in (tmp_path / "run" / "prefixes").iterdir())
     assert saved == ["complain", "praise"]
+    for name in saved:
+        assert f"wrote {tmp_path / 'run' / 'prefixes' / name}\n" in result.output
 
     from prefixtune import PrefixModel, load_base_model
     from prefixtune.data import PromptFormatter, pad_batch, read_examples

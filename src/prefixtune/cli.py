@@ -24,7 +24,7 @@ from .data import DEFAULT_TEMPLATE, DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
 from .loading import DEVICES, DTYPES, ModelLoadError
-from .training import RunExistsError, TrainOptions
+from .training import PREFIX_DIR, RunExistsError, TrainOptions
 
 # The project's own errors for bad input: printed as one line. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ConfigError, DataError, PrefixFileError, UnsupportedModelError, ModelLoadError, RunExistsError)
@@ -155,8 +155,8 @@ def train(options: TrainOptions) -> None:
     padding = summary["padding_fraction"]
     table.add_row("padding (random / grouped batches)", f"{padding['random']:.1%} / {padding['grouped']:.1%}")
     console.print(table)
-    for path in summary.get("prefixes", []):
-        console.print(f"wrote {path}")
+    for path in summary.get("prefixes", []):  # where this run's prefixes actually went
+        console.print(Text(f"wrote {path}"), soft_wrap=True)
 
 
 def _prompt_format(prefix_dir: str | None) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def _prefix_name(item: str) -> tuple[str, str]:
         name, folder = item.split("=", 1)
         return name, folder
     path = Path(item).resolve()
-    return (path.parent.name if path.name == "prefix" else path.name), item
+    return (path.parent.name if path.name == PREFIX_DIR else path.name), item
 
 
 @app.command("eval")

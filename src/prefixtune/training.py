@@ -216,10 +216,15 @@ def _ddp_backend() -> str | None:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
-    """`TrainingArguments` that shard the frozen base with FSDP, one unit per decoder layer.
+FSDP_ON_CPU = (
+    "--fsdp needs GPUs: Accelerate 1.15 turns FSDP on only for multi-GPU runs; on CPUs (distributed type "
+    "MULTI_CPU) Trainer would silently run plain DDP instead. torch's own FSDP2 (fully_shard) does run on "
+    "CPU with gloo, but not through Trainer/Accelerate. Use torchrun without --fsdp (DDP) on CPUs."
+)
 
-    ``use_orig_params`` lets frozen base weights and the trainable prefix share a wrapped unit."""
+
+def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
+    """`TrainingArguments` that shard the frozen base with FSDP2, one unit per decoder layer."""
     if not fsdp:
         return {}
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -227,10 +232,7 @@ def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
     layers = no_split_modules(base)
     if not layers:
         raise ConfigError(f"--fsdp: {type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
-    return {
-        "fsdp": "full_shard auto_wrap",
-        "fsdp_config": {"transformer_layer_cls_to_wrap": layers, "use_orig_params": True},
-    }
+    return {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": layers}}
 
 
 def _check_output(options: TrainOptions) -> None:
@@ -278,6 +280,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
     _check_output(options)
     device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
+    if options.fsdp and device == "cpu":
+        raise ConfigError(FSDP_ON_CPU)
 
     torch.manual_seed(options.seed)
     base, tokenizer = load_base_model(options.model, dtype=options.dtype)
@@ -350,6 +354,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
         prompt_format={"template": options.template, "chat_template": options.chat_template},
         generation_eval=generation_eval,
     )
+    if options.fsdp and not trainer.is_fsdp_enabled:  # never fall back to DDP silently
+        raise ConfigError(FSDP_ON_CPU)
     checkpoint = latest_complete_checkpoint(options.output) if options.resume else None
     if options.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", options.output)
