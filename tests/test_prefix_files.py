@@ -9,10 +9,11 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from prefixtune import PrefixConfig, PrefixFileError, PrefixModel
 from prefixtune.files import CONFIG_HASH_KEY, CONFIG_NAME, WEIGHTS_NAME
-from tiny import tiny_model
+from tiny import TINY_CONFIGS, tiny_model
 
 IDS = torch.tensor([[5, 9, 12, 30, 7]])
 
@@ -22,11 +23,23 @@ def logits(model: PrefixModel, prefix=None) -> torch.Tensor:
         return model(input_ids=IDS, prefix=prefix).logits
 
 
+def tensor_bytes(folder) -> int:
+    """Bytes of tensor data in a saved prefix: the file minus safetensors' 8-byte length and JSON header."""
+    data = (folder / WEIGHTS_NAME).read_bytes()
+    return len(data) - 8 - int.from_bytes(data[:8], "little")
+
+
 @pytest.mark.parametrize("parameterization", ["mlp", "hidden"])
-def test_compile_prefix_keeps_logits_and_shrinks_the_file(parameterization, tmp_path):
+def test_compile_prefix_keeps_logits_and_shrinks_the_file_to_the_key_values(parameterization, tmp_path):
+    """Compiled, a prefix stores only its keys/values [layers, 2, kv_heads, P, head_dim]: far less than
+    the MLP; for `hidden` ([layers, P, d_model]) it shrinks by 2 * kv_heads * head_dim / d_model, here
+    1/2 on a grouped-query Llama with one KV head (SmolLM2: 2/3)."""
+    config = TINY_CONFIGS["llama"]()
+    config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
     model = PrefixModel(
-        tiny_model("llama"),
-        PrefixConfig(prefix_length=5, parameterization=parameterization, init_std=0.5, mlp_hidden_size=64),
+        base, PrefixConfig(prefix_length=5, parameterization=parameterization, init_std=0.5, mlp_hidden_size=64)
     )
     before = logits(model)
     model.save_prefix(tmp_path / "raw")
@@ -34,10 +47,17 @@ def test_compile_prefix_keeps_logits_and_shrinks_the_file(parameterization, tmp_
     assert model.prefix_configs["default"].parameterization == "kv"
     torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=0)
     model.save_prefix(tmp_path / "compiled")
-    raw_size = (tmp_path / "raw" / WEIGHTS_NAME).stat().st_size
-    compiled_size = (tmp_path / "compiled" / WEIGHTS_NAME).stat().st_size
+
+    g = model.geometry
+    assert (g.num_layers, g.kv_heads, g.head_dim, g.hidden_size) == (2, 1, 8, 32)
+    raw, compiled = tensor_bytes(tmp_path / "raw"), tensor_bytes(tmp_path / "compiled")
+    assert compiled == 4 * g.num_layers * 2 * g.kv_heads * 5 * g.head_dim  # float32
     if parameterization == "mlp":
-        assert compiled_size < raw_size / 4
+        assert compiled < raw / 4
+    else:
+        assert raw == 4 * g.num_layers * 5 * g.hidden_size
+        assert compiled * g.hidden_size == raw * 2 * g.kv_heads * g.head_dim  # = raw / 2
+    assert (tmp_path / "compiled" / WEIGHTS_NAME).stat().st_size < (tmp_path / "raw" / WEIGHTS_NAME).stat().st_size
 
 
 @pytest.mark.parametrize("parameterization", ["kv", "mlp", "hidden"])

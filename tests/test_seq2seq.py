@@ -10,7 +10,8 @@ import torch
 
 from prefixtune import PrefixConfig, PrefixFileError, PrefixModel
 from prefixtune.config import PLACES
-from prefixtune.injection import Capture
+from prefixtune.initialization import init_token_ids, text_activations
+from prefixtune.injection import PREFIX_KWARGS, Capture
 from tiny import SEQ2SEQ, SPECIAL, tiny_seq2seq
 
 SOURCE = [5, 9, 12, 30, 7]
@@ -21,6 +22,29 @@ INIT_TEXT = "the restaurant near the river serves cheap french food"
 def forward_logits(model, source=SOURCE, target=TARGET, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([target]), **kwargs).logits
+
+
+def attention_with_and_without_prefix(model: PrefixModel, place: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each attention module of `place` (in call order), during one prefixed forward: its output,
+    and what the same module computes on the very same inputs without the prefix. So a difference is
+    the prefix at that place, not a change upstream."""
+    pairs = []
+
+    def compare(module, args, kwargs, output) -> None:
+        if kwargs.get("prefix_key_values") is None:  # a `hidden` prefix computing its keys/values
+            return
+        bare = module.forward(*args, **{key: value for key, value in kwargs.items() if key not in PREFIX_KWARGS})
+        pairs.append((output[0], bare[0]))
+
+    modules = [m for m in model.base_model.modules() if getattr(m, "prefixtune_place", None) == place]
+    hooks = [module.register_forward_hook(compare, with_kwargs=True) for module in modules]
+    try:
+        forward_logits(model, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(pairs) == 2, f"{place}: expected the 2 attention layers of the tiny model, got {len(pairs)}"
+    return pairs
 
 
 @pytest.mark.parametrize("architecture", SEQ2SEQ)
@@ -93,15 +117,15 @@ def test_prefix_with_vanishing_attention_leaves_each_place_unchanged(architectur
     prefixed = PrefixModel(model, PrefixConfig(prefix_length=3, init_std=1.0, **only))
     reference = bare_with_decoder_text_at(model, 3) if place == "decoder" else model
     vanishing_keys(prefixed, "default", reference)
-    with torch.no_grad():
-        source = torch.tensor([SOURCE])
-        bare_encoded = model.get_encoder()(input_ids=source).last_hidden_state
-        inputs = prefixed.prefix_inputs(None, 1)
-        encoded = model.get_encoder()(input_ids=source, **inputs).last_hidden_state
-    torch.testing.assert_close(encoded, bare_encoded, atol=1e-5, rtol=0)
+    # every attention layer of that place computes what it computes without the prefix ...
+    for layer, (output, bare) in enumerate(attention_with_and_without_prefix(prefixed, place)):
+        torch.testing.assert_close(output, bare, atol=1e-5, rtol=0, msg=lambda m, layer=layer: f"layer {layer}: {m}")
+    # ... and so does the whole model (decoder place: with its text at the positions after the prefix)
     torch.testing.assert_close(forward_logits(prefixed), forward_logits(reference), atol=1e-4, rtol=1e-5)
-    # the same prefix with attracting keys does change the outputs: the prefix is really there
+    # the same prefix with attracting keys changes every layer of that place: the prefix is really there
     vanishing_keys(prefixed, "default", reference, sign=-1.0)
+    for output, bare in attention_with_and_without_prefix(prefixed, place):
+        assert (output - bare).abs().max() > 1e-3
     assert (forward_logits(prefixed) - forward_logits(model)).abs().max() > 1e-3
 
 
@@ -171,9 +195,22 @@ def test_every_parameterization_and_init_works_on_all_three_places(architecture,
         init_std=0.5,
     )
     model = PrefixModel(tiny_seq2seq(architecture), config, tokenizer=tokenizer)
-    logits = forward_logits(model)
-    assert torch.isfinite(logits).all()
-    assert (logits - forward_logits(model.base_model)).abs().max() > 1e-4
+    prefix = model.prefixes["default"]
+    assert prefix.layers == tuple(range(6))  # encoder (0, 1), decoder (2, 3), cross (4, 5)
+    for place in ("encoder", "decoder", "cross"):
+        for layer, (output, bare) in enumerate(attention_with_and_without_prefix(model, place)):
+            assert torch.isfinite(output).all()
+            assert (output - bare).abs().max() > 1e-4, f"{place} layer {layer}: the prefix changes nothing"
+    if init == "activations":  # every place starts from the frozen model's own keys/values on the text
+        token_ids = init_token_ids(tokenizer, INIT_TEXT, 4)
+        target = text_activations(model.base_model, model.kv_path.attention_modules, token_ids).key_values
+        with torch.no_grad():
+            got = prefix.key_values(model.kv_path)
+        if parameterization == "mlp":  # fitted by regression, and reports how well (T5's big activations: poorly)
+            error = ((got - target).norm() / target.norm()).item()
+            assert error == pytest.approx(prefix.fit_report["relative_error"], rel=1e-4) and error < 1.0
+        else:
+            torch.testing.assert_close(got, target, atol=1e-4, rtol=1e-4)
 
 
 def loss_and_gradients(model: PrefixModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
