@@ -295,7 +295,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         callbacks=callbacks,
         prefix_names=names,
         multi_task=multi_task,
-        prompt_format={"template": options.template, "chat_template": options.chat_template},
+        prompt_format=formatter.saved,
         generation_eval=generation_eval,
     )
     checkpoint = latest_complete_checkpoint(options.output) if options.resume else None
