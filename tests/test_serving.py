@@ -11,8 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from prefixtune import PrefixConfig, PrefixModel
-from prefixtune.files import CONFIG_NAME, WEIGHTS_NAME
 from prefixtune.data import PromptFormatter
+from prefixtune.files import CONFIG_NAME, WEIGHTS_NAME
 from prefixtune.serving import BASE_NAME, BatchingEngine, Limits, PrefixStore, Request, build_app
 from tiny import SPECIAL, tiny_model, tiny_tokenizer
 
