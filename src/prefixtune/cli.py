@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import ConfigError
-from .data import DEFAULT_TEMPLATE, DataError
+from .data import DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
 from .loading import DEVICES, DTYPES, ModelLoadError
@@ -169,12 +169,7 @@ def _formatter(base, tokenizer, stored: dict[str, Any], template: str | None, ch
     """Format prompts as given on the command line, else as the prefix was trained."""
     from .data import PromptFormatter
 
-    return PromptFormatter(
-        tokenizer,
-        template or stored.get("template", DEFAULT_TEMPLATE),
-        stored.get("chat_template", False) if chat_template is None else chat_template,
-        base.config.is_encoder_decoder,
-    )
+    return PromptFormatter.from_saved(tokenizer, stored, base.config.is_encoder_decoder, template, chat_template)
 
 
 def _prefix_name(item: str) -> tuple[str, str]:
@@ -405,10 +400,15 @@ def serve(
     admin_token: str | None = typer.Option(
         None, envvar="PREFIXTUNE_ADMIN_TOKEN", help="Bearer token for the upload/delete endpoints (off without one)."
     ),
-    max_batch_size: int = typer.Option(16),
+    engine: str = typer.Option("auto", help="continuous | microbatch | auto (continuous unless encoder-decoder)."),
+    max_batch_size: int = typer.Option(16, help="Rows decoded together."),
+    max_batch_tokens: int = typer.Option(256, help="Continuous engine: tokens per step (prefill chunk size)."),
     max_prompt_tokens: int = typer.Option(1024),
     max_tokens: int = typer.Option(256, help="Largest max_tokens a request may ask for."),
     max_upload_mb: float = typer.Option(64.0),
+    max_queue: int = typer.Option(256, help="Waiting requests beyond which the server answers 429."),
+    request_timeout: float | None = typer.Option(None, help="Seconds a request may take before it is cancelled (504)."),
+    prefix_cache_mb: float | None = typer.Option(None, help="LRU budget for prefix keys/values in memory (MB)."),
     dtype: Dtype = DTYPE,
     device: Device = DEVICE,
     config: Path | None = CONFIG,
@@ -421,13 +421,25 @@ def serve(
 
     try:
         base, tokenizer = load_base_model(model, dtype=dtype, device=device)
-        limits = Limits(max_prompt_tokens, max_tokens, int(max_upload_mb * 1024 * 1024))
-        server, _, store = build_app(base, tokenizer, prefix_store, admin_token, limits, max_batch_size, model_id=model)
+        limits = Limits(max_prompt_tokens, max_tokens, int(max_upload_mb * 1024 * 1024), max_queue, request_timeout)
+        cache_bytes = None if prefix_cache_mb is None else int(prefix_cache_mb * 1024 * 1024)
+        server, running, store = build_app(
+            base,
+            tokenizer,
+            prefix_store,
+            admin_token,
+            limits,
+            max_batch_size,
+            engine,
+            model,
+            cache_bytes,
+            max_batch_tokens,
+        )
     except USER_ERRORS as error:
         _fail(error)
-    for name, problem in store.load_errors.items():
-        console.print(f"[yellow]skipped prefix {name}:[/] {Text(problem)}")
-    console.print(f"serving base + {store.names()} on http://{host}:{port} (playground at /)")
+    console.print(
+        f"serving base + {len(store.names())} prefixes with the {running.name} engine on http://{host}:{port}"
+    )
     uvicorn.run(server, host=host, port=port, log_level="warning")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError
+from .names import RULE, is_prefix_name
 
 DEFAULT_TEMPLATE = "{prompt}\n"
-PREFIX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also a folder name: nothing can escape
 FIELDS_BY_SUFFIX = {".jsonl": ("prompt", "completion"), ".csv": ("mr", "ref")}
 
 
@@ -123,8 +122,8 @@ def read_examples(
 
 def _task(record: dict[str, Any], name: str, where: str) -> str:
     task = _field(record, name, where)
-    if not PREFIX_NAME.match(task) or ".." in task:
-        raise DataError(f"{where}: field {name!r} must be a prefix name (letters, digits, '_', '-', '.'), got {task!r}")
+    if not is_prefix_name(task):
+        raise DataError(f"{where}: field {name!r} must be a prefix name ({RULE}), got {task!r}")
     return task
 
 
@@ -159,15 +158,49 @@ class PromptFormatter:
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError("--chat-template: this tokenizer has no chat template")
 
+    @property
+    def saved(self) -> dict[str, Any]:
+        """The form saved with a prefix (``prompt_format`` in prefix_config.json)."""
+        return {"template": self.template, "chat_template": self.chat_template}
+
+    @classmethod
+    def from_saved(
+        cls,
+        tokenizer: Any,
+        saved: dict[str, Any] | None,
+        encoder_decoder: bool = False,
+        template: str | None = None,
+        chat_template: bool | None = None,
+    ) -> PromptFormatter:
+        """The formatter a prefix was trained with (`saved`: its ``prompt_format``, or None for the
+        defaults); `template` / `chat_template` override it when given."""
+        saved = saved if isinstance(saved, dict) else {}
+        return cls(
+            tokenizer,
+            template or saved.get("template", DEFAULT_TEMPLATE),
+            bool(saved.get("chat_template", False)) if chat_template is None else chat_template,
+            encoder_decoder,
+        )
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        text = self.template.replace("{prompt}", prompt)
+        return self.messages_ids([{"role": "user", "content": prompt}])
+
+    def messages_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation's ids: each user turn goes through the template; with the chat template the
+        turns keep their roles, without it the turns' texts are joined by newlines. One user message
+        gives exactly `prompt_ids` of its text."""
+        turns = [
+            {**m, "content": self.template.replace("{prompt}", m["content"])} if m["role"] == "user" else m
+            for m in messages
+        ]
         if self.chat_template:
-            messages = [{"role": "user", "content": text.strip()}]
+            turns = [{**m, "content": m["content"].strip()} for m in turns]
             return list(
-                self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=True
-                )["input_ids"]
+                self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
             )
+        text = "\n".join(m["content"] for m in turns)
         return self.tokenizer(text, add_special_tokens=self.encoder_decoder)["input_ids"]
 
     def training_features(self, example: Example, max_length: int) -> dict[str, list[int]]:

@@ -23,6 +23,7 @@ from . import files, peft_format
 from .config import PrefixConfig
 from .initialization import init_token_ids, text_activations, word_embeddings
 from .injection import inject, uninject
+from .names import check_prefix_name
 from .parameterizations import PARAMETERIZATION_CLASSES, KVPrefix, Prefix
 from .transformers_private import enable_checkpointing, reentrant_checkpointing
 
@@ -71,8 +72,7 @@ class PrefixModel(nn.Module):
 
     def add_prefix(self, name: str, config: PrefixConfig) -> Prefix:
         """Add a new prefix (initialised per `config`) and make it active."""
-        if not name or not isinstance(name, str):
-            raise ValueError(f"prefix name must be a non-empty string, got {name!r}")
+        check_prefix_name(name)
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
         token_ids = (
@@ -316,7 +316,7 @@ class PrefixModel(nn.Module):
             prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, meta["prefix_length"], self.geometry)
             self._fill(prefix, path)
         prefix.to(self.device)
-        name = name or saved_name or "default"
+        name = check_prefix_name(name or saved_name or "default")
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")
         self.prefixes[name] = prefix

@@ -351,7 +351,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         callbacks=callbacks,
         prefix_names=names,
         multi_task=multi_task,
-        prompt_format={"template": options.template, "chat_template": options.chat_template},
+        prompt_format=formatter.saved,
         generation_eval=generation_eval,
     )
     if options.fsdp and not trainer.is_fsdp_enabled:  # never fall back to DDP silently

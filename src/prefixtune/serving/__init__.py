@@ -1,27 +1,61 @@
-"""Serving many prefixes from one frozen base: the prefix store, the batching engine, the HTTP app."""
+"""Serving many prefixes from one frozen base: the prefix store, two engines, the HTTP app.
+
+Engines: ``continuous`` (transformers' continuous batching with a prefix per request; decoder-only
+models) and ``microbatch`` (one ``generate()`` per micro-batch; encoder-decoders, and the baseline
+the serving benchmark compares against). ``auto`` picks ``continuous`` where it can.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..model import PrefixModel
-from .engine import BatchingEngine, Completion, Request
+from ..names import BASE_NAME
+from .continuous import ContinuousEngine
+from .engine import BatchingEngine
+from .requests import Completion, Request, Token
 from .server import Limits, create_app
-from .store import BASE_NAME, PrefixStore, StoreError, UnknownPrefix, check_name
+from .store import PrefixStore, StoreError, UnknownPrefix, check_name
+
+ENGINES = ("auto", "continuous", "microbatch")
+MAX_PREFIX_ALLOWANCE = 128  # cache positions planned per row for its prefix (a longer one just waits for room)
 
 __all__ = [
     "BASE_NAME",
+    "ENGINES",
     "BatchingEngine",
     "Completion",
+    "ContinuousEngine",
     "Limits",
     "PrefixStore",
     "Request",
     "StoreError",
+    "Token",
     "UnknownPrefix",
     "build_app",
     "check_name",
     "create_app",
+    "make_engine",
 ]
+
+
+def make_engine(
+    model: PrefixModel,
+    tokenizer: Any,
+    store: PrefixStore | None,
+    engine: str = "auto",
+    max_batch_size: int = 16,
+    max_batch_tokens: int = 256,
+    max_sequence_tokens: int = 2048,
+):
+    """An engine over `model` (not started). ``mix_prefixes=False`` baselines use `BatchingEngine` directly."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        engine = "microbatch" if model.base_model.config.is_encoder_decoder else "continuous"
+    if engine == "continuous":
+        return ContinuousEngine(model, tokenizer, max_batch_size, max_batch_tokens, max_sequence_tokens)
+    return BatchingEngine(model, tokenizer, store, max_batch_size)
 
 
 def build_app(
@@ -31,11 +65,16 @@ def build_app(
     admin_token: str | None = None,
     limits: Limits | None = None,
     max_batch_size: int = 16,
-    mix_prefixes: bool = True,
+    engine: str = "auto",
     model_id: str = "prefixtune",
+    prefix_cache_bytes: int | None = None,
+    max_batch_tokens: int = 256,
 ):
     """(FastAPI app, engine, store) over a frozen base model and a prefix folder; the engine is started."""
+    limits = limits or Limits()
     model = PrefixModel(base_model, name=None, tokenizer=tokenizer)
-    store = PrefixStore(model, store_folder)
-    engine = BatchingEngine(model, tokenizer, store.lock, max_batch_size, mix_prefixes).start()
-    return create_app(engine, store, admin_token, limits, model_id), engine, store
+    store = PrefixStore(model, store_folder, prefix_cache_bytes)
+    longest = limits.max_prompt_tokens + limits.max_tokens + MAX_PREFIX_ALLOWANCE  # one row's cache at most
+    server_engine = make_engine(model, tokenizer, store, engine, max_batch_size, max_batch_tokens, longest).start()
+    store.exclusive = server_engine.exclusive
+    return create_app(server_engine, store, admin_token, limits, model_id), server_engine, store

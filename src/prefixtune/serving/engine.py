@@ -13,50 +13,26 @@ the same prefix: the "one prefix at a time" baseline the load test compares agai
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..data import pad_batch
 from ..model import PrefixModel
-from .store import BASE_NAME
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    prefix: str = BASE_NAME
-    max_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stream: queue.Queue | None = None  # receives each new token id, then None
-    future: Future = field(default_factory=Future)  # -> Completion
-
-    def mode(self) -> tuple:
-        if self.temperature <= 0:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    finish_reason: str  # "stop" (end of sequence) or "length"
+from ..names import BASE_NAME
+from .requests import Completion, Request, Token
+from .store import PrefixStore
 
 
 class _RowStreamer(BaseStreamer):
     """Routes each step's new tokens ``[B]`` to the rows' own queues and notes where rows end."""
 
-    def __init__(self, requests: list[Request], eos_token_id: int | None) -> None:
+    def __init__(self, requests: list[Request], eos_token_id: int | None, stats: dict[str, int]) -> None:
         self.requests = requests
+        self.stats = stats
         self.eos = eos_token_id
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.done = [False] * len(requests)
@@ -66,6 +42,7 @@ class _RowStreamer(BaseStreamer):
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
+        self.stats["computed_tokens"] += len(self.requests)
         for row, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
             if self.done[row]:
                 continue
@@ -74,8 +51,8 @@ class _RowStreamer(BaseStreamer):
                 self.done[row] = True
                 continue
             self.tokens[row].append(token)
-            if request.stream is not None:
-                request.stream.put(token)
+            if request.channel is not None:
+                request.channel.put(Token(token))
             if len(self.tokens[row]) >= request.max_tokens:
                 self.done[row] = True
 
@@ -84,26 +61,35 @@ class _RowStreamer(BaseStreamer):
 
 
 class BatchingEngine:
+    """The micro-batch engine (encoder-decoders, and the benchmark's baseline). Differs from
+    `ContinuousEngine`: no log-probabilities, and a request can be cancelled only before its
+    micro-batch starts."""
+
+    name = "microbatch"
+    supports_logprobs = False
+
     def __init__(
         self,
         model: PrefixModel,
         tokenizer,
-        lock: threading.Lock | None = None,
+        store: PrefixStore | None = None,
         max_batch_size: int = 16,
         mix_prefixes: bool = True,
         wait_seconds: float = 0.005,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.lock = lock or threading.Lock()
+        self.store = store
+        self.lock = threading.RLock()  # held while generating; `exclusive` for others using the model
         self.max_batch_size = max_batch_size
         self.mix_prefixes = mix_prefixes
         self.wait_seconds = wait_seconds  # a moment for concurrent requests to arrive together
         self.encoder_decoder = model.base_model.config.is_encoder_decoder
         self.pending: list[Request] = []
         self.condition = threading.Condition()
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "generated_tokens": 0, "errors": 0}
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "generated_tokens": 0, "computed_tokens": 0, "errors": 0}
         self.running = False
+        self.running_batch = 0
         self.thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,6 +116,41 @@ class BatchingEngine:
     def generate(self, request: Request, timeout: float | None = None) -> Completion:
         return self.submit(request).result(timeout)
 
+    def cancel(self, request: Request) -> None:
+        """Drop the request if its micro-batch has not started (a started one runs to its end)."""
+        with self.condition:
+            if request in self.pending:
+                self.pending.remove(request)
+                self._end(request, Completion([], "cancelled"))
+
+    def exclusive(self) -> threading.RLock:
+        """Hold the model between micro-batches (loading a prefix changes the model's prefixes)."""
+        return self.lock
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def computed_tokens(self) -> int:
+        return self.stats["computed_tokens"]
+
+    def queue_depth(self) -> int:
+        return len(self.pending)
+
+    def running_rows(self) -> int:
+        return self.running_batch
+
+    @staticmethod
+    def _end(request: Request, result: Completion | Exception) -> None:
+        if request.channel is not None:
+            request.channel.put(None)
+        if request.future.done():
+            return
+        if isinstance(result, Exception):
+            request.future.set_exception(result)
+        else:
+            request.future.set_result(result)
+
     # ------------------------------------------------------------------ the worker
     def _take_batch(self) -> list[Request]:
         with self.condition:
@@ -152,19 +173,34 @@ class BatchingEngine:
             batch = self._take_batch()
             if not batch:
                 continue
+            self.running_batch = len(batch)
             try:
-                completions = self._run(batch)
+                batch = self._servable(batch)  # before the lock: the store takes its own lock, then this one
+                with self.lock:
+                    completions = self._run(batch) if batch else []
             except Exception as error:  # one bad batch must not kill the server
                 self.stats["errors"] += len(batch)
                 for request in batch:
-                    if request.stream is not None:
-                        request.stream.put(None)
-                    request.future.set_exception(error)
+                    self._end(request, error)
                 continue
+            finally:
+                self.running_batch = 0
             for request, completion in zip(batch, completions, strict=True):
-                if request.stream is not None:
-                    request.stream.put(None)
-                request.future.set_result(completion)
+                self._end(request, completion)
+
+    def _servable(self, batch: list[Request]) -> list[Request]:
+        """The rows whose prefix is (re)loaded; a row whose prefix fails fails alone."""
+        if self.store is None:
+            return batch
+        kept = []
+        for request in batch:
+            try:
+                self.store.get(request.prefix)
+                kept.append(request)
+            except Exception as error:  # noqa: BLE001 - reported to that request only
+                self.stats["errors"] += 1
+                self._end(request, error)
+        return kept
 
     def _run(self, batch: list[Request]) -> list[Completion]:
         side = "right" if self.encoder_decoder else "left"
@@ -183,9 +219,9 @@ class BatchingEngine:
                 torch.manual_seed(first.seed)
         else:
             options["do_sample"] = False
-        streamer = _RowStreamer(batch, self.tokenizer.eos_token_id)
+        streamer = _RowStreamer(batch, self.tokenizer.eos_token_id, self.stats)
         names = ["" if r.prefix == BASE_NAME else r.prefix for r in batch]
-        with self.lock, torch.no_grad():
+        with torch.no_grad():
             self.model.generate(**inputs, prefix=names, streamer=streamer, **options)
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
@@ -193,5 +229,5 @@ class BatchingEngine:
         for request, tokens, done in zip(batch, streamer.tokens, streamer.done, strict=True):
             self.stats["generated_tokens"] += len(tokens)
             stopped = done and len(tokens) < request.max_tokens
-            completions.append(Completion(tokens, "stop" if stopped else "length"))
+            completions.append(Completion(tokens, "stop" if stopped else "length", [Token(t) for t in tokens]))
         return completions

@@ -1,10 +1,13 @@
 """A prefix store: a folder of named prefixes (``<store>/<name>/prefix.safetensors`` +
 ``prefix_config.json``) served from one frozen base model.
 
-Each prefix is checked against the base's fingerprint when it is loaded, loaded once, and kept
-compiled (`mlp`/`hidden` collapsed to plain keys/values, so serving pays no MLP or projection).
-Names are restricted to a safe alphabet, so no name can reach outside the store. Uploads are
-written to a hidden staging folder, validated by loading them, and only then renamed into place.
+Start-up only lists the folder, so a store of thousands of prefixes serves at once. A prefix is
+loaded on its first request (fingerprint and tensors checked then, by `PrefixModel.load_prefix`),
+compiled to plain keys/values (no MLP or projection at serving time) and kept under an LRU byte
+budget; one evicted and asked for again is loaded again. A request takes a snapshot of its
+prefix's keys/values when admitted (`snapshot`): replacing or deleting the prefix later never
+touches it, since a replacement is a new tensor and nothing writes a served prefix in place.
+Uploads are written to a hidden staging folder, validated by loading them, and only then renamed.
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..data import PREFIX_NAME
+import torch
+from torch import Tensor
+
+from ..data import PromptFormatter
 from ..files import CONFIG_NAME, WEIGHTS_NAME, PrefixFileError, read_meta
 from ..model import PrefixModel
-
-NAME_PATTERN = PREFIX_NAME
-BASE_NAME = "base"  # the bare base model, reachable like a prefix
+from ..names import BASE_NAME, PrefixNameError, check_prefix_name, is_prefix_name
 
 
 class StoreError(ValueError):
-    """A bad prefix name or upload (maps to HTTP 400)."""
+    """A bad prefix name, upload or prefix file (maps to HTTP 400)."""
 
 
 class UnknownPrefix(KeyError):
@@ -32,42 +40,111 @@ class UnknownPrefix(KeyError):
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name or name == BASE_NAME:
-        raise StoreError(
-            f"invalid prefix name {name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or "
-            f"digit, no '..', and not {BASE_NAME!r}"
-        )
-    return name
+    try:
+        return check_prefix_name(name)
+    except PrefixNameError as error:
+        raise StoreError(str(error)) from error
+
+
+@dataclass
+class Loaded:
+    formatter: PromptFormatter
+    key_values: Tensor | None  # [layers, 2, kv_heads, P, head_dim]; None for the bare model
+    nbytes: int
 
 
 class PrefixStore:
-    def __init__(self, model: PrefixModel, folder: str | Path) -> None:
+    def __init__(self, model: PrefixModel, folder: str | Path, cache_bytes: int | None = None) -> None:
         self.model = model
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.prompt_formats: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()  # the engine and admin requests share the model
+        self.cache_bytes = cache_bytes  # None: no limit
+        self.lock = threading.RLock()  # guards the store's own state
+        self.exclusive: Callable[[], AbstractContextManager] = nullcontext  # the engine's: to use the model
+        self.encoder_decoder = model.base_model.config.is_encoder_decoder
+        self.base = Loaded(PromptFormatter(model.tokenizer, encoder_decoder=self.encoder_decoder), None, 0)
         self.load_errors: dict[str, str] = {}
-        for path in sorted(self.folder.iterdir()):
-            if path.is_dir() and NAME_PATTERN.match(path.name) and (path / CONFIG_NAME).exists():
-                try:
-                    self._load(path.name, path)
-                except (PrefixFileError, ValueError) as error:  # one bad prefix must not stop the server
-                    self.load_errors[path.name] = str(error)
+        self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
+        self.stats = {"loads": 0, "evictions": 0}
+        self.available = {
+            path.name
+            for path in self.folder.iterdir()
+            if path.is_dir() and is_prefix_name(path.name) and (path / CONFIG_NAME).exists()
+        }
 
     def names(self) -> list[str]:
-        return list(self.model.prefix_names)
+        return sorted(self.available)
 
     def check(self, name: str) -> None:
-        """`name` is served (the base model or a loaded prefix), else UnknownPrefix."""
-        if name != BASE_NAME and name not in self.model.prefixes:
+        """`name` is served (the base model or a prefix in the store), else UnknownPrefix."""
+        if name != BASE_NAME and name not in self.available:
             raise UnknownPrefix(f"unknown model/prefix {name!r}; available: {[BASE_NAME, *self.names()]}")
 
-    def _load(self, name: str, folder: Path) -> None:
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self.loaded.values())
+
+    def get(self, name: str) -> Loaded:
+        """The prefix ready to serve (loaded now if needed); UnknownPrefix or StoreError otherwise."""
+        if name == BASE_NAME:
+            return self.base
+        with self.lock:
+            self.check(name)
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                return self.loaded[name]
+            try:
+                entry = self._load(name, self.folder / name)
+            except (PrefixFileError, ValueError, OSError) as error:
+                self.load_errors[name] = str(error)
+                raise StoreError(f"prefix {name!r} cannot be served: {error}") from error
+            self.load_errors.pop(name, None)
+            self._evict(keep=name)
+            return entry
+
+    def snapshot(self, name: str) -> Tensor | None:
+        """The keys/values a request admitted now will use, whatever happens to the store later."""
+        return self.get(name).key_values
+
+    def _load(self, name: str, folder: Path) -> Loaded:
         meta = read_meta(folder)
-        self.model.load_prefix(folder, name=name)
-        self.model.compile_prefix(name)
-        self.prompt_formats[name] = meta.get("prompt_format") or {}
+        formatter = PromptFormatter.from_saved(self.model.tokenizer, meta.get("prompt_format"), self.encoder_decoder)
+        with self.exclusive():
+            if name in self.model.prefixes:
+                self.model.delete_prefix(name)
+            self.model.load_prefix(folder, name=name)
+            try:
+                self.model.compile_prefix(name)
+                with torch.no_grad():
+                    inputs = self.model.prefix_inputs(name, 1)
+                if not bool(inputs["prefix_attention_mask"].all()):
+                    raise StoreError(f"prefix {name!r} covers only some layers; the server needs them on every layer")
+            except Exception:
+                self.model.delete_prefix(name)
+                raise
+        key_values = inputs["prefix_key_values"][0].detach()  # [layers, 2, kv_heads, P, head_dim]
+        entry = Loaded(formatter, key_values, key_values.nbytes)
+        self.loaded[name] = entry
+        self.stats["loads"] += 1
+        return entry
+
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used prefixes until the budget holds (never `keep`, just asked for)."""
+        if self.cache_bytes is None:
+            return
+        while self.loaded_bytes > self.cache_bytes and len(self.loaded) > 1:
+            name = next(iter(self.loaded))
+            if name == keep:
+                self.loaded.move_to_end(name)
+                continue
+            self._unload(name)
+            self.stats["evictions"] += 1
+
+    def _unload(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        with self.exclusive():
+            if name in self.model.prefixes:
+                self.model.delete_prefix(name)
 
     def upload(self, name: str, weights: bytes, config: bytes) -> None:
         """Validate an uploaded prefix by loading it, then put it in the store under `name`."""
@@ -77,20 +154,18 @@ class PrefixStore:
             (staging / WEIGHTS_NAME).write_bytes(weights)
             (staging / CONFIG_NAME).write_bytes(config)
             with self.lock:
-                replacing = name in self.model.prefixes
-                previous = (self.model.prefixes[name], self.model.prefix_configs[name]) if replacing else None
-                if replacing:
-                    self.model.delete_prefix(name)
+                self._unload(name)  # admitted requests keep their snapshots; on failure the old files reload
                 try:
                     self._load(name, staging)
                 except (PrefixFileError, ValueError) as error:
-                    if previous:  # keep serving the old version
-                        self.model.prefixes[name], self.model.prefix_configs[name] = previous
                     raise StoreError(f"rejected upload for {name!r}: {error}") from error
                 target = self.folder / name
                 if target.exists():
                     shutil.rmtree(target)
                 staging.rename(target)
+                self.available.add(name)
+                self.load_errors.pop(name, None)
+                self._evict(keep=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -98,6 +173,16 @@ class PrefixStore:
         check_name(name)
         with self.lock:
             self.check(name)
-            self.model.delete_prefix(name)
-            self.prompt_formats.pop(name, None)
+            self._unload(name)
+            self.available.discard(name)
+            self.load_errors.pop(name, None)
             shutil.rmtree(self.folder / name, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "prefixes": len(self.available),
+            "loaded": len(self.loaded),
+            "loaded_bytes": self.loaded_bytes,
+            "cache_bytes": self.cache_bytes,
+            "load_errors": dict(self.load_errors),
+        }

@@ -1,0 +1,345 @@
+"""The continuous-batching engine: transformers' `ContinuousBatchingManager` with a prefix per request.
+
+How it differs from transformers' engine (nothing is forked; three small subclasses):
+
+* `PrefixScheduler` (FIFO, registered in ``SCHEDULER_MAPPING`` as ``"prefixtune"``): before a
+  request's first prefill it writes the request's own prefix keys/values ``[layers, 2, kv_heads,
+  P, head_dim]`` into the request's paged cache blocks and starts its positions at P. The prefix
+  owns positions ``0..P-1`` exactly as in `PrefixModel`, so the text attends to it like to any
+  earlier token. Block sharing is off: two requests never share a block, so prefixes never mix.
+* `PerRequestSampling` (the batch's `ModelRunner`): samples each row by its own request's options:
+  greedy is a plain argmax (token-identical to ``PrefixModel.generate``), sampling uses the
+  request's own temperature, top-p and seeded generator, and log-probabilities are recorded per row.
+* `PrefixBatchingManager`: builds the two above, forces synchronous batching and keeps serving
+  after one failed step (the batch's rows fail, nothing else).
+
+Iteration-level batching and chunked prefill are transformers': every step decodes all running
+rows and spends the rest of ``max_batch_tokens`` on prefill chunks, so a long prompt never stalls
+decoding and a new request joins at the next step. The base model runs on plain ``sdpa`` while the
+engine runs (the prefix arrives through the cache, not through prefixtune's attention hook).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching import continuous_api
+from transformers.generation.continuous_batching.model_runner import ModelRunner
+from transformers.generation.continuous_batching.requests import GenerationOutput, RequestState, RequestStatus
+from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
+
+from ..model import PrefixModel
+from .requests import Completion, Request, Token
+
+logger = logging.getLogger(__name__)
+SCHEDULER_NAME = "prefixtune"
+
+
+@dataclass
+class _Live:
+    """The engine's view of one admitted request (touched only by the generation thread once admitted)."""
+
+    request: Request
+    generator: torch.Generator | None
+    tokens: list[Token]  # one per sampled token, aligned with the request's generated tokens
+    sent: int = 0  # tokens already put on the channel
+
+
+class PrefixScheduler(FIFOScheduler):
+    """FIFO scheduling that gives each request its prefix before its first prefill (see module doc)."""
+
+    live: dict[str, _Live]  # set by the engine right after construction
+
+    def _get_waiting_candidates(self) -> list[RequestState]:
+        room = max(self.max_requests_per_batch - len(self.active_requests), 0)
+        ready = []
+        for state in super()._get_waiting_candidates()[:room]:
+            if state.position_offset == 0 and not self._write_prefix(state):
+                break  # no cache left for this prefix: keep FIFO order, try again next step
+            ready.append(state)
+        return ready
+
+    def _write_prefix(self, state: RequestState) -> bool:
+        live = self.live.get(state.request_id)
+        key_values = None if live is None else live.request.key_values  # [layers, 2, kv_heads, P, head_dim]
+        if key_values is None:
+            return True
+        key_values = key_values.detach()
+        length = key_values.shape[3]
+        if not self.cache.can_store_request_tokens(state, length):  # allocates the blocks when it fits
+            return False
+        empty = torch.empty(0, dtype=torch.long, device=self.cache.device)
+        for allocator in self.cache.cache_allocators.values():
+            write = torch.tensor(allocator.get_write_indices(state.request_id, 0, length), device=self.cache.device)
+            for layer in allocator.layer_indices:
+                keys, values = (key_values[layer, i].transpose(0, 1).to(self.cache.dtype) for i in (0, 1))
+                allocator.update(keys, values, layer, empty, write)  # [P, kv_heads, head_dim] each
+        state.position_offset = length
+        return True
+
+
+SCHEDULER_MAPPING[SCHEDULER_NAME] = PrefixScheduler
+
+
+class PerRequestSampling(ModelRunner):
+    """Samples each row with its own request's options (see module doc)."""
+
+    live: dict[str, _Live]
+    stats: dict[str, int]  # the engine's; "computed_tokens" counts every sampled token
+
+    def _sample(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
+        states = [f.state for f in self.inputs_and_outputs.requests_in_batch if f.has_new_token]
+        logits = scores[0, : len(states)]  # [rows, vocab]
+        chosen = logits.argmax(dim=-1)
+        for row, state in enumerate(states):
+            live = self.live.get(state.request_id)
+            if live is None:
+                continue
+            request = live.request
+            if request.temperature > 0:
+                chosen[row] = _sample_row(logits[row], request.temperature, request.top_p, live.generator)
+            token = Token(int(chosen[row]))
+            if request.logprobs is not None:
+                logprobs = torch.log_softmax(logits[row], dim=-1)
+                token.logprob = float(logprobs[token.id])
+                if request.logprobs:
+                    top = logprobs.topk(request.logprobs)
+                    token.top = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            live.tokens.append(token)
+        self.stats["computed_tokens"] += len(states)
+        output_ids[0, : len(states)].copy_(chosen)
+
+
+def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered > top_p  # keep the smallest head whose mass reaches top_p
+        probs = probs.scatter(0, order, ordered.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class PrefixBatchingManager(continuous_api.ContinuousBatchingManager):
+    """transformers' manager with the prefix scheduler, per-request sampling, and survival of failed steps."""
+
+    live: dict[str, _Live]
+    stats: dict[str, int]
+
+    def _create_batch_processor(self):
+        processor = super()._create_batch_processor()
+        processor.scheduler.live = self.live
+        # The processor builds its ModelRunner inline (no hook to pass a class), so the one method
+        # that differs is swapped in by subclass: same state, per-request `_sample`.
+        processor.model_runner.__class__ = PerRequestSampling
+        processor.model_runner.live = self.live
+        processor.model_runner.stats = self.stats
+        return processor
+
+    def _generation_step(self) -> None:
+        try:
+            super()._generation_step()
+        except Exception as error:  # noqa: BLE001 - fail this step's rows, keep serving the others
+            logger.exception("a generation step failed; its rows fail, the engine goes on")
+            processor = self.batch_processor
+            for future_state in processor.inputs_and_outputs.requests_in_batch:
+                state = future_state.state
+                processor.scheduler.finish_request(state.request_id)
+                processor.output_router.fail_and_deliver(state, error)
+            processor.inputs_and_outputs.requests_in_batch = []
+            raise _SkippedStep from error
+
+    def _generation_loop_body(self, batch_processor, bootstrapping: bool) -> bool:
+        try:
+            return super()._generation_loop_body(batch_processor, bootstrapping)
+        except _SkippedStep:
+            return True
+
+
+class _SkippedStep(Exception):
+    """A step failed and its rows were failed; the loop skips its update and goes on."""
+
+
+class _Inline:
+    """Stands in for an event loop in transformers' output router: results are handled right away
+    on the generation thread (our handler only hands tokens to thread-safe channels)."""
+
+    @staticmethod
+    def call_soon_threadsafe(callback, *args) -> None:
+        callback(*args)
+
+
+class ContinuousEngine:
+    """Serves `Request`s through `PrefixBatchingManager` (same interface as `BatchingEngine`)."""
+
+    name = "continuous"
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        model: PrefixModel,
+        tokenizer,
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 256,
+        max_sequence_tokens: int = 2048,
+        page_size: int = 32,
+    ) -> None:
+        base = model.base_model
+        if base.config.is_encoder_decoder:
+            raise ValueError("the continuous-batching engine serves decoder-only models; use --engine microbatch")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.live: dict[str, _Live] = {}
+        self.lock = threading.Lock()
+        self.exclusive_lock = threading.RLock()
+        self.counter = 0
+        self.stats = {"requests": 0, "generated_tokens": 0, "computed_tokens": 0, "errors": 0, "cancelled": 0}
+        blocks = -(-max_batch_size * max_sequence_tokens // page_size) + 2  # every row at full length, + slack
+        self.cb_config = ContinuousBatchingConfig(
+            page_size=page_size,
+            num_blocks=blocks,
+            max_batch_tokens=max_batch_tokens,
+            max_requests_per_batch=max_batch_size,
+            allow_block_sharing=False,  # a block must never be shared by requests of different prefixes
+            use_async_batching=False,  # the sampler reads the batch it samples for
+            use_cuda_graph=False,
+            scheduler_type=SCHEDULER_NAME,
+            auto_switch_to_flash=False,
+            safety_margin=0.0,
+        )
+        eos = tokenizer.eos_token_id
+        self.generation_config = GenerationConfig(
+            do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+        )
+        self.manager: PrefixBatchingManager | None = None
+        self.original_attention = base.config._attn_implementation
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> ContinuousEngine:
+        base = self.model.base_model
+        base.set_attn_implementation("sdpa")  # the prefix comes through the cache, not the prefix hook
+        self.manager = PrefixBatchingManager(base, self.generation_config, self.cb_config)
+        self.manager.live = self.live
+        self.manager.stats = self.stats
+        rng = torch.get_rng_state()
+        self.manager.start()
+        deadline = time.monotonic() + 60
+        while self.manager.batch_processor is None and self.manager.is_running():  # it seeds torch once built
+            if time.monotonic() > deadline:
+                raise RuntimeError("the continuous-batching loop did not start within 60 s")
+            time.sleep(0.005)
+        torch.set_rng_state(rng)  # the process's random numbers stay the caller's
+        return self
+
+    def stop(self) -> None:
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=30)
+            self.manager = None
+        self.model.base_model.set_attn_implementation(self.original_attention)
+
+    @property
+    def healthy(self) -> bool:
+        return self.manager is not None and self.manager.is_running()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The model with prefixtune's own attention, for work outside the engine (loading a
+        prefix computes its keys/values through the attention layers): the loop pauses between
+        two steps meanwhile, keeping its requests and cache."""
+        with self.exclusive_lock:
+            with self.manager.pause() if self.healthy else nullcontext():
+                self.model.base_model.set_attn_implementation(self.original_attention)
+                try:
+                    yield
+                finally:
+                    if self.manager is not None:
+                        self.model.base_model.set_attn_implementation("sdpa")
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: Request) -> Future:
+        with self.lock:
+            request_id = f"r{self.counter}"
+            self.counter += 1
+            self.stats["requests"] += 1
+        generator = None
+        if request.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        request.engine_id = request_id
+        self.live[request_id] = _Live(request, generator, [])
+        with self.manager.output_router._lock:
+            self.manager.output_router.result_handlers[request_id] = (self._deliver, _Inline)
+        self.manager.add_request(
+            request.prompt_ids,
+            request_id=request_id,
+            max_new_tokens=request.max_tokens,
+            streaming=True,  # every step's tokens reach the channel (stop strings, streams, disconnects)
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return request.future
+
+    def cancel(self, request: Request) -> None:
+        """Remove the request at the next step (its blocks are freed); its future ends as "cancelled"."""
+        request_id = getattr(request, "engine_id", None)
+        if request_id is None or request_id not in self.live or self.manager is None:
+            return
+        self.manager.cancel_request(request_id)
+        live = self.live.pop(request_id, None)
+        if live is not None:
+            self.stats["cancelled"] += 1
+            self._finish(live, "cancelled", None)
+
+    def computed_tokens(self) -> int:
+        return self.stats["computed_tokens"]
+
+    def queue_depth(self) -> int:
+        return max(len(self.live) - self.running_rows(), 0)
+
+    def running_rows(self) -> int:
+        processor = self.manager.batch_processor if self.manager else None
+        return len(processor.scheduler.active_requests) if processor is not None else 0
+
+    # ------------------------------------------------------------------ results (generation thread)
+    def _deliver(self, output: GenerationOutput) -> None:
+        live = self.live.get(output.request_id)
+        if live is None:  # cancelled meanwhile
+            return
+        eos = self.tokenizer.eos_token_id
+        generated = output.generated_tokens
+        for index in range(live.sent, len(generated)):
+            if generated[index] == eos:
+                break
+            token = live.tokens[index] if index < len(live.tokens) else Token(generated[index])
+            if live.request.channel is not None:
+                live.request.channel.put(token)
+            live.sent = index + 1
+        if not output.is_finished():
+            return
+        self.live.pop(output.request_id, None)
+        if output.status == RequestStatus.FAILED:
+            self.stats["errors"] += 1
+            self._finish(live, "error", RuntimeError(output.error or "generation failed"))
+            return
+        stopped = bool(generated) and generated[-1] == eos
+        self._finish(live, "stop" if stopped else "length", None)
+
+    def _finish(self, live: _Live, reason: str, error: Exception | None) -> None:
+        request = live.request
+        if request.channel is not None:
+            request.channel.put(None)
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+            return
+        tokens = live.tokens[: live.sent]
+        self.stats["generated_tokens"] += len(tokens)
+        request.future.set_result(Completion([t.id for t in tokens], reason, tokens))
