@@ -119,6 +119,9 @@ def test_prefixtune_convert_round_trips_through_peft(tmp_path):
         )
         assert result.exit_code == 0, result.output
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    shown = ["generate", "--prompt", "name pub", "--prefix", f"theirs={tmp_path / 'peft'}", "--model", str(folder)]
+    result = runner.invoke(app, [*shown, "--max-new-tokens", "3"])  # a PEFT folder works wherever ours does
+    assert result.exit_code == 0 and "theirs" in result.output, result.output
     back = PrefixModel.from_pretrained(tiny_model("llama"), tmp_path / "back")
     assert back.prefix_configs[back.active_prefix].parameterization == "kv"  # mlp compiled on the way
     assert torch.allclose(logits(back, seq2seq=False), logits(ours, seq2seq=False), atol=ATOL)
