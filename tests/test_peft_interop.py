@@ -119,6 +119,9 @@ def test_prefixtune_convert_round_trips_through_peft(tmp_path):
         )
         assert result.exit_code == 0, result.output
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    shown = ["generate", "--prompt", "name pub", "--prefix", f"theirs={tmp_path / 'peft'}", "--model", str(folder)]
+    result = runner.invoke(app, [*shown, "--max-new-tokens", "3"])  # a PEFT folder works wherever ours does
+    assert result.exit_code == 0 and "theirs" in result.output, result.output
     back = PrefixModel.from_pretrained(tiny_model("llama"), tmp_path / "back")
     assert back.prefix_configs[back.active_prefix].parameterization == "kv"  # mlp compiled on the way
     assert torch.allclose(logits(back, seq2seq=False), logits(ours, seq2seq=False), atol=ATOL)
@@ -147,3 +150,24 @@ def test_smollm2_peft_adapter_loads_to_the_same_logits(tmp_path):
     assert (config["num_attention_heads"], config["token_dim"], config["num_layers"]) == (3, 192, 30)
     ours = PrefixModel.from_pretrained(load_base_model("smollm2-135m")[0], tmp_path / "peft")
     assert torch.allclose(logits(ours, seq2seq=False), logits(peft_model, seq2seq=False), atol=ATOL)
+
+
+def test_odd_layer_encoder_decoder_gives_every_decoder_layer_its_own_peft_slot(tmp_path):
+    """With L = 3, PEFT's regrouping sends decoder layer i to slot 2i mod 3: all distinct, so any
+    decoder self-attention prefix exports, and loads back to PEFT's logits."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from tiny import TINY_SEQ2SEQ_CONFIGS
+
+    def bart3():
+        torch.manual_seed(0)
+        config = TINY_SEQ2SEQ_CONFIGS["bart"]()
+        config.encoder_layers = config.decoder_layers = config.num_hidden_layers = 3
+        return AutoModelForSeq2SeqLM.from_config(config, attn_implementation="sdpa").eval()
+
+    ours = PrefixModel(bart3(), PrefixConfig(prefix_length=3, init_std=0.5, encoder=False, cross=False))
+    path = ours.save_prefix(tmp_path / "peft", format="peft")
+    peft_model = PeftModel.from_pretrained(bart3(), path).eval()
+    assert torch.allclose(logits(peft_model, seq2seq=True), logits(ours, seq2seq=True), atol=ATOL)
+    again = PrefixModel.from_pretrained(bart3(), path)
+    assert torch.equal(again.prefixes["default"].prefix_key_values, ours.prefixes["default"].prefix_key_values)

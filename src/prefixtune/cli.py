@@ -160,8 +160,10 @@ def train(options: TrainOptions) -> None:
 
 
 def _prompt_format(prefix_dir: str | None) -> dict[str, Any]:
-    """The prompt format a prefix was trained with (saved beside it by `prefixtune train`)."""
-    stored = read_meta(prefix_dir).get("prompt_format") if prefix_dir else None
+    """The prompt format a prefix was trained with (saved beside it by `prefixtune train`; PEFT has none)."""
+    from .peft_format import is_peft_folder
+
+    stored = read_meta(prefix_dir).get("prompt_format") if prefix_dir and not is_peft_folder(prefix_dir) else None
     return stored if isinstance(stored, dict) else {}
 
 
@@ -323,7 +325,6 @@ def convert(
     """Convert a prefix between prefixtune's files and PEFT's adapter format (mlp/hidden compiled to keys/values)."""
     from .loading import load_base_model
     from .model import PrefixModel
-    from .peft_format import is_peft_folder
 
     try:
         if to not in ("peft", "prefixtune"):
@@ -333,7 +334,7 @@ def convert(
         base, tokenizer = load_base_model(model)
         prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
         name = prefixed.load_prefix(source)
-        stored = {} if is_peft_folder(source) else _prompt_format(source)
+        stored = _prompt_format(source)
         extra = {"prompt_format": stored} if stored and to == "prefixtune" else None
         prefixed.save_prefix(destination, name, extra=extra, format=to)
     except USER_ERRORS as error:

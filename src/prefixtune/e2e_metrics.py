@@ -126,6 +126,10 @@ def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     meteor = Meteor()
     try:
         meteor_score, _ = meteor.compute_score(refs, hyps)
+    except (ValueError, OSError) as error:  # the jar died (e.g. no memory for its -Xmx2G): no score, or a broken pipe
+        meteor.meteor_p.kill()
+        problem = meteor.meteor_p.stderr.read().decode(errors="replace").strip()[-500:]
+        raise OSError(f"METEOR 1.5 (java) failed: {problem or error}") from error
     finally:
         meteor.meteor_p.kill()  # its __del__ may not run soon; do not leave a JVM behind
     return {
