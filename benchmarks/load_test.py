@@ -110,7 +110,7 @@ def main() -> int:
     model, tokenizer = base_model(args.quick)
     store = Path(tempfile.mkdtemp(prefix="prefixtune-store-"))
     names = write_store(model, tokenizer, store, args.prefixes)
-    app, engine, _ = build_app(model, tokenizer, str(store), max_batch_size=args.concurrency)
+    app, engine, _ = build_app(model, tokenizer, str(store), max_batch_size=args.concurrency, engine="microbatch")
     with running(app) as url:
         phases = run_phases(url, engine, names, args)
     engine.stop()

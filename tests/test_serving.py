@@ -56,6 +56,18 @@ def server(tmp_path):
     engine.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for tests that leave it as they found it."""
+    folder = tmp_path_factory.mktemp("shared") / "store"
+    write_store(folder)
+    limits = Limits(max_prompt_tokens=32, max_tokens=24, max_upload_bytes=200_000)
+    app, engine, store = build_app(tiny_model("llama"), tiny_tokenizer(), folder, admin_token=TOKEN, limits=limits)
+    with TestClient(app) as client:
+        yield client, engine, store
+    engine.stop()
+
+
 def prompt_ids(prompt: str) -> list[int]:
     """What the server sends the model for a prompt (the default format, ``{prompt}\\n``)."""
     return PromptFormatter(tiny_tokenizer()).prompt_ids(prompt)
@@ -206,9 +218,9 @@ def corrupt(files: dict) -> dict:
     ],
 )
 def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(
-    server, tmp_path, method, path, kwargs, status, message
+    shared_server, tmp_path, method, path, kwargs, status, message
 ):
-    client, _, store, _ = server
+    client, _, store = shared_server
     kwargs = dict(kwargs)
     if kwargs.pop("auth", False):
         kwargs["headers"] = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,11 +7,8 @@ from __future__ import annotations
 import re
 
 BASE_NAME = "base"
-PREFIX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RULE = (
-    f"1-64 letters, digits, '_', '-', '.', starting with a letter or digit, no '..', and not {BASE_NAME!r} "
-    "(the bare model)"
-)
+PREFIX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': torch module names cannot hold one
+RULE = f"1-64 letters, digits, '_', '-', starting with a letter or digit, and not {BASE_NAME!r} (the bare model)"
 
 
 class PrefixNameError(ValueError):
@@ -19,7 +16,7 @@ class PrefixNameError(ValueError):
 
 
 def is_prefix_name(name: object) -> bool:
-    return isinstance(name, str) and bool(PREFIX_NAME.match(name)) and ".." not in name and name != BASE_NAME
+    return isinstance(name, str) and bool(PREFIX_NAME.match(name)) and name != BASE_NAME
 
 
 def check_prefix_name(name: object) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -404,6 +405,13 @@ def create_app(
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
         body = {"error": {"message": error.detail, "type": kind, "code": error.status_code}}
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        """422 naming each bad field (written without echoing the input: NaN is not JSON)."""
+        problems = [f"{'.'.join(str(part) for part in e['loc'][1:]) or 'body'}: {e['msg']}" for e in error.errors()]
+        body = {"error": {"message": "; ".join(problems), "type": "invalid_request_error", "code": 422}}
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):

@@ -1,0 +1,211 @@
+"""S-LoRA-style serving benchmark on loopback: Poisson arrivals, power-law prefix popularity over N
+prefixes, prompt lengths and max_tokens drawn per request; the continuous engine and the old
+micro-batch engine in the same run (ratios side by side: the machine is shared and noisy).
+
+Phases (each bounded in requests and seconds; greedy, streaming clients):
+  1. alone:        a few requests one at a time on the continuous engine (the TTFT of a request alone)
+  2. saturation:   all requests at once, N=1 prefix, old engine, then new engine (throughput ratio)
+  3. N prefixes:   all requests at once on the new engine with N = --many prefixes (vs N=1)
+  4. half rate:    Poisson arrivals at half the new engine's saturation rate, N = --many (p99 TTFT)
+Every phase's outputs are compared per request with the same request on the other engine / alone:
+greedy outputs must be equal (mismatches are reported, and make the exit status non-zero).
+
+    .venv/bin/python benchmarks/serve_bench.py                 # SmolLM2-135M (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/serve_bench.py --quick         # tiny random Llama, smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from load_test import base_model
+from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.serving import Limits, build_app
+from prefixtune.serving.background import running
+
+
+def write_store(model, tokenizer, folder: Path, count: int, length: int) -> list[str]:
+    """`count` random prefixes (the serving cost does not depend on what a prefix learnt)."""
+    writer = PrefixModel(model, name=None, tokenizer=tokenizer)
+    names = [f"p{i:04d}" for i in range(count)]
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        writer.add_prefix(name, PrefixConfig(prefix_length=length, init_std=0.5))
+        writer.save_prefix(folder / name, name)
+        writer.delete_prefix(name)
+    return names
+
+
+def workload(tokenizer, count: int, prefixes: int, args, seed: int) -> list[dict]:
+    """Requests with Zipf(1) prefix popularity, uniform prompt lengths and max_tokens, Poisson gaps."""
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) for rank in range(prefixes)]
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:5000]
+    jobs, at = [], 0.0
+    for _ in range(count):
+        length = rng.randint(*args.prompt_tokens)
+        ids = tokenizer(" ".join(rng.choice(words) for _ in range(length)), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer.decode(ids[:length])
+        name = f"p{rng.choices(range(prefixes), weights)[0]:04d}"
+        jobs.append({"model": name, "prompt": prompt, "max_tokens": rng.randint(*args.max_tokens), "at": at})
+        at += rng.expovariate(1.0)  # unit-rate gaps, scaled by the phase's rate
+    return jobs
+
+
+async def one(http: httpx.AsyncClient, url: str, job: dict, start: float, rate: float | None) -> dict:
+    if rate:
+        await asyncio.sleep(max(start + job["at"] / rate - time.perf_counter(), 0))
+    sent = time.perf_counter()
+    body = {k: job[k] for k in ("model", "prompt", "max_tokens")} | {"stream": True}
+    first, chunks, text, error = None, 0, "", None
+    try:
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                error = f"HTTP {response.status_code}"
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                choice = json.loads(line[6:]).get("choices", [{}])[0]
+                if choice.get("text"):
+                    first = first or time.perf_counter()
+                    chunks += 1
+                    text += choice["text"]
+    except httpx.HTTPError as problem:
+        error = repr(problem)
+    end = time.perf_counter()
+    return {"sent": sent, "ttft": (first or end) - sent, "end": end, "chunks": chunks, "text": text, "error": error}
+
+
+async def phase(url: str, jobs: list[dict], rate: float | None, timeout: float) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        calls = [one(http, url, job, start, rate) for job in jobs]
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout)
+    return results, time.perf_counter() - start
+
+
+def summary(results: list[dict], seconds: float, reference: list[dict] | None) -> dict:
+    def pct(values: list[float], q: float) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+    ttft = [r["ttft"] for r in results]
+    tpot = [(r["end"] - r["sent"] - r["ttft"]) / (r["chunks"] - 1) for r in results if r["chunks"] > 1]
+    mismatches = (
+        0 if reference is None else sum(r["text"] != w["text"] for r, w in zip(results, reference, strict=True))
+    )
+    return {
+        "requests": len(results),
+        "seconds": seconds,
+        "req_per_s": len(results) / seconds,
+        "output_tok_per_s": sum(r["chunks"] for r in results) / seconds,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "tpot_p50": pct(tpot, 50) if tpot else None,
+        "tpot_p99": pct(tpot, 99) if tpot else None,
+        "errors": sum(r["error"] is not None for r in results),
+        "mismatches": mismatches,
+    }
+
+
+def serve(engine: str, args, store: Path):
+    model, tokenizer = base_model(args.quick)
+    limits = Limits(max_prompt_tokens=400, max_tokens=args.max_tokens[1], max_queue=None)
+    return build_app(model, tokenizer, str(store), limits=limits, max_batch_size=args.batch, engine=engine)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="S-LoRA-style serving benchmark, new vs old engine.")
+    parser.add_argument("--quick", action="store_true", help="tiny random Llama (smoke run)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per phase")
+    parser.add_argument("--many", type=int, default=1000, help="prefixes in the many-prefix phases")
+    parser.add_argument("--prefix-length", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(8, 256))
+    parser.add_argument("--max-tokens", type=int, nargs=2, default=(8, 128))
+    parser.add_argument("--batch", type=int, default=16, help="rows decoded together (both engines)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per phase, at most")
+    parser.add_argument("--json", default="benchmarks/results/serve_bench.json")
+    args = parser.parse_args()
+
+    _, tokenizer = base_model(args.quick)
+    store = Path(tempfile.mkdtemp(prefix="prefixtune-bench-"))
+    began = time.perf_counter()
+    model, _ = base_model(args.quick)
+    write_store(model, tokenizer, store, args.many, args.prefix_length)
+    store_seconds = time.perf_counter() - began
+    one_prefix = workload(tokenizer, args.requests, 1, args, seed=1)
+    many = workload(tokenizer, args.requests, args.many, args, seed=2)
+    phases: dict[str, dict] = {}
+
+    app, engine, _ = serve("microbatch", args, store)
+    with running(app) as url:
+        old, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
+    engine.stop()
+    phases["saturation, 1 prefix, old engine"] = summary(old, seconds, None)
+
+    started = time.perf_counter()
+    app, engine, _ = serve("continuous", args, store)
+    with running(app) as url:
+        phases["start-up with the store (s)"] = {"seconds": time.perf_counter() - started}
+        alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[:5]]
+        phases["alone"] = summary(alone, sum(r["end"] - r["sent"] for r in alone), old[:5])
+        new, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
+        phases["saturation, 1 prefix, new engine"] = summary(new, seconds, old)
+        many_new, seconds = asyncio.run(phase(url, many, None, args.timeout))
+        phases[f"saturation, {args.many} prefixes, new engine"] = summary(many_new, seconds, None)
+        rate = phases[f"saturation, {args.many} prefixes, new engine"]["req_per_s"] / 2
+        half, seconds = asyncio.run(phase(url, many, rate, args.timeout))
+        phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, new engine"] = summary(half, seconds, many_new)
+    engine.stop()
+    return report(phases, args, store_seconds)
+
+
+def report(phases: dict, args, store_seconds: float) -> int:
+    many = f"saturation, {args.many} prefixes, new engine"
+    half = next(label for label in phases if label.startswith("half rate"))
+    ratios = {
+        "new/old throughput at saturation (goal >= 1.5)": phases["saturation, 1 prefix, new engine"]["output_tok_per_s"]
+        / phases["saturation, 1 prefix, old engine"]["output_tok_per_s"],
+        f"{args.many} prefixes vs 1, new engine (goal >= 0.9)": phases[many]["output_tok_per_s"]
+        / phases["saturation, 1 prefix, new engine"]["output_tok_per_s"],
+        "half-rate p99 TTFT / TTFT alone (goal <= 3)": phases[half]["ttft_p99"] / phases["alone"]["ttft_p50"],
+    }
+    model = "tiny random Llama" if args.quick else "SmolLM2-135M"
+    print(
+        f"\n{args.requests} requests/phase, prompts {args.prompt_tokens} tokens, max_tokens {args.max_tokens}, "
+        f"batch {args.batch}, {model}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; "
+        f"store of {args.many} prefixes written in {store_seconds:.1f} s"
+    )
+    print("| phase | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | errors | mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, p in phases.items():
+        if "req_per_s" not in p:
+            print(f"| {label} | {p['seconds']:.2f} s | | | | | | | |")
+            continue
+        tpot = lambda v: "-" if v is None else f"{v * 1000:.0f} ms"  # noqa: E731
+        print(
+            f"| {label} | {p['req_per_s']:.2f} | {p['output_tok_per_s']:.1f} | {p['ttft_p50'] * 1000:.0f} ms "
+            f"| {p['ttft_p99'] * 1000:.0f} ms | {tpot(p['tpot_p50'])} | {tpot(p['tpot_p99'])} | {p['errors']} "
+            f"| {p['mismatches']} |"
+        )
+    for label, value in ratios.items():
+        print(f"{label}: {value:.2f}x")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"args": vars(args), "phases": phases, "ratios": ratios}, indent=2))
+    failed = any(p.get("errors") or p.get("mismatches") for p in phases.values())
+    print("FAILED: errors or mismatches" if failed else "ok: 0 errors, 0 mismatches")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""The continuous-batching engine and the server around it, against the real server on loopback:
+exactness under mixed prefixes, short-first scheduling, snapshot isolation, cancellation,
+backpressure, timeouts, metrics, and the OpenAI surface through the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app
+from prefixtune.serving.background import running
+from test_serving import PREFIXES, PROMPTS, TOKEN, alone, prefix_files, prompt_ids, reference_model, write_store
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("live") / "store"
+    write_store(folder)
+    reference = reference_model(folder)
+    limits = Limits(max_prompt_tokens=64, max_tokens=120, max_queue=64)
+    app, engine, store = build_app(tiny_model("llama"), tiny_tokenizer(), folder, TOKEN, limits, max_batch_size=8)
+    with running(app) as url:
+        yield url, engine, store, reference, app
+    engine.stop()
+
+
+LONG = PROMPTS[1]  # a prompt no prefix of the store ends early (no end of sequence within 120 tokens)
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_request_alone(tmp_path):
+    write_store(tmp_path / "store")
+    reference = reference_model(tmp_path / "store")
+    model = reference_model(tmp_path / "store")
+    store = PrefixStore(model, tmp_path / "store")
+    engine = ContinuousEngine(model, model.tokenizer, max_batch_size=6, max_batch_tokens=8).start()
+    store.exclusive = engine.exclusive  # prefixes load while the engine runs
+    jobs = [(p, n, 3 + 5 * i % 17) for i, (p, n) in enumerate((p, n) for p in PROMPTS for n in [BASE_NAME, *PREFIXES])]
+    requests = [Request(prompt_ids(p), n, m, key_values=store.snapshot(n)) for p, n, m in jobs]
+    results = [engine.submit(request) for request in requests]
+    results = [future.result(timeout=120) for future in results]
+    engine.stop()
+    for (prompt, name, max_tokens), result in zip(jobs, results, strict=True):
+        assert result.token_ids == alone(reference, prompt, name, max_tokens), (prompt, name)
+    assert len({tuple(r.token_ids) for (p, _, _), r in zip(jobs, results, strict=True) if p == PROMPTS[0]}) > 1
+
+
+def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(live):
+    url, engine, *_ = live
+    order: list[str] = []
+
+    def ask(label: str, max_tokens: int) -> None:
+        body = {"model": "formal-blog", "prompt": LONG, "max_tokens": max_tokens}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        order.append(f"{label}:{answer['usage']['completion_tokens']}")
+
+    long = threading.Thread(target=ask, args=("long", 120))
+    long.start()
+    while engine.running_rows() == 0:  # the long one is decoding
+        time.sleep(0.01)
+    ask("short", 2)
+    long.join(timeout=120)
+    assert order[0] == "short:2" and order[1].startswith("long:")
+    assert int(order[1].split(":")[1]) > 20  # it really was long (no early end of sequence)
+
+
+def test_deleting_and_replacing_prefixes_under_load_fails_no_admitted_request(live, tmp_path):
+    url, engine, store, reference, _ = live
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for name in ("victim", "swapped"):
+        assert httpx.put(f"{url}/admin/prefixes/{name}", files=prefix_files(tmp_path, name), headers=auth).is_success
+    expected = {name: alone_served(store, reference, name) for name in ("victim", "swapped", "recipe-mlp")}
+
+    async def load() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            calls = [
+                http.post(f"{url}/v1/completions", json={"model": name, "prompt": PROMPTS[0], "max_tokens": 40})
+                for name in ["victim", "swapped", "recipe-mlp"] * 3
+            ]
+            tasks = [asyncio.ensure_future(call) for call in calls]
+            while engine.running_rows() < 3:
+                await asyncio.sleep(0.01)
+            other = prefix_files(tmp_path, "replacement", prefix_length=6)
+            changes = [
+                http.delete(f"{url}/admin/prefixes/victim", headers=auth),
+                http.put(f"{url}/admin/prefixes/swapped", files=other, headers=auth),
+            ]
+            assert all(r.is_success for r in await asyncio.gather(*changes))
+            return await asyncio.gather(*tasks)
+
+    answers = asyncio.run(load())
+    assert [a.status_code for a in answers] == [200] * 9
+    for answer in answers:  # admitted requests keep the prefix they were admitted with
+        assert answer.json()["choices"][0]["text"] == expected[answer.json()["model"]]
+    after = httpx.post(f"{url}/v1/completions", json={"model": "victim", "prompt": PROMPTS[0], "max_tokens": 2})
+    assert after.status_code == 404
+    swapped = httpx.post(f"{url}/v1/completions", json={"model": "swapped", "prompt": PROMPTS[0], "max_tokens": 40})
+    assert swapped.json()["choices"][0]["text"] != expected["swapped"]
+
+
+def alone_served(store: PrefixStore, reference, name: str) -> str:
+    """What `name` answers alone (greedy, 40 tokens), computed on the reference copy of the base."""
+    store.get(name)
+    reference.prefixes[name] = store.model.prefixes[name]  # the same loaded tensors
+    reference.prefix_configs[name] = store.model.prefix_configs[name]
+    return tiny_tokenizer().decode(alone(reference, PROMPTS[0], name, 40), skip_special_tokens=True)
+
+
+def test_hung_up_streams_stop_costing_tokens(live):
+    url, engine, *_ = live
+    before = engine.computed_tokens()
+    cancelled = metric(url, 'prefixtune_cancellations_total{reason="disconnect"}')
+
+    def hang_up() -> None:
+        body = {"model": "twitter-wit", "prompt": PROMPTS[1], "max_tokens": 120, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            next(response.iter_lines())  # the first chunk, then hang up
+
+    threads = [threading.Thread(target=hang_up) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    deadline = time.time() + 30
+    while engine.live and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.live  # all removed from the batch
+    assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') - cancelled == 8
+    assert engine.computed_tokens() - before < 8 * 120 / 2  # far fewer than the 960 asked for
+
+
+def test_overload_beyond_max_queue_gets_429_with_retry_after_and_the_server_stays_healthy(tmp_path):
+    write_store(tmp_path / "store")
+    limits = Limits(max_tokens=60, max_queue=2)
+    app, engine, _ = build_app(
+        tiny_model("llama"), tiny_tokenizer(), tmp_path / "store", limits=limits, max_batch_size=1
+    )
+
+    async def flood(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = {"model": "formal-blog", "prompt": PROMPTS[0], "max_tokens": 60}
+            return await asyncio.gather(*(http.post(f"{url}/v1/completions", json=body) for _ in range(10)))
+
+    with running(app) as url:
+        answers = asyncio.run(flood(url))
+        healthy = httpx.get(f"{url}/health")
+        rejected = metric(url, "prefixtune_rejections_total")
+    engine.stop()
+    codes = [a.status_code for a in answers]
+    assert set(codes) == {200, 429} and codes.count(429) == rejected >= 5
+    assert all(a.headers["Retry-After"] == "1" and "busy" in a.text for a in answers if a.status_code == 429)
+    assert healthy.status_code == 200 and healthy.json()["engine"] == "continuous"
+
+
+def test_request_timeout_cancels_and_answers_504(tmp_path):
+    write_store(tmp_path / "store")
+    limits = Limits(max_tokens=120, request_timeout=0.05)
+    app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store", limits=limits)
+    with running(app) as url:
+        body = {"model": "formal-blog", "prompt": PROMPTS[0], "max_tokens": 120}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        timeouts = metric(url, 'prefixtune_cancellations_total{reason="timeout"}')
+    engine.stop()
+    assert answer.status_code == 504 and "--request-timeout" in answer.json()["error"]["message"]
+    assert timeouts == 1
+
+
+def test_openai_client_stop_n_seed_usage_finish_reason_and_list_prompts(live):
+    url, engine, store, reference, _ = live
+    api = client(url)
+    full = api.completions.create(model="recipe-mlp", prompt=LONG, max_tokens=12)
+    text = full.choices[0].text
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 12
+    assert full.usage.prompt_tokens == len(prompt_ids(LONG))
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+    stop = text.split()[3]
+    cut = api.completions.create(model="recipe-mlp", prompt=LONG, max_tokens=12, stop=[stop, "zzz"])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = api.completions.create(model="recipe-mlp", prompt=LONG, max_tokens=12, stop=stop, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == cut.choices[0].text
+
+    many = api.completions.create(model="base", prompt=PROMPTS[:2], max_tokens=4, n=2)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text  # greedy: n copies
+    assert many.choices[2].text == api.completions.create(model="base", prompt=PROMPTS[1], max_tokens=4).choices[0].text
+
+    sampled = [
+        api.completions.create(model="base", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7, n=2)
+        for _ in range(2)
+    ]
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]  # the seed repeats
+    assert sampled[0].choices[0].text != sampled[0].choices[1].text  # choice i uses seed + i
+
+    chat = api.chat.completions.create(
+        model="formal-blog", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=5
+    )
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "length"
+    same = api.completions.create(model="formal-blog", prompt=PROMPTS[1], max_tokens=5)
+    assert chat.choices[0].message.content == same.choices[0].text  # one prompt format for both endpoints
+
+
+def test_openai_client_logprobs_and_top_logprobs(live):
+    url, *_ = live
+    api = client(url)
+    plain = api.completions.create(model="twitter-wit", prompt=PROMPTS[2], max_tokens=5, logprobs=3)
+    logprobs = plain.choices[0].logprobs
+    assert len(logprobs.tokens) == 5 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(lp)  # greedy picks the most likely
+        assert top[token] == pytest.approx(lp)
+    chat = api.chat.completions.create(
+        model="twitter-wit",
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == logprobs.tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "named"),
+    [
+        ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"extra_body": {"best_of": 2, "echo": True}}, 400, "best_of"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "nope"}, 404, "unknown model/prefix"),
+    ],
+)
+def test_openai_client_gets_a_4xx_naming_what_is_not_supported(live, kwargs, status, named):
+    url, *_ = live
+    arguments = {"model": "base", "prompt": PROMPTS[0], "max_tokens": 2} | kwargs
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(url).completions.create(**arguments)
+    assert caught.value.status_code == status and named in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("temperature", "NaN"), ("top_p", "Infinity"), ("temperature", "-Infinity")]
+)
+def test_non_finite_numbers_get_a_4xx_naming_the_field(live, field, value):
+    url, *_ = live
+    raw = f'{{"model": "base", "prompt": "cheap", "max_tokens": 2, "{field}": {value}}}'  # JSON as Python writes it
+    answer = httpx.post(f"{url}/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 422 and field in answer.text
