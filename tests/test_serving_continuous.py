@@ -11,11 +11,13 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
+from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app
 from prefixtune.serving.background import running
 from test_serving import PREFIXES, PROMPTS, TOKEN, alone, prefix_files, prompt_ids, reference_model, write_store
-from tiny import tiny_model, tiny_tokenizer
+from tiny import needs_smollm2, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +264,32 @@ def test_non_finite_numbers_get_a_4xx_naming_the_field(live, field, value):
     raw = f'{{"model": "base", "prompt": "cheap", "max_tokens": 2, "{field}": {value}}}'  # JSON as Python writes it
     answer = httpx.post(f"{url}/v1/completions", content=raw, headers={"Content-Type": "application/json"})
     assert answer.status_code == 422 and field in answer.text
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
+    """The one real-model check: activation-initialised prefixes on SmolLM2-135M, mixed in one run
+    with chunked prefill, token-identical to `PrefixModel.generate` alone."""
+    reference_base, tokenizer = load_base_model("smollm2-135m")
+    served_base, _ = load_base_model("smollm2-135m")
+    styles = {"french": "Always answer in French.", "pirate": "You are a pirate. Talk like a pirate, matey!"}
+    models = [PrefixModel(base, name=None, tokenizer=tokenizer) for base in (reference_base, served_base)]
+    for model in models:
+        for name, text in styles.items():
+            model.add_prefix(name, PrefixConfig(prefix_length=None, init="activations", init_text=text))
+    reference, served = models
+    prompts = ["The best way to learn to cook is", "Tell me about the ocean."]
+    jobs = [(p, n) for p in prompts for n in ("", *styles)]
+    snapshots = {n: served.prefix_inputs(n, 1)["prefix_key_values"][0].detach() if n else None for _, n in jobs}
+    engine = ContinuousEngine(served, tokenizer, max_batch_size=6, max_batch_tokens=16).start()
+    ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
+    futures = [engine.submit(Request(ids[p], n or BASE_NAME, 12, key_values=snapshots[n])) for p, n in jobs]
+    results = [future.result(timeout=300).token_ids for future in futures]
+    engine.stop()
+    for (prompt, name), got in zip(jobs, results, strict=True):
+        out = reference.generate(
+            input_ids=torch.tensor([ids[prompt]]), prefix=[name], max_new_tokens=12, do_sample=False
+        )[0, len(ids[prompt]) :].tolist()
+        want = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+        assert got == want, (prompt, name)
