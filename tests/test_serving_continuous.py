@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
-from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app
+from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app, continuous
 from prefixtune.serving.background import running
 from test_serving import PREFIXES, PROMPTS, TOKEN, alone, prefix_files, prompt_ids, reference_model, write_store
 from tiny import needs_smollm2, tiny_model, tiny_tokenizer
@@ -62,6 +62,32 @@ def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_reque
     for (prompt, name, max_tokens), result in zip(jobs, results, strict=True):
         assert result.token_ids == alone(reference, prompt, name, max_tokens), (prompt, name)
     assert len({tuple(r.token_ids) for (p, _, _), r in zip(jobs, results, strict=True) if p == PROMPTS[0]}) > 1
+
+
+def test_an_exception_in_one_row_fails_that_request_alone(tmp_path, monkeypatch):
+    write_store(tmp_path / "store")
+    reference = reference_model(tmp_path / "store")
+    model = reference_model(tmp_path / "store")
+    store = PrefixStore(model, tmp_path / "store")
+    snapshots = {name: store.snapshot(name) for name in PREFIXES}
+    real = continuous._sample_row
+
+    def poisoned(logits, temperature, top_p, generator):
+        if temperature == 0.5:
+            raise RuntimeError("poisoned row")
+        return real(logits, temperature, top_p, generator)
+
+    monkeypatch.setattr(continuous, "_sample_row", poisoned)
+    engine = ContinuousEngine(model, model.tokenizer, max_batch_size=8).start()
+    bad = Request(prompt_ids(LONG), "formal-blog", 30, temperature=0.5, key_values=snapshots["formal-blog"])
+    good = [Request(prompt_ids(LONG), name, 30, key_values=snapshots[name]) for name in PREFIXES]
+    futures = [engine.submit(request) for request in [bad, *good]]
+    with pytest.raises(RuntimeError, match="poisoned row"):
+        futures[0].result(timeout=60)
+    results = [future.result(timeout=60) for future in futures[1:]]
+    engine.stop()
+    for name, result in zip(PREFIXES, results, strict=True):
+        assert result.token_ids == alone(reference, LONG, name, 30) and result.finish_reason == "length"
 
 
 def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(live):
