@@ -11,11 +11,13 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
-from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app
+from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app, continuous
 from prefixtune.serving.background import running
 from test_serving import PREFIXES, PROMPTS, TOKEN, alone, prefix_files, prompt_ids, reference_model, write_store
-from tiny import tiny_model, tiny_tokenizer
+from tiny import needs_smollm2, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,32 @@ def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_reque
     for (prompt, name, max_tokens), result in zip(jobs, results, strict=True):
         assert result.token_ids == alone(reference, prompt, name, max_tokens), (prompt, name)
     assert len({tuple(r.token_ids) for (p, _, _), r in zip(jobs, results, strict=True) if p == PROMPTS[0]}) > 1
+
+
+def test_an_exception_in_one_row_fails_that_request_alone(tmp_path, monkeypatch):
+    write_store(tmp_path / "store")
+    reference = reference_model(tmp_path / "store")
+    model = reference_model(tmp_path / "store")
+    store = PrefixStore(model, tmp_path / "store")
+    snapshots = {name: store.snapshot(name) for name in PREFIXES}
+    real = continuous._sample_row
+
+    def poisoned(logits, temperature, top_p, generator):
+        if temperature == 0.5:
+            raise RuntimeError("poisoned row")
+        return real(logits, temperature, top_p, generator)
+
+    monkeypatch.setattr(continuous, "_sample_row", poisoned)
+    engine = ContinuousEngine(model, model.tokenizer, max_batch_size=8).start()
+    bad = Request(prompt_ids(LONG), "formal-blog", 30, temperature=0.5, key_values=snapshots["formal-blog"])
+    good = [Request(prompt_ids(LONG), name, 30, key_values=snapshots[name]) for name in PREFIXES]
+    futures = [engine.submit(request) for request in [bad, *good]]
+    with pytest.raises(RuntimeError, match="poisoned row"):
+        futures[0].result(timeout=60)
+    results = [future.result(timeout=60) for future in futures[1:]]
+    engine.stop()
+    for name, result in zip(PREFIXES, results, strict=True):
+        assert result.token_ids == alone(reference, LONG, name, 30) and result.finish_reason == "length"
 
 
 def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(live):
@@ -262,3 +290,32 @@ def test_non_finite_numbers_get_a_4xx_naming_the_field(live, field, value):
     raw = f'{{"model": "base", "prompt": "cheap", "max_tokens": 2, "{field}": {value}}}'  # JSON as Python writes it
     answer = httpx.post(f"{url}/v1/completions", content=raw, headers={"Content-Type": "application/json"})
     assert answer.status_code == 422 and field in answer.text
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
+    """The one real-model check: activation-initialised prefixes on SmolLM2-135M, mixed in one run
+    with chunked prefill, token-identical to `PrefixModel.generate` alone."""
+    reference_base, tokenizer = load_base_model("smollm2-135m")
+    served_base, _ = load_base_model("smollm2-135m")
+    styles = {"french": "Always answer in French.", "pirate": "You are a pirate. Talk like a pirate, matey!"}
+    models = [PrefixModel(base, name=None, tokenizer=tokenizer) for base in (reference_base, served_base)]
+    for model in models:
+        for name, text in styles.items():
+            model.add_prefix(name, PrefixConfig(prefix_length=None, init="activations", init_text=text))
+    reference, served = models
+    prompts = ["The best way to learn to cook is", "Tell me about the ocean."]
+    jobs = [(p, n) for p in prompts for n in ("", *styles)]
+    snapshots = {n: served.prefix_inputs(n, 1)["prefix_key_values"][0].detach() if n else None for _, n in jobs}
+    engine = ContinuousEngine(served, tokenizer, max_batch_size=6, max_batch_tokens=16).start()
+    ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
+    futures = [engine.submit(Request(ids[p], n or BASE_NAME, 12, key_values=snapshots[n])) for p, n in jobs]
+    results = [future.result(timeout=300).token_ids for future in futures]
+    engine.stop()
+    for (prompt, name), got in zip(jobs, results, strict=True):
+        out = reference.generate(
+            input_ids=torch.tensor([ids[prompt]]), prefix=[name], max_new_tokens=12, do_sample=False
+        )[0, len(ids[prompt]) :].tolist()
+        want = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+        assert got == want, (prompt, name)

@@ -51,6 +51,7 @@ class _Live:
     generator: torch.Generator | None
     tokens: list[Token]  # one per sampled token, aligned with the request's generated tokens
     sent: int = 0  # tokens already put on the channel
+    error: Exception | None = None  # this row failed (in our per-row code): it ends with this error
 
 
 class PrefixScheduler(FIFOScheduler):
@@ -103,19 +104,31 @@ class PerRequestSampling(ModelRunner):
             live = self.live.get(state.request_id)
             if live is None:
                 continue
-            request = live.request
-            if request.temperature > 0:
-                chosen[row] = _sample_row(logits[row], request.temperature, request.top_p, live.generator)
-            token = Token(int(chosen[row]))
-            if request.logprobs is not None:
-                logprobs = torch.log_softmax(logits[row], dim=-1)
-                token.logprob = float(logprobs[token.id])
-                if request.logprobs:
-                    top = logprobs.topk(request.logprobs)
-                    token.top = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            live.tokens.append(token)
+            try:
+                live.tokens.append(_row_token(logits[row], live))
+            except Exception as error:  # noqa: BLE001 - this row fails alone, at its delivery
+                live.error = error
+                live.tokens.append(Token(int(chosen[row])))
+                continue
+            chosen[row] = live.tokens[-1].id
         self.stats["computed_tokens"] += len(states)
         output_ids[0, : len(states)].copy_(chosen)
+
+
+def _row_token(logits: torch.Tensor, live: _Live) -> Token:
+    """The row's token by its request's options ``[vocab]`` -> Token (with log-probabilities if asked)."""
+    request = live.request
+    token_id = int(logits.argmax())
+    if request.temperature > 0:
+        token_id = _sample_row(logits, request.temperature, request.top_p, live.generator)
+    token = Token(token_id)
+    if request.logprobs is not None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        token.logprob = float(logprobs[token_id])
+        if request.logprobs:
+            top = logprobs.topk(request.logprobs)
+            token.top = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    return token
 
 
 def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -286,16 +299,17 @@ class ContinuousEngine:
         )
         return request.future
 
-    def cancel(self, request: Request) -> None:
-        """Remove the request at the next step (its blocks are freed); its future ends as "cancelled"."""
+    def cancel(self, request: Request, error: Exception | None = None) -> None:
+        """Remove the request at the next step (its blocks are freed); its future ends as "cancelled"
+        (or with `error`)."""
         request_id = getattr(request, "engine_id", None)
         if request_id is None or request_id not in self.live or self.manager is None:
             return
         self.manager.cancel_request(request_id)
         live = self.live.pop(request_id, None)
         if live is not None:
-            self.stats["cancelled"] += 1
-            self._finish(live, "cancelled", None)
+            self.stats["errors" if error else "cancelled"] += 1
+            self._finish(live, "cancelled", error)
 
     def computed_tokens(self) -> int:
         return self.stats["computed_tokens"]
@@ -311,6 +325,9 @@ class ContinuousEngine:
     def _deliver(self, output: GenerationOutput) -> None:
         live = self.live.get(output.request_id)
         if live is None:  # cancelled meanwhile
+            return
+        if live.error is not None:
+            self.cancel(live.request, live.error)
             return
         eos = self.tokenizer.eos_token_id
         generated = output.generated_tokens
