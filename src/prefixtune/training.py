@@ -10,7 +10,13 @@ Accelerate with only rank 0 writing. `PrefixTrainer` changes only what is prefix
 * a checkpoint counts only once its ``checkpoint_complete.json`` is written, last and atomically:
   ``--resume`` takes the newest complete one, so a run killed mid-save never resumes from half a
   checkpoint;
-* evaluation can also generate on validation prompts and report BLEU per step.
+* evaluation can also generate on validation prompts and report BLEU per step;
+* float16 (``--fp16`` or a float16 base) gets autocast and loss scaling on CPUs too, where
+  Accelerate would silently skip both.
+
+Precision (``--dtype`` for the frozen base, ``--bf16``/``--fp16`` autocast), length-grouped batches
+(``--group-by-length``: `Trainer`'s sampler) and FSDP (``--fsdp``) are `TrainingArguments` settings;
+trained prefixes are float32 master parameters whatever the base's precision.
 """
 
 from __future__ import annotations
