@@ -69,6 +69,8 @@ def test_mla_mlp_prefix_trains_compiles_and_round_trips(tmp_path, tokenizer):
     assert all(p.grad is None for p in model.parameters())
     with torch.no_grad():
         before = prefixed(**batch).logits
+        values = prefixed.prefix_inputs(None, 1)["prefix_key_values"][:, :, 1]  # [B, layers, kv_heads, P, head_dim]
+        assert values[..., 8:].abs().max() == 0 and values[..., :8].abs().max() > 0  # padded with zeros
         prefixed.compile_prefix()
         torch.testing.assert_close(prefixed(**batch).logits, before, atol=1e-5, rtol=0)
         prefixed.save_prefix(tmp_path / "mla")

@@ -36,7 +36,7 @@ class Geometry:
     ``head_dim`` is the width prefix keys and values are stored at. Where keys and values differ in
     head size (multi-head latent attention, e.g. DeepSeek-V3: keys 192, values 128), it is the
     larger one, keys sit in ``[..., :key_head_dim]`` and values in ``[..., :value_head_dim]``, and
-    the rest is zeros that attention never reads. Elsewhere all three are equal.
+    the rest is zeros (attention never reads it). Elsewhere all three are equal.
     """
 
     num_layers: int
