@@ -44,7 +44,7 @@ def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
     for parameter in (model.get_input_embeddings().weight, named[len(named) // 2], named[-1]):
         sample = parameter.detach().flatten()[:4096].to("cpu", torch.bfloat16).view(torch.int16)
         digest.update(sample.numpy().tobytes())
-    return {
+    sizes = {
         "model_type": model.config.model_type,
         "num_layers": geometry.num_layers,
         "kv_heads": geometry.kv_heads,
@@ -53,6 +53,10 @@ def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
         "vocab_size": model.get_input_embeddings().weight.shape[0],
         "weights_sha256": digest.hexdigest()[:16],
     }
+    if (geometry.key_head_dim, geometry.value_head_dim) != (geometry.head_dim, geometry.head_dim):
+        # keys and values of different head sizes (MLA); absent elsewhere, so older prefix files still load
+        sizes |= {"key_head_dim": geometry.key_head_dim, "value_head_dim": geometry.value_head_dim}
+    return sizes
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -9,14 +9,15 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from .injection import Capture
+from .injection import Capture, UnsupportedModelError
 
 
 @dataclass
 class TextActivations:
     """What the frozen model computes on the init text, ``P`` tokens long.
 
-    key_values: each layer's real keys/values ``[layers, 2, kv_heads, P, head_dim]``.
+    key_values: each layer's real keys/values ``[layers, 2, kv_heads, P, head_dim]`` (zero-padded
+        where key and value head sizes differ, see `Geometry`).
     attention_inputs: each layer's input to attention (already normalised) ``[layers, P, d_model]``.
     """
 
@@ -43,7 +44,9 @@ def word_embeddings(model: PreTrainedModel, token_ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def text_activations(model: PreTrainedModel, attention_modules: list[nn.Module], token_ids: Tensor) -> TextActivations:
+def text_activations(
+    model: PreTrainedModel, attention_modules: list[nn.Module], token_ids: Tensor, head_dim: int
+) -> TextActivations:
     """Run the frozen model on the tokens and keep each layer's keys/values and attention inputs.
 
     Encoder-decoders read the tokens on both sides: the encoder prefix gets the encoder's
@@ -64,7 +67,14 @@ def text_activations(model: PreTrainedModel, attention_modules: list[nn.Module],
     finally:
         for hook in hooks:
             hook.remove()
-    by_module = {call.module: torch.stack([call.key[0], call.value[0]]) for call in capture.calls}
+    for call in capture.calls:
+        if call.key.shape[2] != len(token_ids):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (model_type={model.config.model_type!r}): {type(call.module).__name__} "
+                f"attends to {call.key.shape[2]} keys for {len(token_ids)} tokens (compressed or pooled keys), "
+                "so a prefix slot stands for no token"
+            )
+    by_module = {call.module: call.key_values(head_dim)[0] for call in capture.calls}
     return TextActivations(
         key_values=torch.stack([by_module[module] for module in attention_modules]).float(),
         attention_inputs=torch.stack([inputs[module][0] for module in attention_modules]).float(),

@@ -96,7 +96,8 @@ class PrefixModel(nn.Module):
                 prefix.init_vocab(word_embeddings(self.base_model, token_ids), self.kv_path)
             else:
                 modules = self.kv_path.attention_modules
-                prefix.init_activations(text_activations(self.base_model, modules, token_ids))
+                activations = text_activations(self.base_model, modules, token_ids, self.geometry.head_dim)
+                prefix.init_activations(activations)
         finally:
             self.base_model.train(was_training)
 

@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
 MASK_CACHE_KWARG = "prefixtune_masks"
+POSITIONS_KWARG = "prefixtune_positions"  # [B, T] each query's position, the prefix owning 0..P-1
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -38,9 +39,15 @@ class UnsupportedModelError(TypeError):
 @dataclass
 class AttentionCall:
     module: nn.Module
-    query: Tensor  # [B, heads, T, head_dim]
+    query: Tensor  # [B, heads, T, key_head_dim]
     key: Tensor  # [B, kv_heads, T, key_head_dim]
     value: Tensor  # [B, kv_heads, T, value_head_dim]
+    mask: Tensor | None = None  # the text mask the layer passed (bool, or additive float)
+
+    def key_values(self, head_dim: int) -> Tensor:
+        """Keys and values as a prefix stores them, zero-padded to `head_dim`: ``[B, 2, kv_heads, T, head_dim]``."""
+        pad = [nn.functional.pad(t, (0, head_dim - t.shape[-1])) for t in (self.key, self.value)]
+        return torch.stack(pad, dim=1)
 
 
 class Capture:
@@ -59,9 +66,19 @@ def _model_eager_function(module: nn.Module) -> Callable:
 
 
 def _prefix_columns(
-    text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, text_length: int, causal: bool
+    text_mask: Tensor | None,
+    prefix_mask: Tensor,
+    query: Tensor,
+    text_length: int,
+    causal: bool,
+    window: int | None = None,
+    positions: Tensor | None = None,
 ) -> Tensor:
-    """The text mask with always-visible prefix columns in front (bool: True attends; float: additive)."""
+    """The text mask with prefix columns in front (bool: True attends; float: additive).
+
+    Prefix columns are visible to every query, except in sliding-window layers: there slot ``j``
+    stands for a token at position ``j`` and is windowed like it (seen from query position ``q``
+    while ``q - j < window``), so a prefix of text T keeps acting exactly like T."""
     batch, query_length = query.shape[0], query.shape[2]
     if text_mask is None:
         # No mask was built: full attention, or causal aligned to the end of the keys.
@@ -72,6 +89,10 @@ def _prefix_columns(
     text_mask = text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
     prefix_mask = prefix_mask.to(text_mask.device, torch.bool)  # [B, P]
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
+    if window is not None:
+        slots = torch.arange(prefix_mask.shape[-1], device=text_mask.device)
+        in_window = positions.to(text_mask.device)[:, :, None] - slots < window  # [B, T_q, P]
+        prefix = prefix & in_window[:, None]
     if text_mask.dtype != torch.bool:
         blocked = torch.finfo(text_mask.dtype).min
         prefix = torch.zeros((), dtype=text_mask.dtype, device=text_mask.device).masked_fill(~prefix, blocked)
@@ -89,18 +110,40 @@ def new_mask_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 
 
 def _layer_mask(
-    module: nn.Module, text_mask: Tensor | None, prefix_mask: Tensor, query: Tensor, length: int, cache: dict | None
+    module: nn.Module,
+    text_mask: Tensor | None,
+    prefix_mask: Tensor,
+    query: Tensor,
+    length: int,
+    cache: dict | None,
+    window: int | None,
+    positions: Tensor | None,
 ) -> Tensor:
     """`_prefix_columns`, built once per forward call and place rather than per layer: the layers of
     a place get the same text mask object (one per layer type, e.g. full or sliding) and the same
     prefix mask row. The cache entry holds the text mask itself, so its ``id`` stays unique while the
     cache lives."""
     causal = getattr(module, "is_causal", True)
+    chunk = getattr(module, "prefixtune_chunk", None)
+    if (window is not None or chunk is not None) and positions is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: a sliding-window or chunked layer outside a decoder-only model's position "
+            "shift; prefixtune cannot cut its prefix columns like the tokens they stand for"
+        )
+    if chunk is not None and int(positions.max()) >= chunk:
+        # transformers cuts text into chunks by index, blind to the prefix before it; within the
+        # first chunk nothing is cut, beyond it prefixed text would be chunked differently from T + x.
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: chunked attention (chunk {chunk} tokens) with a prefix is exact only within "
+            f"the first chunk; this input reaches position {int(positions.max())} counting the prefix"
+        )
+    arguments = (text_mask, prefix_mask, query, length, causal, window, positions)
     if cache is None:
-        return _prefix_columns(text_mask, prefix_mask, query, length, causal)
-    key = (getattr(module, "prefixtune_place", None), id(text_mask), query.shape[0], query.shape[2], length, causal)
+        return _prefix_columns(*arguments)
+    place = getattr(module, "prefixtune_place", None)
+    key = (place, id(text_mask), query.shape[0], query.shape[2], length, causal, window)
     if key not in cache:
-        cache[key] = (text_mask, _prefix_columns(text_mask, prefix_mask, query, length, causal))
+        cache[key] = (text_mask, _prefix_columns(*arguments))
     return cache[key][1]
 
 
@@ -115,16 +158,24 @@ def _prefix_attention(delegate: str) -> Callable:
         prefix_attention_mask: Tensor | None = None,  # [B, layers, P]
         prefixtune_capture: Capture | None = None,
         prefixtune_masks: dict | None = None,
+        prefixtune_positions: Tensor | None = None,  # [B, T]
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
         function = sdpa_attention_forward if delegate == "sdpa" else _model_eager_function(module)
         if prefixtune_capture is not None:
-            prefixtune_capture.calls.append(AttentionCall(module, query, key, value))
+            prefixtune_capture.calls.append(AttentionCall(module, query, key, value, attention_mask))
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
             prefix = prefix_key_values[:, layer].to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
             attention_mask = _layer_mask(
-                module, attention_mask, prefix_attention_mask[:, layer], query, key.shape[2], prefixtune_masks
+                module,
+                attention_mask,
+                prefix_attention_mask[:, layer],
+                query,
+                key.shape[2],
+                prefixtune_masks,
+                getattr(module, "prefixtune_window", None),
+                prefixtune_positions,
             )
             if kwargs.get("position_bias") is not None:  # T5: prefix columns get no relative-position bias
                 bias = kwargs["position_bias"]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from ..config import PLACES
 from ..transformers_private import (
@@ -28,7 +29,7 @@ from .attention import (
     UnsupportedModelError,
     new_mask_cache,
 )
-from .positions import offset_positions, shift_stack_positions
+from .positions import counts_own_positions, position_shifter, shift_stack_positions
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class Geometry:
     Layers are numbered across the whole model; ``places`` says which belong to the encoder's
     self-attention, the decoder's self-attention and the decoder's cross-attention (decoder-only
     models have just ``decoder``).
+
+    ``head_dim`` is the width prefix keys and values are stored at. Where keys and values differ in
+    head size (multi-head latent attention, e.g. DeepSeek-V3: keys 192, values 128), it is the
+    larger one, keys sit in ``[..., :key_head_dim]`` and values in ``[..., :value_head_dim]``, and
+    the rest is zeros (attention never reads it). Elsewhere all three are equal.
     """
 
     num_layers: int
@@ -45,6 +51,13 @@ class Geometry:
     head_dim: int
     hidden_size: int
     places: dict[str, tuple[int, ...]]
+    key_head_dim: int | None = None  # None: head_dim
+    value_head_dim: int | None = None  # None: head_dim
+
+    def __post_init__(self) -> None:
+        for field in ("key_head_dim", "value_head_dim"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, self.head_dim)
 
     def layers_for(self, places: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(sorted(layer for place in places for layer in self.places.get(place, ())))
@@ -56,7 +69,10 @@ class KeyValuePath:
     attention module itself and keeps the keys/values it hands to the attention function
     (cross-attention modules get the states as their encoder states)."""
 
-    def __init__(self, model: PreTrainedModel, attention_modules: list[nn.Module], cross: tuple[int, ...]) -> None:
+    def __init__(
+        self, model: PreTrainedModel, attention_modules: list[nn.Module], cross: tuple[int, ...], head_dim: int
+    ) -> None:
+        self.head_dim = head_dim
         self.attention_modules = attention_modules
         self.cross = set(cross)
         self.rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
@@ -64,7 +80,7 @@ class KeyValuePath:
         self.accepted = [frozenset(inspect.signature(m.forward).parameters) for m in attention_modules]
 
     def __call__(self, layer: int, hidden: Tensor) -> Tensor:
-        """hidden ``[P, d_model]`` -> keys/values ``[2, kv_heads, P, head_dim]``."""
+        """hidden ``[P, d_model]`` -> keys/values ``[2, kv_heads, P, head_dim]`` (see `Geometry`)."""
         module, accepted = self.attention_modules[layer], self.accepted[layer]
         hidden = hidden[None].to(next(module.parameters()).dtype)  # [1, P, d_model]
         positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # [1, P]
@@ -82,8 +98,7 @@ class KeyValuePath:
             kwargs["position_ids"] = positions
         capture = Capture()
         module(**kwargs, prefixtune_capture=capture)
-        call = capture.calls[-1]
-        return torch.stack([call.key[0], call.value[0]])
+        return capture.calls[-1].key_values(self.head_dim)[0]
 
 
 def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
@@ -115,7 +130,7 @@ def _probe(model: PreTrainedModel) -> Capture:
             model(**inputs)
     except TypeError as error:
         raise UnsupportedModelError(
-            f"{type(model).__name__} does not pass attention arguments through AttentionInterface: {error}"
+            f"{_kind(model)} does not pass attention arguments through AttentionInterface: {error}"
         ) from error
     return capture
 
@@ -126,7 +141,10 @@ def _place(model: PreTrainedModel, call: AttentionCall) -> str:
     shape = (call.query.shape[2], call.key.shape[2])
     places = {(3, 3): "encoder", (2, 2): "decoder", (2, 3): "cross"}
     if shape not in places:
-        raise UnsupportedModelError(f"{type(call.module).__name__}: unexpected attention shape {shape} in the probe")
+        raise UnsupportedModelError(
+            f"{_kind(model)}: {type(call.module).__name__} attends {shape[0]} queries to {shape[1]} keys in the probe "
+            "(3 source and 2 target tokens), which is no encoder, decoder or cross-attention"
+        )
     return places[shape]
 
 
@@ -152,7 +170,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     ordered = [module for place in PLACES for module in by_place[place]]
     if not ordered:
         raise UnsupportedModelError(
-            f"{type(model).__name__} (model_type={model.config.model_type!r}) does not route attention through "
+            f"{_kind(model)} does not route attention through "
             "transformers' AttentionInterface, so prefixtune cannot inject a prefix into it"
         )
     for index, module in enumerate(ordered):
@@ -160,31 +178,149 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     for place, modules in by_place.items():
         for module in modules:
             module.prefixtune_place = place
+    _tag_windowed_layers(model, by_place["decoder"])
     places, start = {}, 0
     for place in PLACES:
         if by_place[place]:
             places[place] = tuple(range(start, start + len(by_place[place])))
             start += len(by_place[place])
-    shapes = {(call.key.shape[1], call.key.shape[3]) for call in calls}
-    if len(shapes) != 1:
-        raise UnsupportedModelError(f"{type(model).__name__}: layers disagree on key shapes {sorted(shapes)}")
-    ((kv_heads, head_dim),) = shapes
+    _refuse_state_layers(model)
+    _refuse_own_attention(model, calls)
+    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not getattr(model, "_prefixtune_injected", None):
         hooks = [model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)]
-        if model.config.is_encoder_decoder:
-            # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
-            # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
-            hooks += shift_stack_positions(model.get_decoder(), places["decoder"])
+        # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
+        # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
+        decoder = model.get_decoder()
+        if model.config.is_encoder_decoder or counts_own_positions(decoder):
+            hooks += shift_stack_positions(decoder, places["decoder"])
         else:
-            hooks.append(model.register_forward_pre_hook(offset_positions, with_kwargs=True))
+            hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
         _accept_prefix_in_generate(model)
         model._prefixtune_injected = Injected(original, hooks)
-    geometry = Geometry(len(ordered), kv_heads, head_dim, hidden_size, places)
-    return geometry, KeyValuePath(model, ordered, places.get("cross", ()))
+    head_dim = max(key_head_dim, value_head_dim)
+    geometry = Geometry(len(ordered), kv_heads, head_dim, hidden_size, places, key_head_dim, value_head_dim)
+    return geometry, KeyValuePath(model, ordered, places.get("cross", ()), head_dim)
 
 
-TAGS = ("prefixtune_layer", "prefixtune_place", "prefixtune_shift")  # attributes inject puts on modules
+def _tag_windowed_layers(model: PreTrainedModel, modules: list[nn.Module]) -> None:
+    """Tag sliding-window and chunked layers with their window or chunk size. Which layers' masks a
+    window cuts is read from the model itself: a second probe with the window set to 1 token shows
+    which layers hide the first token from the second (models differ: PhiMoE windows every layer
+    without telling attention, Moshi's config has a window its masks never use). Chunked layers
+    (Llama 4) are the ``chunked_attention`` entries of ``layer_types``."""
+    config = model.config.get_text_config(decoder=True)
+    window, chunk = getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed: set[int] = set()
+    if window:
+        config.sliding_window = 1
+        try:
+            for call in _probe(model).calls:
+                mask = call.mask
+                if mask is not None and not bool(
+                    mask[..., 1, 0].any() if mask.dtype == torch.bool else (mask[..., 1, 0] == 0).any()
+                ):
+                    windowed.add(id(call.module))
+        finally:
+            config.sliding_window = window
+    for module in modules:
+        module.prefixtune_window = window if id(module) in windowed else None
+        module.prefixtune_chunk = None
+        if "chunked_attention" in layer_types:
+            index = getattr(module, "layer_idx", None)
+            if not isinstance(index, int) or not 0 <= index < len(layer_types):
+                raise UnsupportedModelError(f"{_kind(model)}: cannot tell which attention layers are chunked")
+            module.prefixtune_chunk = chunk if layer_types[index] == "chunked_attention" else None
+
+
+def _hides_first_token(mask: Tensor | None) -> bool:
+    """Whether a probe's text mask keeps the second token from seeing the first."""
+    if mask is None or mask.shape[-1] < 2 or mask.shape[-2] < 2:
+        return False
+    visible = mask[..., 1, 0] if mask.dtype == torch.bool else mask[..., 1, 0] == 0
+    return not bool(visible.any())
+
+
+def _kind(model: PreTrainedModel) -> str:
+    return f"{type(model).__name__} (model_type={model.config.model_type!r})"
+
+
+def _refuse_state_layers(model: PreTrainedModel) -> None:
+    """Hybrid models (linear attention, state-space or convolution layers beside attention, as their
+    cache declares them) carry a recurrent or convolution state instead of keys and values there. A
+    key/value prefix would reach only the attention layers, so a prefix of text T would not act like T."""
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (TypeError, ValueError, AttributeError, KeyError):  # configs that declare no cache layout
+        return
+    stateful = [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+    if stateful:
+        raise UnsupportedModelError(
+            f"{_kind(model)}: layers {stateful} are linear-attention, state-space or convolution layers (they "
+            "carry a recurrent/convolution state, not keys and values); a key/value prefix would reach only the "
+            "attention layers and not act like its text, so prefixtune refuses this hybrid model"
+        )
+
+
+def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) -> None:
+    """Attention that does more than softmax(QK^T + mask)V over one key/value per token, which the
+    prefix columns cannot follow: several calls per layer with values transformed in between
+    (differential attention), or an additive mask computed from the content (dynamic masks)."""
+    seen: set[int] = set()
+    for call in calls:
+        name = type(call.module).__name__
+        if id(call.module) in seen:
+            raise UnsupportedModelError(
+                f"{_kind(model)}: {name} calls attention more than once per layer (e.g. differential attention on "
+                "halves of the values), so prefix keys/values put in front of each call would not combine as its text"
+            )
+        seen.add(id(call.module))
+        mask = call.mask
+        if mask is not None and mask.is_floating_point():
+            blocked = torch.finfo(mask.dtype).min
+            if bool(((mask != 0) & (mask != blocked) & torch.isfinite(mask)).any()):
+                raise UnsupportedModelError(
+                    f"{_kind(model)}: {name} adds a content- or position-dependent bias to its attention mask, "
+                    "which prefix columns would not get"
+                )
+
+
+def _key_value_shape(model: PreTrainedModel, calls: list[AttentionCall]) -> tuple[int, int, int]:
+    """(kv_heads, key_head_dim, value_head_dim), the same for every layer, with one key and value
+    per token (a prefix slot stands for one token)."""
+    kind = _kind(model)
+    shapes = {(call.key.shape[1], call.key.shape[3], call.value.shape[1], call.value.shape[3]) for call in calls}
+    if len(shapes) != 1:
+        raise UnsupportedModelError(
+            f"{kind}: layers disagree on key/value shapes (kv_heads, key_head_dim, value kv_heads, value_head_dim) "
+            f"{sorted(shapes)}; a prefix has one shape for all layers"
+        )
+    ((kv_heads, key_head_dim, value_heads, value_head_dim),) = shapes
+    if value_heads != kv_heads:
+        raise UnsupportedModelError(f"{kind}: {kv_heads} key heads but {value_heads} value heads")
+    for call in calls:
+        if not call.key.shape[2] == call.value.shape[2] == _probe_length(model, call):
+            raise UnsupportedModelError(
+                f"{kind}: {type(call.module).__name__} attends to {call.key.shape[2]} keys for "
+                f"{_probe_length(model, call)} tokens (compressed or pooled keys), so a prefix slot stands for no token"
+            )
+    return kv_heads, key_head_dim, value_head_dim
+
+
+def _probe_length(model: PreTrainedModel, call: AttentionCall) -> int:
+    """How many keys the probe's tokens give this call: 2 decoder tokens, or 3 source tokens."""
+    return 3 if model.config.is_encoder_decoder and _place(model, call) in ("encoder", "cross") else 2
+
+
+TAGS = (  # attributes inject puts on modules
+    "prefixtune_layer",
+    "prefixtune_place",
+    "prefixtune_window",
+    "prefixtune_chunk",
+    "prefixtune_shift",
+)
 
 
 @dataclass

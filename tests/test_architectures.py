@@ -1,0 +1,103 @@
+"""Every causal-LM type transformers registers is exact or refused, never silently different; and
+the architectures that needed work (multi-head latent attention, RoBERTa positions, decoder-only
+BART family, hybrids) behave as README's models section says."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from architecture_walk import ROWS, TEXTS, build, check, table, walk
+from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MLA = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "minicpm3", "longcat_flash", "sarvam_mla"]
+OWN_POSITIONS = ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"]
+DECODER_ONLY_SEQ2SEQ = ["bart", "mbart", "marian", "pegasus", "blenderbot-small"]
+HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lfm3", "minimax", "lara_mini", "zaya"]
+
+
+def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
+    outcomes = walk()
+    wrong = [o for o in outcomes if o.outcome not in ("exact", "refused", "skipped")]
+    assert not wrong, "\n".join(f"{o.model_type}: {o.outcome} {o.detail}" for o in wrong)
+    by_type = {o.model_type: o for o in outcomes}
+    for model_type in MLA + OWN_POSITIONS + DECODER_ONLY_SEQ2SEQ + ["llama", "gpt2", "gemma3_text", "mistral"]:
+        assert by_type[model_type].outcome == "exact", by_type[model_type]
+    for model_type in HYBRID + ["diffllama", "doge", "deepseek_v4"]:
+        assert by_type[model_type].outcome == "refused", by_type[model_type]
+    for outcome in outcomes:  # a refusal names the model type (or its class) and a reason
+        if outcome.outcome == "refused":
+            assert re.search(r"\w+(ForCausalLM|Model|ForConditionalGeneration)\b", outcome.detail), outcome
+    readme = set(README.read_text().splitlines())
+    stale = [line for line in table(outcomes).splitlines() if line not in readme]
+    assert not stale, f"README's walk table is stale (python tests/architecture_walk.py); now: {stale}"
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite", "roberta", "bart"])
+def test_hidden_prefix_with_activations_init_is_exact_too(model_type):
+    """The `hidden` parameterization goes through each layer's own key/value path (MLA: the latent
+    compression and decoupled rotary key), so it must reproduce the text as well."""
+    assert check(model_type, parameterization="hidden").outcome == "exact"
+
+
+def test_mla_geometry_keeps_key_and_value_head_sizes_apart(tokenizer):
+    model = build("deepseek_v3")
+    config = PrefixConfig(prefix_length=None, init="activations", init_text=TEXTS[1])
+    prefixed = PrefixModel(model, config, tokenizer=tokenizer)
+    geometry = prefixed.geometry
+    # tiny config: keys 8 (nope) + 8 (rope) = 16 wide, values 8
+    assert (geometry.key_head_dim, geometry.value_head_dim, geometry.head_dim) == (16, 8, 16)
+    key_values = prefixed.prefixes["default"].prefix_key_values  # [layers, 2, kv_heads, P, head_dim]
+    assert key_values.shape == (geometry.num_layers, 2, geometry.kv_heads, 4, 16)
+    assert key_values[:, 1, ..., 8:].abs().max() == 0  # values are stored zero-padded
+    assert key_values[:, 1, ..., :8].abs().max() > 0
+    assert prefixed.fingerprint["key_head_dim"] == 16 and prefixed.fingerprint["value_head_dim"] == 8
+
+
+def test_mla_mlp_prefix_trains_compiles_and_round_trips(tmp_path, tokenizer):
+    model = build("deepseek_v3")
+    config = PrefixConfig(prefix_length=3, parameterization="mlp", mlp_hidden_size=16, init_std=0.5)
+    prefixed = PrefixModel(model, config, tokenizer=tokenizer)
+    batch = {"input_ids": torch.tensor([ROWS[2]])}
+    loss = prefixed(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prefixed.trainable_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        before = prefixed(**batch).logits
+        values = prefixed.prefix_inputs(None, 1)["prefix_key_values"][:, :, 1]  # [B, layers, kv_heads, P, head_dim]
+        assert values[..., 8:].abs().max() == 0 and values[..., :8].abs().max() > 0  # padded with zeros
+        prefixed.compile_prefix()
+        torch.testing.assert_close(prefixed(**batch).logits, before, atol=1e-5, rtol=0)
+        prefixed.save_prefix(tmp_path / "mla")
+        again = PrefixModel.from_pretrained(model, tmp_path / "mla")
+        torch.testing.assert_close(again(**batch).logits, before, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text"])
+def test_hybrid_models_are_refused_with_type_and_reason(model_type):
+    with pytest.raises(UnsupportedModelError, match=rf"model_type='{model_type}'.*linear-attention"):
+        PrefixModel(build(model_type), PrefixConfig(prefix_length=2))
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "roberta"])
+def test_checkpointing_on_and_off_give_the_same_loss_and_gradients(model_type):
+    def loss_and_gradients(checkpointing: bool):
+        model = build(model_type).train()
+        torch.manual_seed(0)
+        prefixed = PrefixModel(model, PrefixConfig(prefix_length=3, parameterization="hidden", init_std=0.5)).train()
+        if checkpointing:
+            prefixed.gradient_checkpointing_enable()
+        batch = {"input_ids": torch.tensor([ROWS[0], ROWS[0][::-1]])}
+        loss = prefixed(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        return loss.detach(), prefixed.prefixes["default"].prefix_hidden.grad
+
+    plain, checkpointed = loss_and_gradients(False), loss_and_gradients(True)
+    torch.testing.assert_close(checkpointed[0], plain[0])
+    torch.testing.assert_close(checkpointed[1], plain[1])
+    assert plain[1].abs().sum() > 0
