@@ -319,3 +319,16 @@ def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
         )[0, len(ids[prompt]) :].tolist()
         want = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
         assert got == want, (prompt, name)
+
+
+def test_metrics_count_requests_latencies_and_engine_state_in_prometheus_format(live):
+    url, *_ = live
+    before = metric(url, "prefixtune_time_to_first_token_seconds_count")
+    body = {"model": "twitter-wit", "prompt": LONG, "max_tokens": 5}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert metric(url, "prefixtune_time_to_first_token_seconds_count") == before + 1
+    assert metric(url, "prefixtune_time_per_output_token_seconds_count") >= 1
+    assert metric(url, 'prefixtune_requests_total{outcome="ok",prefix="twitter-wit"}') >= 1
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("prefixtune_queue_depth 0.0", "prefixtune_running_rows 0.0", "# TYPE prefixtune_computed_tokens"):
+        assert name in text
