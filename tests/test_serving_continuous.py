@@ -174,6 +174,19 @@ def test_hung_up_streams_stop_costing_tokens(live):
     assert engine.computed_tokens() - before < 8 * 120 / 2  # far fewer than the 960 asked for
 
 
+def test_a_non_streaming_client_that_hangs_up_is_cancelled_too(live):
+    url, engine, *_ = live
+    cancelled = metric(url, 'prefixtune_cancellations_total{reason="disconnect"}')
+    body = {"model": "recipe-mlp", "prompt": LONG, "max_tokens": 120}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.02))
+    deadline = time.time() + 30
+    while engine.live and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.live
+    assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') == cancelled + 1
+
+
 def test_overload_beyond_max_queue_gets_429_with_retry_after_and_the_server_stays_healthy(tmp_path):
     write_store(tmp_path / "store")
     limits = Limits(max_tokens=60, max_queue=2)
