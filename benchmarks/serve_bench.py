@@ -48,8 +48,10 @@ def write_store(model, tokenizer, folder: Path, count: int, length: int) -> list
 
 
 def workload(tokenizer, count: int, prefixes: int, args, seed: int) -> list[dict]:
-    """Requests with Zipf(1) prefix popularity, uniform prompt lengths and max_tokens, Poisson gaps."""
-    rng = random.Random(seed)
+    """Requests with Zipf(1) prefix popularity, uniform prompt lengths and max_tokens, Poisson gaps.
+    The same `seed` gives the same prompts, lengths and gaps whatever `prefixes` is (its own stream
+    draws the prefixes), so N=1 and N=many phases differ only in their prefixes."""
+    rng, popularity = random.Random(seed), random.Random(seed + 1)
     weights = [1 / (rank + 1) for rank in range(prefixes)]
     words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:5000]
     jobs, at = [], 0.0
@@ -57,7 +59,7 @@ def workload(tokenizer, count: int, prefixes: int, args, seed: int) -> list[dict
         length = rng.randint(*args.prompt_tokens)
         ids = tokenizer(" ".join(rng.choice(words) for _ in range(length)), add_special_tokens=False)["input_ids"]
         prompt = tokenizer.decode(ids[:length])
-        name = f"p{rng.choices(range(prefixes), weights)[0]:04d}"
+        name = f"p{popularity.choices(range(prefixes), weights)[0]:04d}"
         jobs.append({"model": name, "prompt": prompt, "max_tokens": rng.randint(*args.max_tokens), "at": at})
         at += rng.expovariate(1.0)  # unit-rate gaps, scaled by the phase's rate
     return jobs
@@ -118,10 +120,21 @@ def summary(results: list[dict], seconds: float, reference: list[dict] | None) -
     }
 
 
-def serve(engine: str, args, store: Path):
+class Phases(dict):
+    """Phase results, each printed when it is measured (a long run shows its progress)."""
+
+    def __setitem__(self, label: str, value: dict) -> None:
+        super().__setitem__(label, value)
+        print(f"[{time.strftime('%H:%M:%S')}] {label}: {json.dumps(value)}", flush=True)
+
+
+def serve(engine: str, args, store: Path, phases: Phases):
     model, tokenizer = base_model(args.quick)
     limits = Limits(max_prompt_tokens=400, max_tokens=args.max_tokens[1], max_queue=None)
-    return build_app(model, tokenizer, str(store), limits=limits, max_batch_size=args.batch, engine=engine)
+    started = time.perf_counter()  # the base is loaded: this is the store and the engine
+    served = build_app(model, tokenizer, str(store), limits=limits, max_batch_size=args.batch, engine=engine)
+    phases[f"start-up, {engine} engine, store of {args.many} (s)"] = {"seconds": time.perf_counter() - started}
+    return served
 
 
 def main() -> int:
@@ -144,19 +157,17 @@ def main() -> int:
     write_store(model, tokenizer, store, args.many, args.prefix_length)
     store_seconds = time.perf_counter() - began
     one_prefix = workload(tokenizer, args.requests, 1, args, seed=1)
-    many = workload(tokenizer, args.requests, args.many, args, seed=2)
-    phases: dict[str, dict] = {}
+    many = workload(tokenizer, args.requests, args.many, args, seed=1)
+    phases = Phases()
 
-    app, engine, _ = serve("microbatch", args, store)
+    app, engine, _ = serve("microbatch", args, store, phases)
     with running(app) as url:
         old, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
     engine.stop()
     phases["saturation, 1 prefix, old engine"] = summary(old, seconds, None)
 
-    started = time.perf_counter()
-    app, engine, _ = serve("continuous", args, store)
+    app, engine, _ = serve("continuous", args, store, phases)
     with running(app) as url:
-        phases["start-up with the store (s)"] = {"seconds": time.perf_counter() - started}
         alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[:5]]
         phases["alone"] = summary(alone, sum(r["end"] - r["sent"] for r in alone), old[:5])
         new, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))

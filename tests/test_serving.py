@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 
 import pytest
@@ -316,3 +317,27 @@ def test_prefixtune_serve_command_serves_the_store(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_thousand_prefix_store_starts_without_loading_and_lru_evicts_and_reloads(tmp_path):
+    write_store(tmp_path / "store")
+    for i in range(1000):  # copies of one prefix: start-up must not read any of them
+        shutil.copytree(tmp_path / "store" / "formal-blog", tmp_path / "store" / f"copy-{i:04d}")
+    one = PrefixModel(tiny_model("llama"), PrefixConfig(prefix_length=3), name="x").prefixes["x"]
+    budget = 2 * sum(p.numel() * p.element_size() for p in one.parameters())  # two 3-position prefixes
+    app, engine, store = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store", prefix_cache_bytes=budget)
+    with TestClient(app) as client:
+        assert len(client.get("/v1/models").json()["data"]) == 1 + 1003 and store.stats["loads"] == 0
+
+        def ask(name: str) -> str:
+            body = {"model": name, "prompt": PROMPTS[1], "max_tokens": 4}
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        first = ask("copy-0000")
+        assert ask("copy-0001") == first and ask("copy-0002") == first  # the same prefix under three names
+        assert store.stats["evictions"] >= 1 and store.loaded_bytes <= budget and "copy-0000" not in store.loaded
+        assert ask("copy-0000") == first and store.stats["loads"] == 4  # evicted, reloaded, same answer
+        assert "copy-0000" in engine.model.prefixes and len(engine.model.prefixes) <= 2
+    engine.stop()

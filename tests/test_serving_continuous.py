@@ -174,6 +174,19 @@ def test_hung_up_streams_stop_costing_tokens(live):
     assert engine.computed_tokens() - before < 8 * 120 / 2  # far fewer than the 960 asked for
 
 
+def test_a_non_streaming_client_that_hangs_up_is_cancelled_too(live):
+    url, engine, *_ = live
+    cancelled = metric(url, 'prefixtune_cancellations_total{reason="disconnect"}')
+    body = {"model": "recipe-mlp", "prompt": LONG, "max_tokens": 120}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.02))
+    deadline = time.time() + 30
+    while engine.live and time.time() < deadline:
+        time.sleep(0.05)
+    assert not engine.live
+    assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') == cancelled + 1
+
+
 def test_overload_beyond_max_queue_gets_429_with_retry_after_and_the_server_stays_healthy(tmp_path):
     write_store(tmp_path / "store")
     limits = Limits(max_tokens=60, max_queue=2)
@@ -319,3 +332,16 @@ def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
         )[0, len(ids[prompt]) :].tolist()
         want = out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
         assert got == want, (prompt, name)
+
+
+def test_metrics_count_requests_latencies_and_engine_state_in_prometheus_format(live):
+    url, *_ = live
+    before = metric(url, "prefixtune_time_to_first_token_seconds_count")
+    body = {"model": "twitter-wit", "prompt": LONG, "max_tokens": 5}
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert metric(url, "prefixtune_time_to_first_token_seconds_count") == before + 1
+    assert metric(url, "prefixtune_time_per_output_token_seconds_count") >= 1
+    assert metric(url, 'prefixtune_requests_total{outcome="ok",prefix="twitter-wit"}') >= 1
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("prefixtune_queue_depth 0.0", "prefixtune_running_rows 0.0", "# TYPE prefixtune_computed_tokens"):
+        assert name in text
