@@ -170,7 +170,7 @@ def time_to_quality(args, output: Path) -> None:
     """BLEU vs training seconds for one method, float32 base against bfloat16 base."""
     kind, lr, decoding = next(value for value in METHODS.values() if value[0] == args.time_curve_method)
     results = {}
-    groups = group_references(read_examples(args.eval))
+    groups = group_references(read_examples(args.eval))[: args.eval_limit]
     prompts, references = [g.prompt for g in groups], [g.references for g in groups]
     # bfloat16 first: if the shared machine gets quieter during the run, that favours float32
     for dtype in ("bfloat16", "float32"):
@@ -290,6 +290,7 @@ def main() -> None:
     parser.add_argument("--time-curve", action="store_true", help="BLEU vs training seconds, float32 vs bfloat16")
     parser.add_argument("--time-curve-method", default="prefixtune-hidden-activations")
     parser.add_argument("--group-by-length", action="store_true", help="length-grouped batches (--time-curve)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="--time-curve: score only the first N MRs")
     args = parser.parse_args()
     if args.time_curve:
         Path(args.output).mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """The `prefixtune` command: train, eval, score, convert, generate, serve, demo (typer + rich).
 
 Every command takes ``--config FILE.yaml`` whose keys are the command's option names (``prefix_length``
-or ``prefix-length``); flags given on the command line win over the file.
+or ``prefix-length``); flags given on the command line win over the file. ``train``'s options are
+generated from `TrainOptions` (with `PrefixConfig` nested) by `options_command`, which can host any
+other command whose options are a dataclass.
 """
 
 from __future__ import annotations

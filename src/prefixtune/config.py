@@ -71,7 +71,9 @@ class PrefixConfig:
         if self.prefix_length is not None and (
             isinstance(self.prefix_length, bool) or not isinstance(self.prefix_length, int) or self.prefix_length < 1
         ):
-            raise ConfigError(f"PrefixConfig.prefix_length: expected an int >= 1 or None, got {self.prefix_length!r}")
+            raise ConfigError(
+                f"PrefixConfig.prefix_length: expected a positive int or None, got {self.prefix_length!r}"
+            )
         if not isinstance(self.mlp_hidden_size, int) or self.mlp_hidden_size < 1:
             raise ConfigError(f"PrefixConfig.mlp_hidden_size: expected a positive int, got {self.mlp_hidden_size!r}")
         if not self.init_std > 0:
