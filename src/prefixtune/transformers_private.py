@@ -56,6 +56,7 @@ class PrivateAPI:
 
 
 _TRAINER = "transformers:Trainer"
+_CB = "transformers.generation.continuous_batching"
 
 
 def _check_attn_implementation() -> str | None:
@@ -78,6 +79,15 @@ def _check_checkpointing_function() -> str | None:
             "GradientCheckpointingLayer._gradient_checkpointing_func no longer records use_reentrant=True "
             f"(found {getattr(layer, '_gradient_checkpointing_func', '<missing>')!r})"
         )
+    return None
+
+
+def _check_output_router() -> str | None:
+    from transformers.generation.continuous_batching.continuous_api import OutputRouter
+
+    router = OutputRouter()
+    if not hasattr(router, "_lock") or not isinstance(getattr(router, "result_handlers", None), dict):
+        return "OutputRouter no longer has `_lock` and a `result_handlers` dict"
     return None
 
 
@@ -158,6 +168,57 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
             ("module", "query", "key", "value", "attention_mask"),
         )
         for model_type in ("gpt2", "llama", "qwen2", "opt", "gpt_neox", "bart", "t5")
+    ),
+    # The continuous-batching engine (serving/continuous.py) subclasses transformers' own, unforked:
+    PrivateAPI(
+        f"{_CB}.scheduler:FIFOScheduler._get_waiting_candidates",
+        "PrefixScheduler writes each request's prefix keys/values into its paged blocks before its first prefill",
+        (),
+    ),
+    PrivateAPI(
+        f"{_CB}.cache:PagedAttentionCache.can_store_request_tokens",
+        "allocates a request's blocks for its prefix slots (and says when the cache is full)",
+        ("state", "request_len"),
+    ),
+    PrivateAPI(
+        f"{_CB}.cache_allocators.cache_allocator:CacheAllocator.get_write_indices",
+        "where in the paged cache a request's prefix slots go",
+        ("request_id", "past_length", "query_length"),
+    ),
+    PrivateAPI(
+        f"{_CB}.cache_allocators.full_attention:FullAttentionCacheAllocator.update",
+        "writes the prefix keys/values into those slots",
+        ("key_states", "value_states", "layer_idx"),
+    ),
+    PrivateAPI(
+        f"{_CB}.model_runner:ModelRunner._sample",
+        "PerRequestSampling samples each row by its own request's options (greedy, temperature, top-p, seed, logprobs)",
+        ("scores", "output_ids"),
+    ),
+    PrivateAPI(
+        f"{_CB}.continuous_api:ContinuousBatchingManager._create_batch_processor",
+        "the hook where the prefix scheduler and per-request sampling are put in place",
+        (),
+    ),
+    PrivateAPI(
+        f"{_CB}.continuous_api:ContinuousBatchingManager._generation_step",
+        "a failed step fails only its own rows; the engine keeps serving",
+        (),
+    ),
+    PrivateAPI(
+        f"{_CB}.continuous_api:ContinuousBatchingManager._generation_loop_body",
+        "skips the update of a step whose rows were failed",
+        ("batch_processor", "bootstrapping"),
+    ),
+    PrivateAPI(
+        f"{_CB}.continuous_api:OutputRouter._lock",
+        "guards result_handlers, where each request's results are routed to the engine's own handler",
+        check=_check_output_router,
+    ),
+    PrivateAPI(
+        f"{_CB}.continuous_api:OutputRouter.fail_and_deliver",
+        "delivers a failed row's error to its request alone",
+        ("state", "error"),
     ),
     PrivateAPI(
         "transformers:PreTrainedModel._no_split_modules",
