@@ -77,11 +77,14 @@ LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decod
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
-# Hybrids whose default layout puts no attention layer in the first layers: layer 0 another kind, layer 1 attention.
+# What a type's own validators or layout need beyond SMALL (hybrids: layer 0 another kind, layer 1 attention).
 LAYOUTS = {
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]},
+    "falcon_h1": {"mamba_d_head": 16},
+    "mamba2": {"head_dim": 16},
+    "xmod": {"default_language": "en_XX"},
 }
 
 
@@ -247,16 +250,23 @@ def _row_errors(logits: torch.Tensor, rows: list[list[int]], want: list[torch.Te
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
+    """The error's first line (and the second, where the first only announces it, as validators do)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [""]
+    return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:300]
 
 
 def walk(types: list[str] | None = None) -> list[Outcome]:
+    """`classify` each type, on one thread: for models this tiny, more threads cost 3x the CPU time."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    outcomes = []
-    for model_type in types or causal_lm_types():
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            outcomes.append(classify(model_type))
+    outcomes, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model_type in types or causal_lm_types():
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                outcomes.append(classify(model_type))
+    finally:
+        torch.set_num_threads(threads)
     return outcomes
 
 

@@ -217,12 +217,7 @@ def _tag_windowed_layers(model: PreTrainedModel, modules: list[nn.Module]) -> No
     if window:
         config.sliding_window = 1
         try:
-            for call in _probe(model).calls:
-                mask = call.mask
-                if mask is not None and not bool(
-                    mask[..., 1, 0].any() if mask.dtype == torch.bool else (mask[..., 1, 0] == 0).any()
-                ):
-                    windowed.add(id(call.module))
+            windowed = {id(call.module) for call in _probe(model).calls if _hides_first_token(call.mask)}
         finally:
             config.sliding_window = window
     for module in modules:
