@@ -512,3 +512,17 @@ def test_every_train_option_is_a_flag_and_a_yaml_key_with_the_dataclass_default(
     config = tmp_path / "all.yaml"
     config.write_text(yaml.safe_dump(wanted))
     assert flat_values(captured_options(monkeypatch, "--config", str(config))) == wanted
+
+
+def test_a_bug_keeps_its_traceback_while_bad_input_gets_one_line(monkeypatch, workspace, tmp_path):
+    from prefixtune import training
+
+    def broken(options):
+        raise KeyError("a bug, not a user mistake")
+
+    monkeypatch.setattr(training, "train", broken)
+    result = run_cli("train", "--data", "d.jsonl", "--output", str(tmp_path / "out"))
+    assert isinstance(result.exception, KeyError) and "error:" not in result.output  # not dressed as bad input
+    monkeypatch.undo()
+    result = run_cli("train", *train_args(workspace, tmp_path / "out", "--init", "vocab"))
+    assert result.exit_code == 2 and "error: PrefixConfig.init='vocab' needs a non-empty init_text" in result.output
