@@ -11,7 +11,8 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from typer.testing import CliRunner
 
-from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from architecture_walk import build
+from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError, load_base_model
 from prefixtune.cli import app
 from prefixtune.files import PrefixFileError
 from tiny import needs_smollm2, tiny_model, tiny_seq2seq, tiny_tokenizer
@@ -134,10 +135,10 @@ def test_prefixtune_convert_round_trips_through_peft(tmp_path):
 def test_t5_relative_position_bias_models_are_refused_both_ways(tmp_path):
     """PEFT's cached prefix gets T5's position bias of positions 0..P-1, ours none: not the same model."""
     peft_adapter(tiny_seq2seq("t5"), tmp_path, "SEQ_2_SEQ_LM")
-    with pytest.raises(ValueError, match="t5: PEFT gives prefix positions a relative position bias"):
+    with pytest.raises(UnsupportedModelError, match="t5: PEFT gives prefix positions a relative position bias"):
         PrefixModel.from_pretrained(tiny_seq2seq("t5"), tmp_path / "peft")
     ours = PrefixModel(tiny_seq2seq("t5"), PrefixConfig(prefix_length=3, encoder=False, cross=False))
-    with pytest.raises(ValueError, match="relative position bias"):
+    with pytest.raises(UnsupportedModelError, match="relative position bias"):
         ours.save_prefix(tmp_path / "out", format="peft")
 
 
@@ -171,3 +172,10 @@ def test_odd_layer_encoder_decoder_gives_every_decoder_layer_its_own_peft_slot(t
     assert torch.allclose(logits(peft_model, seq2seq=True), logits(ours, seq2seq=True), atol=ATOL)
     again = PrefixModel.from_pretrained(bart3(), path)
     assert torch.equal(again.prefixes["default"].prefix_key_values, ours.prefixes["default"].prefix_key_values)
+
+
+def test_latent_attention_prefixes_are_refused_for_peft_with_the_reason(tmp_path):
+    """PEFT's prompt_embeddings have one head size; MLA keys and values differ in theirs."""
+    ours = PrefixModel(build("deepseek_v3"), PrefixConfig(prefix_length=3))
+    with pytest.raises(UnsupportedModelError, match="keys of .* and values of .* per head"):
+        ours.save_prefix(tmp_path / "out", format="peft")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .config import PrefixConfig
 from .files import CONFIG_NAME, PrefixFileError, atomic_write, atomic_write_text
-from .injection import Geometry
+from .injection import Geometry, UnsupportedModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -46,7 +46,7 @@ def is_peft_folder(path: str | Path) -> bool:
 def check_model(model_config: Any) -> None:
     """Refuse models where a PEFT prefix and ours act differently on the same keys/values."""
     if getattr(model_config, "relative_attention_num_buckets", None) is not None:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{model_config.model_type}: PEFT gives prefix positions a relative position bias and prefixtune gives "
             "prefix columns none, so PEFT prefix adapters cannot be converted exactly for this model"
         )
@@ -68,6 +68,11 @@ def _slots(num_layers: int, submodules: int) -> list[int]:
 
 def peft_config(geometry: Geometry, length: int, base_model_name: str | None) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT itself writes for this model (its GQA rule included)."""
+    if geometry.key_head_dim != geometry.value_head_dim:
+        raise UnsupportedModelError(
+            f"keys of {geometry.key_head_dim} and values of {geometry.value_head_dim} per head (latent attention): "
+            "PEFT's prompt_embeddings hold one head size for both, so this model's prefixes cannot be converted"
+        )
     layers, submodules = _decoder_layers(geometry)
     token_dim = geometry.kv_heads * geometry.head_dim
     return {
