@@ -1,0 +1,19 @@
+"""benchmarks/serve_bench.py in --quick mode (tiny model): it finishes, both engines answer every
+request, and greedy outputs agree across engines and phases. Timings are not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+from test_benchmarks_smoke import run
+
+
+def test_serve_bench_quick_has_no_errors_or_mismatches(tmp_path):
+    out = tmp_path / "serve.json"
+    args = ["--requests", "6", "--many", "20", "--prompt-tokens", "8", "32", "--max-tokens", "4", "8"]
+    result = run("serve_bench.py", *args, "--json", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    phases = json.loads(out.read_text())["phases"]
+    measured = [p for p in phases.values() if "requests" in p]
+    assert len(measured) == 5 and all(p["errors"] == 0 and p["mismatches"] == 0 for p in measured)
+    assert {"saturation, 1 prefix, old engine", "saturation, 20 prefixes, new engine"} <= set(phases)
