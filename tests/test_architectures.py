@@ -32,9 +32,11 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
     for outcome in outcomes:  # a refusal names the model type (or its class) and a reason
         if outcome.outcome == "refused":
             assert re.search(r"\w+(ForCausalLM|Model|ForConditionalGeneration)\b", outcome.detail), outcome
+    # README's table is for the transformers version it names; under another one, only the above holds.
     readme = set(README.read_text().splitlines())
-    stale = [line for line in table(outcomes).splitlines() if line not in readme]
-    assert not stale, f"README's walk table is stale (python tests/architecture_walk.py); now: {stale}"
+    if table(outcomes).splitlines()[0] in readme:
+        stale = [line for line in table(outcomes).splitlines() if line not in readme]
+        assert not stale, f"README's walk table is stale (python tests/architecture_walk.py); now: {stale}"
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite", "roberta", "bart"])

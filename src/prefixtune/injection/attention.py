@@ -116,15 +116,14 @@ def _layer_mask(
     query: Tensor,
     length: int,
     cache: dict | None,
-    window: int | None,
     positions: Tensor | None,
 ) -> Tensor:
     """`_prefix_columns`, built once per forward call and place rather than per layer: the layers of
     a place get the same text mask object (one per layer type, e.g. full or sliding) and the same
     prefix mask row. The cache entry holds the text mask itself, so its ``id`` stays unique while the
-    cache lives."""
+    cache lives. Window and chunk sizes are the layer's tags from `probing`."""
     causal = getattr(module, "is_causal", True)
-    chunk = getattr(module, "prefixtune_chunk", None)
+    window, chunk = getattr(module, "prefixtune_window", None), getattr(module, "prefixtune_chunk", None)
     if (window is not None or chunk is not None) and positions is None:
         raise UnsupportedModelError(
             f"{type(module).__name__}: a sliding-window or chunked layer outside a decoder-only model's position "
@@ -174,7 +173,6 @@ def _prefix_attention(delegate: str) -> Callable:
                 query,
                 key.shape[2],
                 prefixtune_masks,
-                getattr(module, "prefixtune_window", None),
                 prefixtune_positions,
             )
             if kwargs.get("position_bias") is not None:  # T5: prefix columns get no relative-position bias
