@@ -138,7 +138,8 @@ class TokenizedExamples(Dataset):
 
 
 class PrefixTrainer(Trainer):
-    """`Trainer` whose checkpoints are prefix files; see the module docstring."""
+    """`Trainer` whose checkpoints are prefix files; see the module docstring. The private `Trainer`
+    hooks it overrides are listed, with why, in `transformers_private.py`."""
 
     def __init__(
         self,

@@ -244,6 +244,16 @@ def attn_implementation(model: PreTrainedModel) -> str | None:
     return model.config._attn_implementation
 
 
+def set_attn_implementation(model: PreTrainedModel, name: str | None) -> None:
+    """``model.set_attn_implementation(name)``, then the same on sub-models that kept their own
+    setting: before transformers 5.20 T5's encoder and decoder stacks (models with their own config
+    copy) did not follow their parent."""
+    model.set_attn_implementation(name)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and attn_implementation(module) != attn_implementation(model):
+            module.set_attn_implementation(name)
+
+
 def validate_model_kwargs(model: PreTrainedModel) -> Callable[[dict[str, Any]], None]:
     """`generate`'s check of model keyword arguments (``GenerationMixin._validate_model_kwargs``)."""
     return model._validate_model_kwargs

@@ -19,6 +19,7 @@ from ..transformers_private import (
     attn_implementation,
     override_validate_model_kwargs,
     restore_validate_model_kwargs,
+    set_attn_implementation,
     validate_model_kwargs,
 )
 from .attention import (
@@ -157,9 +158,9 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     """
     name = original = attn_implementation(model)
     if name not in SUPPORTED_IMPLEMENTATIONS and not (name or "").startswith("prefixtune_"):
-        model.set_attn_implementation("sdpa")
+        set_attn_implementation(model, "sdpa")
         name = "sdpa"
-    model.set_attn_implementation(name if name.startswith("prefixtune_") else f"prefixtune_{name}")
+    set_attn_implementation(model, name if name.startswith("prefixtune_") else f"prefixtune_{name}")
 
     calls = _probe(model).calls
     by_place: dict[str, list[nn.Module]] = {place: [] for place in PLACES}
@@ -338,4 +339,4 @@ def uninject(model: PreTrainedModel) -> None:
         for tag in TAGS:
             module.__dict__.pop(tag, None)
     restore_validate_model_kwargs(model)
-    model.set_attn_implementation(injected.attn_implementation)
+    set_attn_implementation(model, injected.attn_implementation)
