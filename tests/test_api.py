@@ -18,7 +18,7 @@ from tiny import tiny_model
         ({"init": "zeros"}, "init: expected one of"),
         ({"init": "vocab"}, "needs a non-empty init_text"),
         ({"prefix_length": None}, "prefix_length=None needs a text init"),
-        ({"prefix_length": 0}, "prefix_length: expected an int >= 1"),
+        ({"prefix_length": 0}, "expected a positive int"),
         ({"dropout": 1.0}, "0 <= dropout < 1"),
         ({"init_std": 0}, "init_std: expected > 0"),
     ],

@@ -45,7 +45,7 @@ def workspace(tmp_path_factory):
 def recording_loader(seen: list[list[int]]):
     """`load_base_model` whose model records the prompt ids of every prefill with a prefix (one row here)."""
 
-    def load(spec: str, dtype=torch.float32):
+    def load(spec: str, dtype=torch.float32, device=None):
         model, tokenizer = (
             loading.AutoModelForCausalLM.from_pretrained(spec),
             loading.AutoTokenizer.from_pretrained(spec),
