@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,8 @@ def _field(record: dict[str, Any], name: str, where: str) -> str:
     return value.strip()
 
 
-def _jsonl_records(path: Path):
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line as ``("file:line", object)``; anything but a JSON object is a `DataError` naming the line."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -102,7 +104,7 @@ def read_examples(
         raise DataError(f"{path}: no such data file")
     default_prompt, default_completion = default_fields(path)
     prompt_field, completion_field = prompt_field or default_prompt, completion_field or default_completion
-    records = _jsonl_records(path) if path.suffix.lower() == ".jsonl" else _csv_records(path)
+    records = jsonl_records(path) if path.suffix.lower() == ".jsonl" else _csv_records(path)
     try:
         examples = [
             Example(

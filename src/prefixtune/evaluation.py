@@ -18,7 +18,7 @@ from rouge_score import rouge_scorer
 
 from . import e2e_metrics
 from .config import ConfigError
-from .data import DataError, PromptFormatter, _jsonl_records, pad_batch
+from .data import DataError, PromptFormatter, jsonl_records, pad_batch
 from .model import PrefixChoice, PrefixModel
 
 METRICS = ("bleu", "sacrebleu", "chrf", "rouge", "e2e")
@@ -137,7 +137,7 @@ def read_predictions(path: str | Path, prompts: Sequence[str]) -> list[str]:
     if suffix != ".jsonl":
         raise DataError(f"{path}: unsupported predictions format {suffix!r}; expected .jsonl or .txt")
     by_prompt: dict[str, str] = {}
-    for where, record in _jsonl_records(path):
+    for where, record in jsonl_records(path):
         fields = [record.get("prompt"), record.get("generation")]
         if not all(isinstance(value, str) for value in fields):
             raise DataError(f"{where}: expected string fields 'prompt' and 'generation', got {fields}")
