@@ -14,6 +14,9 @@ $PREFIXTUNE train --data "$DATA/train.csv" --validation "$DATA/validation.csv" -
   --steps 60 --batch-size 8 --lr 5e-3 --warmup-steps 6 --prefix-length 10 --parameterization hidden \
   --init activations --init-text "Describe the restaurant in one sentence." --max-length 128 \
   --dtype "$DTYPE" --group-by-length --eval-every 20 --resume
+# sacreBLEU, chrF, ROUGE-L, and the E2E challenge's official five (BLEU NIST METEOR ROUGE-L CIDEr).
+METRICS=sacrebleu,chrf,rouge,e2e
 $PREFIXTUNE eval --prefix "$OUT/prefix" --data "$DATA/validation.csv" --max-new-tokens 64 --dtype "$DTYPE" \
-  --output "$OUT/eval-validation"
-$PREFIXTUNE eval --data "$DATA/validation.csv" --max-new-tokens 64 --dtype "$DTYPE" --output "$OUT/eval-validation-bare"
+  --metrics "$METRICS" --output "$OUT/eval-validation"
+$PREFIXTUNE eval --data "$DATA/validation.csv" --max-new-tokens 64 --dtype "$DTYPE" --metrics "$METRICS" \
+  --output "$OUT/eval-validation-bare"
