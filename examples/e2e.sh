@@ -11,9 +11,9 @@ OUT=${OUT:-runs/e2e}
 PREFIXTUNE=${PREFIXTUNE:-.venv/bin/prefixtune}
 DTYPE=${DTYPE:-bfloat16}
 $PREFIXTUNE train --data "$DATA/train.csv" --validation "$DATA/validation.csv" --output "$OUT" \
-  --steps 60 --batch-size 8 --lr 5e-3 --warmup-steps 6 --prefix-length 10 --parameterization hidden \
+  --steps 250 --batch-size 8 --lr 5e-3 --warmup-steps 10 --prefix-length 10 --parameterization hidden \
   --init activations --init-text "Describe the restaurant in one sentence." --max-length 128 \
-  --dtype "$DTYPE" --group-by-length --eval-every 20 --resume
+  --dtype "$DTYPE" --group-by-length --eval-every 50 --resume
 # sacreBLEU, chrF, ROUGE-L, and the E2E challenge's official five (BLEU NIST METEOR ROUGE-L CIDEr).
 METRICS=sacrebleu,chrf,rouge,e2e
 $PREFIXTUNE eval --prefix "$OUT/prefix" --data "$DATA/validation.csv" --max-new-tokens 64 --dtype "$DTYPE" \
