@@ -345,3 +345,29 @@ def test_metrics_count_requests_latencies_and_engine_state_in_prometheus_format(
     text = httpx.get(f"{url}/metrics").text
     for name in ("prefixtune_queue_depth 0.0", "prefixtune_running_rows 0.0", "# TYPE prefixtune_computed_tokens"):
         assert name in text
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("deepseek_v3", "different head sizes"),
+        ("mistral", "sliding-window"),
+        ("roberta", "its own positions"),
+        ("bart", "its own positions"),
+    ],
+)
+def test_continuous_engine_refuses_models_it_is_not_exact_for_and_auto_picks_microbatch(model_type, reason):
+    from architecture_walk import build
+    from prefixtune import UnsupportedModelError
+    from prefixtune.serving import make_engine
+
+    base = build(model_type)
+    if model_type == "mistral":
+        base.config.sliding_window = 3
+    model = PrefixModel(base, name=None)
+    with pytest.raises(UnsupportedModelError, match=f"not exact here: .*{reason}"):
+        ContinuousEngine(model, tiny_tokenizer())
+    assert make_engine(model, tiny_tokenizer(), None, "auto").name == "microbatch"
+    assert make_engine(PrefixModel(tiny_model("llama"), name=None), tiny_tokenizer(), None, "auto").name == (
+        "continuous"
+    )

@@ -2,7 +2,8 @@
 
 Engines: ``continuous`` (transformers' continuous batching with a prefix per request; decoder-only
 models) and ``microbatch`` (one ``generate()`` per micro-batch; encoder-decoders, and the baseline
-the serving benchmark compares against). ``auto`` picks ``continuous`` where it can.
+the serving benchmark compares against). ``auto`` picks ``continuous`` where it is exact
+(`continuous_refusal` says where not) and ``microbatch`` elsewhere; ``/health`` names the engine.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from ..model import PrefixModel
 from ..names import BASE_NAME
-from .continuous import ContinuousEngine
+from .continuous import ContinuousEngine, continuous_refusal
 from .engine import BatchingEngine
 from .requests import Completion, Request, Token
 from .server import Limits, create_app
@@ -52,7 +53,7 @@ def make_engine(
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     if engine == "auto":
-        engine = "microbatch" if model.base_model.config.is_encoder_decoder else "continuous"
+        engine = "microbatch" if continuous_refusal(model) else "continuous"
     if engine == "continuous":
         return ContinuousEngine(model, tokenizer, max_batch_size, max_batch_tokens, max_sequence_tokens)
     return BatchingEngine(model, tokenizer, store, max_batch_size)

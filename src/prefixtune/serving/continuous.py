@@ -36,6 +36,8 @@ from transformers.generation.continuous_batching.model_runner import ModelRunner
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestState, RequestStatus
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 
+from ..injection import UnsupportedModelError
+from ..injection.positions import counts_own_positions, first_position
 from ..model import PrefixModel
 from .requests import Completion, Request, Token
 
@@ -189,6 +191,26 @@ class _Inline:
         callback(*args)
 
 
+def continuous_refusal(model: PrefixModel) -> str | None:
+    """Why the continuous engine cannot serve `model` exactly (None: it can). It writes a prefix into
+    the paged cache as plain keys/values at positions 0..P-1 and runs the base on plain ``sdpa``, so
+    it is exact only where `PrefixModel` needs nothing more: not for encoder-decoders, latent
+    attention (keys and values of different head sizes), sliding-window or chunked layers (the
+    prefix is windowed like its tokens), or models whose positions do not start at 0 for the first
+    cache slot (BART-family decoders, RoBERTa's ``padding_idx`` offset)."""
+    base, geometry = model.base_model, model.geometry
+    kind = f"{type(base).__name__} (model_type={base.config.model_type!r})"
+    if base.config.is_encoder_decoder:
+        return f"{kind} is an encoder-decoder"
+    if geometry.key_head_dim != geometry.value_head_dim:
+        return f"{kind} has keys and values of different head sizes (latent attention)"
+    if any(getattr(m, "prefixtune_window", None) or getattr(m, "prefixtune_chunk", None) for m in base.modules()):
+        return f"{kind} has sliding-window or chunked attention layers"
+    if counts_own_positions(base.get_decoder()) or first_position(base) != 0:
+        return f"{kind} computes its own positions"
+    return None
+
+
 class ContinuousEngine:
     """Serves `Request`s through `PrefixBatchingManager` (same interface as `BatchingEngine`)."""
 
@@ -205,8 +227,11 @@ class ContinuousEngine:
         page_size: int = 32,
     ) -> None:
         base = model.base_model
-        if base.config.is_encoder_decoder:
-            raise ValueError("the continuous-batching engine serves decoder-only models; use --engine microbatch")
+        refusal = continuous_refusal(model)
+        if refusal:
+            raise UnsupportedModelError(
+                f"the continuous-batching engine is not exact here: {refusal}; use --engine microbatch (or auto)"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
