@@ -330,12 +330,7 @@ class PrefixModel(nn.Module):
         peft_format.check_model(self.base_model.config)
         config, key_values = peft_format.read(path, self.geometry)
         prefix = KVPrefix(config, config.prefix_length, self.geometry)
-        if prefix.prefix_key_values.shape != key_values.shape:  # e.g. keys and values of different head sizes
-            raise files.PrefixFileError(
-                f"{path}: PEFT's keys/values {tuple(key_values.shape)} cannot fill this model's kv prefix "
-                f"{tuple(prefix.prefix_key_values.shape)}"
-            )
-        prefix.prefix_key_values.copy_(key_values)
+        prefix.prefix_key_values.copy_(key_values)  # read() checked the shape against this geometry
         return config, prefix
 
     @torch.no_grad()
