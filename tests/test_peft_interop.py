@@ -83,12 +83,12 @@ def test_encoder_decoder_both_ways_where_peft_applies_prefixes(tmp_path):
     )
 
     everywhere = PrefixModel(tiny_seq2seq("bart"), PrefixConfig(prefix_length=3, init_std=0.5))
-    with pytest.raises(ValueError, match="exactly the decoder's self-attention"):
+    with pytest.raises(UnsupportedModelError, match="exactly the decoder's self-attention"):
         everywhere.save_prefix(tmp_path / "no", format="peft")
     decoder_only = PrefixModel(
         tiny_seq2seq("bart"), PrefixConfig(prefix_length=3, init_std=0.5, encoder=False, cross=False)
     )
-    with pytest.raises(ValueError, match="decoder layers 0 and 1 .* cannot represent it"):
+    with pytest.raises(UnsupportedModelError, match="decoder layers 0 and 1 .* cannot represent it"):
         decoder_only.save_prefix(tmp_path / "no", format="peft")
     assert not (tmp_path / "no" / "adapter_model.safetensors").exists()
 

@@ -39,3 +39,20 @@ def test_good_names_pass_everywhere(tmp_path):
     for name in ("formal-blog", "v1_2-x", "Base", "baseline"):
         model.add_prefix(name, PrefixConfig(prefix_length=2))
     assert model.prefix_names == ["formal-blog", "v1_2-x", "Base", "baseline"]
+
+
+def test_the_cli_reports_a_bad_prefix_name_as_a_user_error_naming_the_rule(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefixtune.cli import app
+    from tiny import tiny_tokenizer
+
+    base, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    base.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    saved = PrefixModel(base, PrefixConfig(prefix_length=2), name="good").save_prefix(tmp_path / "p")
+    result = CliRunner().invoke(
+        app, ["generate", "--model", str(tmp_path / "tiny"), "--prefix", f"base={saved}", "--prompt", "the food"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "invalid prefix name 'base'" in result.output and "Traceback" not in result.output

@@ -26,10 +26,19 @@ from .data import DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
 from .loading import DEVICES, DTYPES, ModelLoadError
+from .names import PrefixNameError
 from .training import PREFIX_DIR, RunExistsError, TrainOptions
 
 # The project's own errors for bad input: printed as one line. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, PrefixFileError, UnsupportedModelError, ModelLoadError, RunExistsError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    PrefixFileError,
+    PrefixNameError,
+    UnsupportedModelError,
+    ModelLoadError,
+    RunExistsError,
+)
 
 app = typer.Typer(
     help="Prefix tuning for frozen Hugging Face language models.",

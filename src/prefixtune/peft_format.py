@@ -153,7 +153,7 @@ def write(
     decoder, submodules = _decoder_layers(geometry)
     shape = (len(decoder), 2, geometry.kv_heads, key_values.shape[-2], geometry.head_dim)
     if tuple(layers) != tuple(decoder) or tuple(key_values.shape) != shape:
-        raise ValueError(
+        raise UnsupportedModelError(
             "PEFT prefix tuning prefixes exactly the decoder's self-attention in every layer with "
             f"[layers, 2, kv_heads, P, head_dim] = {shape}; this prefix covers layers {list(layers)} "
             f"(the decoder's are {list(decoder)}) with keys/values {tuple(key_values.shape)}"
@@ -164,7 +164,7 @@ def write(
     for layer, slot in enumerate(mapping):
         first = mapping.index(slot)
         if not torch.equal(key_values[first], key_values[layer]):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"PEFT 0.21 gives decoder layers {first} and {layer} of an encoder-decoder the same prefix (its "
                 "get_prompt duplicates and regroups the slots); this prefix differs there, so PEFT cannot represent it"
             )
