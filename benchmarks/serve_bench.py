@@ -3,9 +3,9 @@ prefixes, prompt lengths and max_tokens drawn per request; the continuous engine
 micro-batch engine in the same run (ratios side by side: the machine is shared and noisy).
 
 Phases (each bounded in requests and seconds; greedy, streaming clients):
-  1. alone:        a few requests one at a time on the continuous engine (the TTFT of a request alone)
+  1. alone:        --alone requests one at a time on the continuous engine (the TTFT of a request alone)
   2. saturation:   all requests at once, N=1 prefix, old engine, then new engine (throughput ratio)
-  3. N prefixes:   all requests at once on the new engine with N = --many prefixes (vs N=1)
+  3. N prefixes:   all requests at once on the new engine with N = 8, 100 and --many prefixes (vs N=1)
   4. half rate:    Poisson arrivals at half the new engine's saturation rate, N = --many (p99 TTFT)
 Every phase's outputs are compared per request with the same request on the other engine / alone:
 greedy outputs must be equal (mismatches are reported, and make the exit status non-zero).
@@ -141,7 +141,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="S-LoRA-style serving benchmark, new vs old engine.")
     parser.add_argument("--quick", action="store_true", help="tiny random Llama (smoke run)")
     parser.add_argument("--requests", type=int, default=32, help="requests per phase")
-    parser.add_argument("--many", type=int, default=1000, help="prefixes in the many-prefix phases")
+    parser.add_argument("--many", type=int, default=1000, help="prefixes in the store and the last N phase")
+    parser.add_argument("--alone", type=int, default=8, help="requests sent one at a time (TTFT alone)")
     parser.add_argument("--prefix-length", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(8, 256))
     parser.add_argument("--max-tokens", type=int, nargs=2, default=(8, 128))
@@ -157,7 +158,9 @@ def main() -> int:
     write_store(model, tokenizer, store, args.many, args.prefix_length)
     store_seconds = time.perf_counter() - began
     one_prefix = workload(tokenizer, args.requests, 1, args, seed=1)
-    many = workload(tokenizer, args.requests, args.many, args, seed=1)
+    counts = sorted({n for n in (8, 100, args.many) if n <= args.many})
+    by_count = {n: workload(tokenizer, args.requests, n, args, seed=1) for n in counts}
+    many = by_count[args.many]
     phases = Phases()
 
     app, engine, _ = serve("microbatch", args, store, phases)
@@ -168,12 +171,14 @@ def main() -> int:
 
     app, engine, _ = serve("continuous", args, store, phases)
     with running(app) as url:
-        alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[:5]]
-        phases["alone"] = summary(alone, sum(r["end"] - r["sent"] for r in alone), old[:5])
+        alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[: args.alone]]
+        phases["alone"] = summary(alone, sum(r["end"] - r["sent"] for r in alone), old[: args.alone])
         new, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
         phases["saturation, 1 prefix, new engine"] = summary(new, seconds, old)
-        many_new, seconds = asyncio.run(phase(url, many, None, args.timeout))
-        phases[f"saturation, {args.many} prefixes, new engine"] = summary(many_new, seconds, None)
+        for count, jobs in by_count.items():
+            results, seconds = asyncio.run(phase(url, jobs, None, args.timeout))
+            phases[f"saturation, {count} prefixes, new engine"] = summary(results, seconds, None)
+        many_new = results  # the last: --many prefixes, the half-rate phase's reference
         rate = phases[f"saturation, {args.many} prefixes, new engine"]["req_per_s"] / 2
         half, seconds = asyncio.run(phase(url, many, rate, args.timeout))
         phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, new engine"] = summary(half, seconds, many_new)
@@ -184,11 +189,18 @@ def main() -> int:
 def report(phases: dict, args, store_seconds: float) -> int:
     many = f"saturation, {args.many} prefixes, new engine"
     half = next(label for label in phases if label.startswith("half rate"))
+    one = phases["saturation, 1 prefix, new engine"]["output_tok_per_s"]
     ratios = {
-        "new/old throughput at saturation (goal >= 1.5)": phases["saturation, 1 prefix, new engine"]["output_tok_per_s"]
+        "new/old throughput at saturation (goal >= 1.5)": one
         / phases["saturation, 1 prefix, old engine"]["output_tok_per_s"],
-        f"{args.many} prefixes vs 1, new engine (goal >= 0.9)": phases[many]["output_tok_per_s"]
-        / phases["saturation, 1 prefix, new engine"]["output_tok_per_s"],
+        **{
+            f"{label.split(', ')[1]} vs 1, new engine" + (" (goal >= 0.9)" if label == many else ""): p[
+                "output_tok_per_s"
+            ]
+            / one
+            for label, p in phases.items()
+            if label.startswith("saturation, ") and label.endswith("prefixes, new engine")
+        },
         "half-rate p99 TTFT / TTFT alone (goal <= 3)": phases[half]["ttft_p99"] / phases["alone"]["ttft_p50"],
     }
     model = "tiny random Llama" if args.quick else "SmolLM2-135M"

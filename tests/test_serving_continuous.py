@@ -371,3 +371,45 @@ def test_continuous_engine_refuses_models_it_is_not_exact_for_and_auto_picks_mic
     assert make_engine(PrefixModel(tiny_model("llama"), name=None), tiny_tokenizer(), None, "auto").name == (
         "continuous"
     )
+
+
+def test_paged_attention_equals_transformers_dense_mask_attention_per_request():
+    """Per-request spans (a fresh prompt, a prefill chunk after earlier tokens, decode rows) give what
+    transformers' own sdpa gives with its dense block mask over all rows' keys."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from prefixtune.serving.paged_attention import paged_sdpa
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    spans = [(5, 5), (3, 9), (1, 12), (1, 1), (4, 4)]  # (new queries, keys incl. cached) per request
+    queries, keys = sum(q for q, _ in spans), sum(k for _, k in spans)
+    query, key, value = torch.randn(1, 6, queries, 8), torch.randn(1, 2, keys, 8), torch.randn(1, 2, keys, 8)
+    dense = torch.zeros(queries, keys, dtype=torch.bool)  # transformers' CB mask: each row its own keys, causal
+    cu_q, cu_k = [0], [0]
+    for q, k in spans:
+        block = torch.ones(q, k, dtype=torch.bool).tril(k - q)
+        dense[cu_q[-1] : cu_q[-1] + q, cu_k[-1] : cu_k[-1] + k] = block
+        cu_q.append(cu_q[-1] + q)
+        cu_k.append(cu_k[-1] + k)
+    expected, _ = sdpa_attention_forward(module, query, key, value, dense[None, None], is_causal=False)
+    got, _ = paged_sdpa(
+        module, query, key, value, None, cu_seq_lens_q=torch.tensor(cu_q), cu_seq_lens_k=torch.tensor(cu_k)
+    )
+    assert got.shape == expected.shape == (1, queries, 6, 8)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_continuous_engine_runs_the_base_on_per_request_paged_attention_and_restores_it(tmp_path):
+    from prefixtune.serving.paged_attention import PAGED_ATTENTION
+
+    model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
+    before = model.base_model.config._attn_implementation
+    engine = ContinuousEngine(model, model.tokenizer, max_batch_size=2).start()
+    try:
+        assert model.base_model.config._attn_implementation == PAGED_ATTENTION
+        assert engine.submit(Request(prompt_ids(PROMPTS[0]), BASE_NAME, 3)).result(timeout=60).token_ids
+    finally:
+        engine.stop()
+    assert model.base_model.config._attn_implementation == before

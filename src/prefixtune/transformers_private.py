@@ -201,6 +201,17 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         (),
     ),
     PrivateAPI(
+        f"{_CB}.continuous_api:ContinuousBatchingManager.switch_to_cb_friendly_attn",
+        "called when the manager is built; PrefixBatchingManager keeps the base on per-request paged attention",
+        ("model", "auto_switch_to_flash"),
+    ),
+    PrivateAPI(
+        f"{_CB}.cache:PagedAttentionCache.update",
+        "gathers each request's keys/values after each other and sets cu_seq_lens_k to that layer's spans, "
+        "which prefixtune_paged_sdpa reads",
+        ("key_states", "value_states", "layer_idx", "kwargs"),
+    ),
+    PrivateAPI(
         f"{_CB}.continuous_api:ContinuousBatchingManager._generation_step",
         "a failed step fails only its own rows; the engine keeps serving",
         (),

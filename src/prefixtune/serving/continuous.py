@@ -15,8 +15,10 @@ How it differs from transformers' engine (nothing is forked; three small subclas
 
 Iteration-level batching and chunked prefill are transformers': every step decodes all running
 rows and spends the rest of ``max_batch_tokens`` on prefill chunks, so a long prompt never stalls
-decoding and a new request joins at the next step. The base model runs on plain ``sdpa`` while the
-engine runs (the prefix arrives through the cache, not through prefixtune's attention hook).
+decoding and a new request joins at the next step. While the engine runs, the base model runs on
+`paged_attention.PAGED_ATTENTION`: per-request ``sdpa`` over each request's own cache span (the prefix
+arrives through the cache, not through prefixtune's attention hook), instead of transformers'
+dense mask over all rows' keys.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 from ..injection import UnsupportedModelError
 from ..injection.positions import counts_own_positions, first_position
 from ..model import PrefixModel
+from ..transformers_private import attn_implementation
+from .paged_attention import PAGED_ATTENTION
 from .requests import Completion, Request, Token
 
 logger = logging.getLogger(__name__)
@@ -143,10 +147,17 @@ def _sample_row(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 class PrefixBatchingManager(continuous_api.ContinuousBatchingManager):
-    """transformers' manager with the prefix scheduler, per-request sampling, and survival of failed steps."""
+    """transformers' manager with the prefix scheduler, per-request sampling, per-request attention
+    and survival of failed steps."""
 
     live: dict[str, _Live]
     stats: dict[str, int]
+
+    def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
+        """Keep the engine's `PAGED_ATTENTION` (transformers would move the model to its dense-mask
+        ``sdpa`` or a flash kernel)."""
+        if attn_implementation(model) != PAGED_ATTENTION:
+            raise RuntimeError(f"the continuous engine runs the base on {PAGED_ATTENTION}")
 
     def _create_batch_processor(self):
         processor = super()._create_batch_processor()
@@ -263,7 +274,7 @@ class ContinuousEngine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> ContinuousEngine:
         base = self.model.base_model
-        base.set_attn_implementation("sdpa")  # the prefix comes through the cache, not the prefix hook
+        base.set_attn_implementation(PAGED_ATTENTION)  # the prefix comes through the cache, not the prefix hook
         self.manager = PrefixBatchingManager(base, self.generation_config, self.cb_config)
         self.manager.live = self.live
         self.manager.stats = self.stats
@@ -299,7 +310,7 @@ class ContinuousEngine:
                     yield
                 finally:
                     if self.manager is not None:
-                        self.model.base_model.set_attn_implementation("sdpa")
+                        self.model.base_model.set_attn_implementation(PAGED_ATTENTION)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Future:
