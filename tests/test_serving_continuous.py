@@ -257,6 +257,42 @@ def test_openai_client_stop_n_seed_usage_finish_reason_and_list_prompts(live):
     assert chat.choices[0].message.content == same.choices[0].text  # one prompt format for both endpoints
 
 
+def test_openai_client_streams_usage_when_asked_with_stream_options(live):
+    url, *_ = live
+    api = client(url)
+    whole = api.completions.create(model="recipe-mlp", prompt=PROMPTS[:2], max_tokens=6, n=2)
+    chunks = list(
+        api.completions.create(
+            model="recipe-mlp",
+            prompt=PROMPTS[:2],
+            max_tokens=6,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    chat = list(
+        api.chat.completions.create(
+            model="formal-blog",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens == 5
+    plain = list(api.completions.create(model="base", prompt=PROMPTS[0], max_tokens=3, stream=True))
+    assert all(chunk.usage is None for chunk in plain)  # not asked: no usage chunk
+    with pytest.raises(openai.BadRequestError, match="stream_options needs stream"):
+        api.completions.create(model="base", prompt=PROMPTS[0], max_tokens=3, stream_options={"include_usage": True})
+    with pytest.raises(openai.UnprocessableEntityError, match="include_tokens"):
+        api.completions.create(
+            model="base", prompt=PROMPTS[0], max_tokens=3, stream=True, stream_options={"include_tokens": 1}
+        )
+
+
 def test_openai_client_logprobs_and_top_logprobs(live):
     url, *_ = live
     api = client(url)

@@ -4,7 +4,8 @@
   (``base`` is the bare model). Implemented: ``prompt`` (a string or a list of strings), ``messages``,
   ``max_tokens`` (chat also ``max_completion_tokens``), ``temperature``, ``top_p``, ``n``, ``seed``
   (choice i of n uses seed + i), ``stop`` (strings, matched on the decoded text, not returned),
-  ``logprobs`` (completions: an int k; chat: a bool with ``top_logprobs`` k), ``stream``. Any other
+  ``logprobs`` (completions: an int k; chat: a bool with ``top_logprobs`` k), ``stream`` with
+  ``stream_options.include_usage`` (a last chunk with no choices and the usage). Any other
   parameter answers 400 naming it; non-finite numbers answer 422. Responses carry ``usage`` and
   each choice's ``finish_reason`` (``stop`` or ``length``).
 * Prompts are formatted by the prefix's own saved `PromptFormatter`, as in train/eval/generate.
@@ -52,6 +53,11 @@ class Limits:
     request_timeout: float | None = None  # seconds from admission to the last token
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # a last chunk with no choices carries the request's usage
+
+
 class _Body(BaseModel):
     """Fields shared by both endpoints; unknown fields are kept so they can be refused by name."""
 
@@ -64,6 +70,7 @@ class _Body(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -215,6 +222,8 @@ def create_app(
     async def generate(http_request: Request, name: str, entry, prompts: list[list[int]], body: _Body, chat: bool):
         refuse_unknown(body)
         stops = body.stops()
+        if body.stream_options is not None and not body.stream:
+            raise HTTPException(400, "stream_options needs stream: true")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or (64 if chat else 16)
         for ids in prompts:
             check_prompt(ids, max_tokens)
@@ -222,7 +231,8 @@ def create_app(
         choices = admit(name, entry, prompts, body, max_tokens)
         usage_prompt = sum(len(ids) for ids in prompts)
         if body.stream:
-            events = _events(ident, name, choices, stops, chat, body.top() is not None)
+            usage = usage_prompt if body.stream_options and body.stream_options.include_usage else None
+            events = _events(ident, name, choices, stops, chat, body.top() is not None, usage)
             return StreamingResponse(events, media_type="text/event-stream")
 
         async def run_all() -> None:
@@ -253,21 +263,24 @@ def create_app(
             finished(name, choices, "error")
             raise
         finished(name, choices, "ok")
-        completion_tokens = sum(len(c.tokens) for c in choices)
         return {
             "id": ident,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": name,
             "choices": [_choice(c, chat, body.top() is not None, tokenizer) for c in choices],
-            "usage": {
-                "prompt_tokens": usage_prompt,
-                "completion_tokens": completion_tokens,
-                "total_tokens": usage_prompt + completion_tokens,
-            },
+            "usage": _usage(usage_prompt, choices),
         }
 
-    async def _events(ident: str, name: str, choices: list[Choice], stops: list[str], chat: bool, logprobs: bool):
+    async def _events(
+        ident: str,
+        name: str,
+        choices: list[Choice],
+        stops: list[str],
+        chat: bool,
+        logprobs: bool,
+        usage_prompt: int | None,  # None: no usage chunk (stream_options.include_usage not asked)
+    ):
         merged: asyncio.Queue[tuple[Choice, list[Token], bool]] = asyncio.Queue()
         deadline = None if limits.request_timeout is None else time.monotonic() + limits.request_timeout
 
@@ -315,6 +328,11 @@ def create_app(
                     open_choices -= 1
                     finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
                     yield _sse(_chunk(ident, name, choice.index, {} if chat else "", finish, chat))
+            if usage_prompt is not None and outcome == "ok":
+                yield _sse(
+                    _chunk(ident, name, None, None, None, chat)
+                    | {"choices": [], "usage": _usage(usage_prompt, choices)}
+                )
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
@@ -487,6 +505,15 @@ def _chunk(
         "created": int(time.time()),
         "model": name,
         "choices": [choice],
+    }
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+    completion_tokens = sum(len(c.tokens) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
