@@ -16,10 +16,12 @@ through its own forward pass, which does apply its prefix cache. Everything else
     .venv/bin/python benchmarks/e2e_quality.py [--steps 60] [--methods zero-shot,prefixtune-kv-random,...]
 
 `--time-curve` instead trains one method (default: the E2E recipe's, hidden + activations) once per
-base precision (float32, bfloat16) and records validation BLEU against training wall-clock seconds
-(evaluation time excluded), then scores all validation MRs at the same final step for each:
+base precision (float32, bfloat16), the two side by side (one core each), and records validation
+BLEU against training wall-clock seconds (evaluation time excluded), then scores all validation MRs
+at the same final step for each:
 
-    .venv/bin/python benchmarks/e2e_quality.py --time-curve --steps 60 --curve-every 20
+    .venv/bin/python benchmarks/e2e_quality.py --time-curve --steps 250 --curve-every 50 \
+        --max-new-tokens 64 --group-by-length --output benchmarks/results/e2e_time_curve
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,53 +171,77 @@ def training_arguments(output: Path, steps: int, batch_size: int, lr: float, gro
     )
 
 
-def time_to_quality(args, output: Path) -> None:
-    """BLEU vs training seconds for one method, float32 base against bfloat16 base."""
-    kind, lr, decoding = next(value for value in METHODS.values() if value[0] == args.time_curve_method)
-    results = {}
+def time_curve_arm(args, dtype: str) -> dict:
+    """Train the method once with the frozen base in `dtype`; BLEU on the first MRs at the curve steps
+    (with the training seconds so far), then on all `--eval-limit` MRs at the final step."""
+    kind, lr, _ = next(value for value in METHODS.values() if value[0] == args.time_curve_method)
     groups = group_references(read_examples(args.eval))[: args.eval_limit]
     prompts, references = [g.prompt for g in groups], [g.references for g in groups]
-    # bfloat16 first: if the shared machine gets quieter during the run, that favours float32
-    for dtype in ("bfloat16", "float32"):
-        base, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
-        formatter = PromptFormatter(tokenizer)
-        train_rows = [formatter.training_features(e, 128) for e in read_examples(args.train)]
-        torch.manual_seed(0)
-        model, generate = build(kind, base, tokenizer)
+    base, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
+    formatter = PromptFormatter(tokenizer)
+    train_rows = [formatter.training_features(e, 128) for e in read_examples(args.train)]
+    torch.manual_seed(0)
+    model, generate = build(kind, base, tokenizer)
 
-        def curve_bleu(generate=generate, formatter=formatter) -> float:
-            texts = decode_all(generate, formatter, prompts[: args.curve_prompts], args.max_new_tokens)
-            return score(texts, references[: args.curve_prompts], ("bleu",))["bleu"]
+    def curve_bleu() -> float:
+        texts = decode_all(generate, formatter, prompts[: args.curve_prompts], args.max_new_tokens)
+        return score(texts, references[: args.curve_prompts], ("bleu",))["bleu"]
 
-        callback = BleuAtSteps(curve_bleu, set(range(args.curve_every, args.steps + 1, args.curve_every)), timed=True)
-        Trainer(
-            model=model,
-            args=training_arguments(output, args.steps, args.batch_size, lr, grouped=args.group_by_length),
-            train_dataset=train_rows,
-            callbacks=[callback],
-            data_collator=lambda rows, tokenizer=tokenizer: pad_batch(rows, tokenizer.pad_token_id),
-        ).train()
-        model.eval()
-        began = time.perf_counter()
-        texts = decode_all(generate, formatter, prompts, args.max_new_tokens)
-        results[dtype] = {
-            "bleu": score(texts, references, ("bleu",))["bleu"],
-            "curve": [{"step": step, "train_seconds": seconds, "bleu": bleu} for step, seconds, bleu in callback.curve],
-            "eval_seconds": time.perf_counter() - began,
-            "example": texts[0],
-        }
-        last = results[dtype]["curve"][-1]
-        print(
-            f"{dtype:9} BLEU {results[dtype]['bleu']:6.2f} on {len(prompts)} MRs after {last['step']} steps "
-            f"({last['train_seconds']:.0f} s of training)",
-            flush=True,
-        )
+    callback = BleuAtSteps(curve_bleu, set(range(args.curve_every, args.steps + 1, args.curve_every)), timed=True)
+    Trainer(
+        model=model,
+        args=training_arguments(Path(args.output) / dtype, args.steps, args.batch_size, lr, args.group_by_length),
+        train_dataset=train_rows,
+        callbacks=[callback],
+        data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id),
+    ).train()
+    model.eval()
+    began = time.perf_counter()
+    texts = decode_all(generate, formatter, prompts, args.max_new_tokens)
+    scores = score(texts, references, ("bleu", "sacrebleu"))
+    return {
+        "bleu": scores["bleu"],  # multi-reference sacreBLEU (`score` answers to both names)
+        "sacrebleu": scores["sacrebleu"],
+        "mrs": len(prompts),
+        "curve": [{"step": step, "train_seconds": seconds, "bleu": bleu} for step, seconds, bleu in callback.curve],
+        "eval_seconds": time.perf_counter() - began,
+        "example": texts[0],
+    }
+
+
+def time_to_quality(args, output: Path) -> None:
+    """BLEU vs training seconds for one method, float32 base against bfloat16 base.
+
+    The two arms run at the same time, each in its own process pinned to its own core with one
+    thread, so whatever else loads the shared machine slows both alike (run one after the other,
+    the later arm would get a quieter or a busier machine). With fewer than two cores they run one
+    after the other."""
+    kind, lr, decoding = next(value for value in METHODS.values() if value[0] == args.time_curve_method)
+    dtypes = ("bfloat16", "float32")
+    cores = sorted(os.sched_getaffinity(0))
+    side_by_side = len(cores) >= 2
+    arms = {}
+    for index, dtype in enumerate(dtypes):
+        command = [sys.executable, __file__, *sys.argv[1:], "--time-curve-arm", dtype]
+        if side_by_side:
+            command = ["taskset", "-c", str(cores[index]), *command]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        else:
+            env = dict(os.environ)
+        arms[dtype] = subprocess.Popen(command, env=env)
+        if not side_by_side:
+            arms[dtype].wait()
+    for dtype, process in arms.items():
+        if process.wait() != 0:
+            raise SystemExit(f"the {dtype} arm failed (exit {process.returncode}); see its output above")
+    results = {dtype: json.loads((output / f"arm-{dtype}.json").read_text()) for dtype in dtypes}
     fp32, bf16 = results["float32"], results["bfloat16"]
     summary = {
         "method": kind,
         "learning_rate": lr,
         "decoding": decoding,
         "args": vars(args),
+        "arms": "side by side, one core and one thread each" if side_by_side else "one after the other",
         "results": results,
         "bf16_vs_fp32_train_seconds": bf16["curve"][-1]["train_seconds"] / fp32["curve"][-1]["train_seconds"],
         "bf16_minus_fp32_bleu": bf16["bleu"] - fp32["bleu"],
@@ -231,6 +260,12 @@ def time_to_quality(args, output: Path) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(output / "bleu_vs_seconds.png", dpi=100)
+    print("| base | step | training s | BLEU (curve MRs) |\n|---|---|---|---|")
+    for dtype, row in results.items():
+        for point in row["curve"]:
+            print(f"| {dtype} | {point['step']} | {point['train_seconds']:.0f} | {point['bleu']:.2f} |")
+    for dtype, row in results.items():
+        print(f"{dtype:9} BLEU {row['bleu']:6.2f} (sacreBLEU {row['sacrebleu']:.2f}) on {row['mrs']} MRs")
     print(
         f"bf16/fp32 training time {summary['bf16_vs_fp32_train_seconds']:.2f}x; "
         f"BLEU bf16 - fp32 = {summary['bf16_minus_fp32_bleu']:+.2f}"
@@ -291,7 +326,13 @@ def main() -> None:
     parser.add_argument("--time-curve-method", default="prefixtune-hidden-activations")
     parser.add_argument("--group-by-length", action="store_true", help="length-grouped batches (--time-curve)")
     parser.add_argument("--eval-limit", type=int, default=None, help="--time-curve: score only the first N MRs")
+    # one arm of --time-curve, in its own process
+    parser.add_argument("--time-curve-arm", choices=("bfloat16", "float32"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.time_curve_arm:
+        arm = time_curve_arm(args, args.time_curve_arm)
+        (Path(args.output) / f"arm-{args.time_curve_arm}.json").write_text(json.dumps(arm, indent=2))
+        return
     if args.time_curve:
         Path(args.output).mkdir(parents=True, exist_ok=True)
         time_to_quality(args, Path(args.output))
