@@ -18,8 +18,8 @@ MLA = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "minicpm3"
 OWN_POSITIONS = ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"]
 DECODER_ONLY_SEQ2SEQ = ["bart", "mbart", "marian", "pegasus", "blenderbot-small"]
 # Gated DeltaNet hybrids take an initial-state prefix (tests/test_hybrid_states.py); other hybrids are refused.
-STATE_PREFIX_HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe"]
-HYBRID = ["olmo_hybrid", "lfm3", "minimax", "lara_mini", "zaya", "jamba", "bamba", "falcon_h1", "nemotron_h"]
+STATE_PREFIX_HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid"]
+HYBRID = ["lfm3", "minimax", "lara_mini", "zaya", "jamba", "bamba", "falcon_h1", "nemotron_h"]
 
 
 def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
@@ -43,7 +43,7 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
         assert not stale, f"README's walk table is stale (python tests/architecture_walk.py); now: {stale}"
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite", "roberta", "bart"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite", "roberta", "bart", "olmo_hybrid"])
 def test_hidden_prefix_with_activations_init_is_exact_too(model_type):
     """The `hidden` parameterization goes through each layer's own key/value path (MLA: the latent
     compression and decoupled rotary key), so it must reproduce the text as well."""
@@ -85,10 +85,10 @@ def test_mla_mlp_prefix_trains_compiles_and_round_trips(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("model_type", ["jamba", "zaya"])
-def test_hybrids_without_gated_deltanet_layers_are_refused_with_type_and_reason(model_type):
+def test_hybrids_without_state_prefixes_are_refused_with_type_and_reason(model_type):
     """State-space and other linear-attention layers have no initial-state prefix (Gated DeltaNet
     hybrids do: tests/test_hybrid_states.py), so a key/value prefix alone would not act like its text."""
-    with pytest.raises(UnsupportedModelError, match=rf"model_type='{model_type}'.*state.*not Gated DeltaNet"):
+    with pytest.raises(UnsupportedModelError, match=rf"model_type='{model_type}'.*state.*no initial-state prefix"):
         PrefixModel(build(model_type), PrefixConfig(prefix_length=2))
 
 

@@ -1,4 +1,4 @@
-"""Hybrid linear-attention models (Qwen3-Next, Qwen3.5): a prefix gives each Gated DeltaNet layer an
+"""Hybrid linear-attention models (Qwen3-Next, Qwen3.5, OLMo Hybrid): a prefix gives each Gated DeltaNet layer an
 initial state (conv + recurrent), so an `activations` prefix of text T acts exactly as T does:
 batched with a different prefix (or none) per row, left-padded, in `generate`, through training,
 checkpointing, save/load, `compile_prefix` and the micro-batch serving engine."""
@@ -14,7 +14,7 @@ from prefixtune.files import PrefixFileError
 from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
 from tiny import SPECIAL, tiny_tokenizer
 
-MODEL_TYPES = ["qwen3_next", "qwen3_5_text"]
+MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid"]
 # Two linear-attention layers around an attention layer; convolution kernel 4 (conv state: 3 columns).
 LAYOUT = {"num_hidden_layers": 3, "layer_types": ["linear_attention", "full_attention", "linear_attention"]}
 TEXTS = {

@@ -232,7 +232,7 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
             f"{function} (or the kernel that replaces it), as the layer's own forward does",
             parameters,
         )
-        for model_type in ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+        for model_type in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
         for function, parameters in (
             ("apply_mask_to_padding_states", ("hidden_states", "attention_mask")),
             ("causal_conv1d_fn", ("hidden_states", "weight", "bias", "activation")),

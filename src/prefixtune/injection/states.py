@@ -1,4 +1,4 @@
-"""Linear-attention layers (Gated DeltaNet: Qwen3-Next, Qwen3.5): their prefix is an initial state.
+"""Linear-attention layers (Gated DeltaNet: Qwen3-Next, Qwen3.5, OLMo Hybrid): their prefix is an initial state.
 
 A key/value prefix of text T makes an attention layer act as if T came first. A linear-attention
 layer keeps no keys/values; what T leaves there is the layer's state, as the model's cache holds it:
@@ -42,8 +42,6 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
 
 STATE_KWARGS = ("prefix_conv_states", "prefix_recurrent_states")
-# Module classes whose forward `prefixed_forward` follows (the Qwen3.5 MoE one is a copy of Qwen3.5's).
-STATE_LAYER_CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
 # What prefixtune adds to a forward call, for attention layers; a linear layer's own forward must not see it.
 _INJECTION_KWARGS = (*PREFIX_KWARGS, *STATE_KWARGS, MASK_CACHE_KWARG, POSITIONS_KWARG, "prefixtune_capture")
 
@@ -62,9 +60,9 @@ def find_state_layers(model: PreTrainedModel, kind: str) -> list[nn.Module]:
     if unknown:
         raise UnsupportedModelError(
             f"{kind}: layers {unknown} are linear-attention, state-space or convolution layers (they carry a "
-            "recurrent/convolution state, not keys and values) and not Gated DeltaNet layers, the kind prefixtune "
-            "gives an initial-state prefix; a key/value prefix alone would not act like its text, so prefixtune "
-            f"refuses this hybrid model (state prefixes exist for {', '.join(STATE_LAYER_CLASSES)})"
+            "recurrent/convolution state, not keys and values) of a kind prefixtune has no initial-state prefix for "
+            f"(it has for {', '.join(STATE_LAYER_CLASSES)}); a key/value prefix alone would not act like its text, so "
+            "prefixtune refuses this hybrid model"
         )
     return [found[index] for index in stateful]
 
@@ -120,19 +118,44 @@ def prefixed_forward(
     return output
 
 
-def _projections(module: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The layer's input projections: the convolution input ``[B, conv_dim, T]``, the gate ``z``
-    ``[B, T, v_heads, v_head_dim]`` and ``b``, ``a`` ``[B, T, v_heads]``, as its own forward makes them."""
-    if hasattr(module, "in_proj_qkvz"):  # Qwen3-Next: one projection, grouped per key head
-        query, key, value, z, b, a = module.fix_query_key_value_ordering(
-            module.in_proj_qkvz(hidden), module.in_proj_ba(hidden)
-        )
-        mixed = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value)], dim=-1)
-    else:  # Qwen3.5
-        mixed = module.in_proj_qkv(hidden)
-        z = module.in_proj_z(hidden).reshape(hidden.shape[0], hidden.shape[1], -1, module.head_v_dim)
-        b, a = module.in_proj_b(hidden), module.in_proj_a(hidden)
-    return mixed.transpose(1, 2), z, b, a
+def _qwen3_next_inputs(module: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Qwen3-Next: one fused projection, grouped per key head (see `_INPUTS`)."""
+    query, key, value, z, b, a = module.fix_query_key_value_ordering(
+        module.in_proj_qkvz(hidden), module.in_proj_ba(hidden)
+    )
+    mixed = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value)], dim=-1)
+    return mixed.transpose(1, 2), z, b.sigmoid(), a
+
+
+def _qwen3_5_inputs(module: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Qwen3.5 (dense and MoE), Lara Mini: separate query/key/value, gate, b and a projections."""
+    z = module.in_proj_z(hidden).reshape(hidden.shape[0], hidden.shape[1], -1, module.head_v_dim)
+    return module.in_proj_qkv(hidden).transpose(1, 2), z, module.in_proj_b(hidden).sigmoid(), module.in_proj_a(hidden)
+
+
+def _olmo_hybrid_inputs(module: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OLMo Hybrid: one projection each, its own output-gate projection, beta up to 2 when allowed."""
+    mixed = torch.cat([module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)], dim=-1)
+    gate = module.g_proj(hidden).reshape(hidden.shape[0], hidden.shape[1], -1, module.head_v_dim)
+    beta = module.b_proj(hidden).sigmoid()
+    if module.allow_neg_eigval:
+        beta = beta * 2.0
+    return mixed.transpose(1, 2), gate, beta, module.a_proj(hidden)
+
+
+# The Gated DeltaNet module classes `mix` follows, and how each makes its inputs from the (masked)
+# hidden states, as its own forward does: the convolution input ``[B, conv_dim, T]``, the output
+# gate ``[B, T, v_heads, v_head_dim]``, ``beta`` and ``a`` ``[B, T, v_heads]``. The rest of their
+# forwards is the same code (Qwen3.5 MoE's layer is a copy of Qwen3.5's). Not here: Lara Mini's layer
+# (a copy too), because its global attention layers use no positions, which `KeyValuePath` (the
+# `hidden` parameterization) does not follow; refused as a whole rather than silently different there.
+_INPUTS = {
+    "Qwen3NextGatedDeltaNet": _qwen3_next_inputs,
+    "Qwen3_5GatedDeltaNet": _qwen3_5_inputs,
+    "Qwen3_5MoeGatedDeltaNet": _qwen3_5_inputs,
+    "OlmoHybridGatedDeltaNet": _olmo_hybrid_inputs,
+}
+STATE_LAYER_CLASSES = tuple(_INPUTS)
 
 
 @force_accelerate_hooks("conv1d")  # as the model's own forward: the conv weight is used directly
@@ -149,7 +172,7 @@ def mix(
     own = sys.modules[type(module).__module__]  # the modeling file's functions (or the kernels replacing them)
     hidden = own.apply_mask_to_padding_states(hidden, mask)  # pads are zeros, as in the model's own
     batch, length, _ = hidden.shape
-    mixed, z, b, a = _projections(module, hidden)
+    mixed, gate, beta, a = _INPUTS[type(module).__name__](module, hidden)
     context = module.conv_kernel_size - 1
     # The conv state goes into the K-1 columns right before each row's first real token. Those
     # columns are zeros (left pads, or the K-1 added in front), so adding puts it there exactly.
@@ -163,7 +186,6 @@ def mix(
     query = query.reshape(batch, length, -1, module.head_k_dim)
     key = key.reshape(batch, length, -1, module.head_k_dim)
     value = value.reshape(batch, length, -1, module.head_v_dim)
-    beta = b.sigmoid()
     g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
     if mask is not None:  # pads neither decay nor write the state
         real = mask[:, :, None].bool()
@@ -179,8 +201,9 @@ def mix(
         output_final_state=keep_state,
         use_qk_l2norm_in_kernel=True,
     )
-    output = module.norm(output.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))
-    return module.out_proj(output.reshape(batch, length, -1)), window, final
+    norm, projection = (module.o_norm, module.o_proj) if hasattr(module, "o_proj") else (module.norm, module.out_proj)
+    output = norm(output.reshape(-1, module.head_v_dim), gate.reshape(-1, module.head_v_dim))
+    return projection(output.reshape(batch, length, -1)), window, final
 
 
 class StatePath:
