@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from architecture_walk import build, relative_error
 from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefixtune.data import PromptFormatter
 from prefixtune.files import PrefixFileError
-from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
-from tiny import SPECIAL, tiny_tokenizer
+from prefixtune.serving import (
+    BASE_NAME,
+    BatchingEngine,
+    ContinuousEngine,
+    PrefixStore,
+    Request,
+    build_app,
+    make_engine,
+)
+from tiny import SPECIAL, tiny_model, tiny_tokenizer
 
 MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid"]
 # Two linear-attention layers around an attention layer; convolution kernel 4 (conv state: 3 columns).
@@ -164,13 +174,17 @@ def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
         PrefixModel.from_pretrained(other_kernel, tmp_path / "long")
 
 
-def test_mlp_prefix_and_peft_export_are_refused_with_the_reason(tmp_path):
+def test_mlp_prefix_and_peft_export_and_import_are_refused_with_the_reason(tmp_path):
     model = hybrid("qwen3_5_text")
     with pytest.raises(UnsupportedModelError, match="mlp parameterization maps to keys/values only.*'kv' or 'hidden'"):
         model.add_prefix("m", PrefixConfig(prefix_length=2, parameterization="mlp"))
     with pytest.raises(UnsupportedModelError, match="PEFT prefix-tuning adapter holds keys/values only"):
         model.save_prefix(tmp_path / "peft", name="mid", format="peft")
     assert not (tmp_path / "peft").exists()
+    PrefixModel(tiny_model("llama"), PrefixConfig(prefix_length=2)).save_prefix(tmp_path / "llama", format="peft")
+    with pytest.raises(UnsupportedModelError, match="qwen3_5_text: a PEFT prefix-tuning adapter holds keys/values"):
+        model.load_prefix(tmp_path / "llama", name="theirs")
+    assert "theirs" not in model.prefixes
 
 
 def test_unload_gives_the_linear_attention_layers_their_own_forward_back():
@@ -190,7 +204,7 @@ def test_unload_gives_the_linear_attention_layers_their_own_forward_back():
 def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     """`--engine auto` picks the micro-batch engine (the continuous one writes keys/values into a
     paged cache and has no place for a state, so it refuses with that reason); served rows with
-    mixed prefixes equal `PrefixModel.generate` of each row alone."""
+    mixed prefixes equal `PrefixModel.generate` of each row alone, through the engine and over HTTP."""
     source = hybrid("qwen3_5_text")
     for name in ("mid", "short"):
         source.save_prefix(tmp_path / "store" / name, name=name)
@@ -219,3 +233,15 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
         )[0, len(row) :].tolist()
         want = want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
         assert result.token_ids == want, (row, name)
+
+    app, server_engine, _ = build_app(build("qwen3_5_text", **LAYOUT), tiny_tokenizer(), tmp_path / "store")
+    try:
+        with TestClient(app) as client:
+            assert client.get("/health").json()["engine"] == "microbatch"
+            body = {"model": "mid", "prompt": "cheap food", "max_tokens": 4, "temperature": 0}
+            text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    finally:
+        server_engine.stop()
+    ids = PromptFormatter(tiny_tokenizer()).prompt_ids("cheap food")
+    want = source.generate(input_ids=torch.tensor([ids]), prefix="mid", max_new_tokens=4, do_sample=False)
+    assert text and text == tiny_tokenizer().decode(want[0, len(ids) :], skip_special_tokens=True)
