@@ -211,7 +211,8 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     model = PrefixModel(build("qwen3_5_text", **LAYOUT), name=None, tokenizer=tiny_tokenizer())
     with pytest.raises(UnsupportedModelError, match="not exact here: .*linear-attention"):
         ContinuousEngine(model, tiny_tokenizer())
-    engine = make_engine(model, tiny_tokenizer(), PrefixStore(model, tmp_path / "store"), "auto")
+    store = PrefixStore(model, tmp_path / "store")
+    engine = make_engine(model, tiny_tokenizer(), store, "auto")
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
     engine.wait_seconds = 0.2
@@ -222,6 +223,8 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     finally:
         engine.stop()
     assert engine.stats["batches"] < len(jobs)  # really batched, prefixes mixed
+    held = model.prefixes["mid"]  # the store's budget counts the states too
+    assert store.loaded["mid"].nbytes == sum(held.state_dict()[key].nbytes for key in held.state_dict())
     for (row, name), result in zip(jobs, results, strict=True):
         want = source.generate(
             input_ids=torch.tensor([row]),
