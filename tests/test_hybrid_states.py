@@ -126,6 +126,22 @@ def test_generate_keeps_the_states_greedy_and_beam(model_type):
             assert out[i].tolist() == want.tolist(), (beams, name)
 
 
+def test_vocab_and_random_inits_give_states_their_counterparts():
+    """`vocab`: the state each layer reaches reading the init text's word embeddings (direct `kv`
+    states equal what `hidden` computes from the same embeddings); `random`: small normal states."""
+    model = PrefixModel(build("qwen3_next", **LAYOUT), name=None, tokenizer=tiny_tokenizer())
+    for parameterization in ("kv", "hidden"):
+        config = PrefixConfig(prefix_length=5, parameterization=parameterization, init="vocab", init_text=TEXTS["mid"])
+        model.add_prefix(parameterization, config)
+    with torch.no_grad():
+        direct, computed = model.prefixes["kv"].states(model.kv_path), model.prefixes["hidden"].states(model.kv_path)
+    for got, want in zip(direct, computed, strict=True):
+        torch.testing.assert_close(got, want)
+        assert want.abs().max() > 0
+    random = model.add_prefix("random", PrefixConfig(prefix_length=5, init_std=0.02))
+    assert 0 < random.prefix_recurrent_states.std() < 0.05 and 0 < random.prefix_conv_states.std() < 0.05
+
+
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
 def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(parameterization):
     results = []

@@ -118,6 +118,7 @@ class KVPrefix(Prefix):
     def states(self, kv_path: KeyValuePath) -> tuple[Tensor, Tensor] | None:
         return (self.prefix_conv_states, self.prefix_recurrent_states) if self.state_layers else None
 
+    @torch.no_grad()
     def set_states(self, states: tuple[Tensor, Tensor] | None) -> None:
         """Copy states in (as `states` gives them), e.g. from another parameterization."""
         if self.state_layers:
@@ -133,8 +134,7 @@ class KVPrefix(Prefix):
     @torch.no_grad()
     def init_activations(self, activations: TextActivations) -> None:
         self.prefix_key_values.copy_(activations.key_values[list(self.layers)])
-        if self.state_layers:
-            self.set_states((activations.conv_states, activations.recurrent_states))
+        self.set_states((activations.conv_states, activations.recurrent_states))
 
 
 class MLPPrefix(Prefix):
