@@ -108,10 +108,9 @@ def prefixed_forward(
         raise UnsupportedModelError(
             f"{type(module).__name__}: packed sequences (cu_seq_lens_q) with a prefix state; pass padded rows instead"
         )
-    layer = module.prefixtune_state_layer
-    output, window, final = mix(
-        module, hidden_states, attention_mask, conv_states[:, layer], recurrent_states[:, layer], cache is not None
-    )
+    layer, device = module.prefixtune_state_layer, hidden_states.device  # layers may sit on other devices
+    conv_state, recurrent_state = conv_states[:, layer].to(device), recurrent_states[:, layer].to(device)
+    output, window, final = mix(module, hidden_states, attention_mask, conv_state, recurrent_state, cache is not None)
     if cache is not None:  # what the text leaves, stored as the model's own forward stores it
         cache.update_conv_state(window, module.layer_idx, conv_kernel_size=module.conv_kernel_size)
         cache.update_recurrent_state(final, module.layer_idx)
