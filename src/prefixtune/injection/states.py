@@ -21,6 +21,8 @@ delta rule functions, gated norm and output projection), differing in exactly th
    state crosses left pads unchanged (the model's own leaves a zero state zero there but decays any other);
 3. the delta rule starts from the prefix's recurrent state.
 
+Packed sequences (``cu_seq_lens_q``) with a prefix state are refused rather than mixed up.
+
 With a cache (the prefill of ``generate``), the states after the text are written to it through
 the cache's own ``update_conv_state`` / ``update_recurrent_state``, as the model's own forward does.
 The prefix states themselves never enter the cache, so gradient checkpointing replays the layer
