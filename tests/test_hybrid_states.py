@@ -203,7 +203,7 @@ def test_mlp_prefix_and_peft_export_and_import_are_refused_with_the_reason(tmp_p
     assert "theirs" not in model.prefixes
 
 
-def test_unload_gives_the_linear_attention_layers_their_own_forward_back():
+def test_without_a_prefix_and_after_unload_the_linear_attention_layers_run_their_own_forward():
     base = build("qwen3_next", **LAYOUT)
     ids = torch.tensor([ROWS[0]])
     with torch.no_grad():
@@ -211,6 +211,8 @@ def test_unload_gives_the_linear_attention_layers_their_own_forward_back():
     modules = [m for m in base.modules() if type(m).__name__ == "Qwen3NextGatedDeltaNet"]
     model = PrefixModel(base, PrefixConfig(prefix_length=2))
     assert all("forward" in m.__dict__ for m in modules)
+    with torch.no_grad(), model.disable_prefix():  # wrapped, without a prefix: the model's own forward
+        assert torch.equal(model(input_ids=ids).logits, want)
     base = model.unload()
     assert all("forward" not in m.__dict__ and "prefixtune_state_layer" not in m.__dict__ for m in modules)
     with torch.no_grad():
