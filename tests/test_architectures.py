@@ -17,7 +17,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MLA = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "minicpm3", "longcat_flash", "sarvam_mla"]
 OWN_POSITIONS = ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"]
 DECODER_ONLY_SEQ2SEQ = ["bart", "mbart", "marian", "pegasus", "blenderbot-small"]
-HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lfm3", "minimax", "lara_mini", "zaya"]
+# Gated DeltaNet hybrids take an initial-state prefix (tests/test_hybrid_states.py); other hybrids are refused.
+STATE_PREFIX_HYBRID = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid"]
+HYBRID = ["lfm3", "minimax", "lara_mini", "zaya", "jamba", "bamba", "falcon_h1", "nemotron_h"]
 
 
 def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
@@ -25,7 +27,9 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
     wrong = [o for o in outcomes if o.outcome not in ("exact", "refused", "skipped")]
     assert not wrong, "\n".join(f"{o.model_type}: {o.outcome} {o.detail}" for o in wrong)
     by_type = {o.model_type: o for o in outcomes}
-    for model_type in MLA + OWN_POSITIONS + DECODER_ONLY_SEQ2SEQ + ["llama", "gpt2", "gemma3_text", "mistral"]:
+    for model_type in (
+        MLA + OWN_POSITIONS + DECODER_ONLY_SEQ2SEQ + STATE_PREFIX_HYBRID + ["llama", "gpt2", "gemma3_text", "mistral"]
+    ):
         assert by_type[model_type].outcome == "exact", by_type[model_type]
     for model_type in HYBRID + ["diffllama", "doge", "deepseek_v4"]:
         assert by_type[model_type].outcome == "refused", by_type[model_type]
@@ -39,7 +43,7 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
         assert not stale, f"README's walk table is stale (python tests/architecture_walk.py); now: {stale}"
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite", "roberta", "bart"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe_lite", "roberta", "bart", "olmo_hybrid"])
 def test_hidden_prefix_with_activations_init_is_exact_too(model_type):
     """The `hidden` parameterization goes through each layer's own key/value path (MLA: the latent
     compression and decoupled rotary key), so it must reproduce the text as well."""
@@ -80,9 +84,11 @@ def test_mla_mlp_prefix_trains_compiles_and_round_trips(tmp_path, tokenizer):
         torch.testing.assert_close(again(**batch).logits, before, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text"])
-def test_hybrid_models_are_refused_with_type_and_reason(model_type):
-    with pytest.raises(UnsupportedModelError, match=rf"model_type='{model_type}'.*linear-attention"):
+@pytest.mark.parametrize("model_type", ["jamba", "zaya"])
+def test_hybrids_without_state_prefixes_are_refused_with_type_and_reason(model_type):
+    """State-space and other linear-attention layers have no initial-state prefix (Gated DeltaNet
+    hybrids do: tests/test_hybrid_states.py), so a key/value prefix alone would not act like its text."""
+    with pytest.raises(UnsupportedModelError, match=rf"model_type='{model_type}'.*state.*no initial-state prefix"):
         PrefixModel(build(model_type), PrefixConfig(prefix_length=2))
 
 

@@ -56,6 +56,12 @@ def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
     if (geometry.key_head_dim, geometry.value_head_dim) != (geometry.head_dim, geometry.head_dim):
         # keys and values of different head sizes (MLA); absent elsewhere, so older prefix files still load
         sizes |= {"key_head_dim": geometry.key_head_dim, "value_head_dim": geometry.value_head_dim}
+    if geometry.state_layers:  # hybrid models' linear-attention states; absent elsewhere, as above
+        sizes |= {
+            "state_layers": geometry.state_layers,
+            "conv_state_shape": list(geometry.conv_state_shape),
+            "recurrent_state_shape": list(geometry.recurrent_state_shape),
+        }
     return sizes
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from .injection import Capture, UnsupportedModelError
 
@@ -19,10 +19,18 @@ class TextActivations:
     key_values: each layer's real keys/values ``[layers, 2, kv_heads, P, head_dim]`` (zero-padded
         where key and value head sizes differ, see `Geometry`).
     attention_inputs: each layer's input to attention (already normalised) ``[layers, P, d_model]``.
+
+    Hybrid models (see `injection.states`), per linear-attention layer, else None:
+    conv_states: the conv state the model's cache holds after the text ``[state_layers, conv_dim, K-1]``.
+    recurrent_states: its recurrent state ``[state_layers, v_heads, k_head_dim, v_head_dim]``.
+    state_inputs: the layer's input ``[state_layers, P, d_model]``.
     """
 
     key_values: Tensor
     attention_inputs: Tensor
+    conv_states: Tensor | None = None
+    recurrent_states: Tensor | None = None
+    state_inputs: Tensor | None = None
 
 
 def init_token_ids(tokenizer, text: str, length: int | None) -> Tensor:
@@ -45,12 +53,17 @@ def word_embeddings(model: PreTrainedModel, token_ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def text_activations(
-    model: PreTrainedModel, attention_modules: list[nn.Module], token_ids: Tensor, head_dim: int
+    model: PreTrainedModel,
+    attention_modules: list[nn.Module],
+    token_ids: Tensor,
+    head_dim: int,
+    state_modules: list[nn.Module] = (),
 ) -> TextActivations:
     """Run the frozen model on the tokens and keep each layer's keys/values and attention inputs.
 
     Encoder-decoders read the tokens on both sides: the encoder prefix gets the encoder's
     activations, the decoder prefixes the decoder's (cross-attention: its keys/values of the encoded text).
+    Hybrid models' linear-attention layers (`state_modules`): the states their cache holds after the text.
     """
     inputs: dict[nn.Module, Tensor] = {}
 
@@ -58,12 +71,16 @@ def text_activations(
         source = kwargs.get("key_value_states", kwargs.get("encoder_hidden_states"))  # cross-attention
         inputs[module] = source if source is not None else (args[0] if args else kwargs["hidden_states"])
 
-    hooks = [module.register_forward_pre_hook(keep_input, with_kwargs=True) for module in attention_modules]
+    hooks = [
+        module.register_forward_pre_hook(keep_input, with_kwargs=True)
+        for module in [*attention_modules, *state_modules]
+    ]
     capture = Capture()
     ids = token_ids[None].to(model.device)
     extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    cache = DynamicCache(config=model.config) if state_modules else None  # where the states are read
     try:
-        model(input_ids=ids, use_cache=False, prefixtune_capture=capture, **extra)
+        model(input_ids=ids, use_cache=cache is not None, past_key_values=cache, prefixtune_capture=capture, **extra)
     finally:
         for hook in hooks:
             hook.remove()
@@ -75,7 +92,15 @@ def text_activations(
                 "so a prefix slot stands for no token"
             )
     by_module = {call.module: call.key_values(head_dim)[0] for call in capture.calls}
-    return TextActivations(
+    activations = TextActivations(
         key_values=torch.stack([by_module[module] for module in attention_modules]).float(),
         attention_inputs=torch.stack([inputs[module][0] for module in attention_modules]).float(),
     )
+    if state_modules:
+        # The cache keeps the last K inputs of each convolution; the conv state is the last K-1.
+        conv = [cache.get_conv_state(module.layer_idx)[0, :, 1:] for module in state_modules]
+        activations.conv_states = torch.stack(conv).float()
+        activations.recurrent_states = torch.stack([cache.get_recurrent_state(m.layer_idx)[0] for m in state_modules])
+        activations.recurrent_states = activations.recurrent_states.float()
+        activations.state_inputs = torch.stack([inputs[module][0] for module in state_modules]).float()
+    return activations

@@ -95,8 +95,8 @@ class PrefixModel(nn.Module):
             if init == "vocab":
                 prefix.init_vocab(word_embeddings(self.base_model, token_ids), self.kv_path)
             else:
-                modules = self.kv_path.attention_modules
-                activations = text_activations(self.base_model, modules, token_ids, self.geometry.head_dim)
+                modules, states = self.kv_path.attention_modules, self.kv_path.states.modules
+                activations = text_activations(self.base_model, modules, token_ids, self.geometry.head_dim, states)
                 prefix.init_activations(activations)
         finally:
             self.base_model.train(was_training)
@@ -132,7 +132,8 @@ class PrefixModel(nn.Module):
 
         ``prefix``: None (the active prefix), a name, or one name per row (rows may differ in
         prefix length; shorter ones are padded with masked slots). ``""`` in a per-row list means
-        "no prefix" for that row.
+        "no prefix" for that row. Hybrid models also get each row's linear-attention states
+        (``prefix_conv_states``, ``prefix_recurrent_states``; zeros for a row without a prefix).
         """
         if not getattr(self.base_model, "_prefixtune_injected", None):
             raise RuntimeError("the base model was unloaded from prefixtune (unload()); wrap it in a new PrefixModel")
@@ -148,19 +149,30 @@ class PrefixModel(nn.Module):
         longest = max([self.prefixes[name].length for name in unique], default=0)
         laid_out = {name: self._model_wide(name, longest) for name in unique}
         if len(laid_out) == 1 and all(names):
-            ((key_values, mask),) = laid_out.values()
-            return {
-                "prefix_key_values": key_values[None].expand(batch_size, *key_values.shape),
-                "prefix_attention_mask": mask[None].expand(batch_size, *mask.shape),
-            }
+            (only,) = laid_out.values()
+            return {key: value[None].expand(batch_size, *value.shape) for key, value in only.items()}
         if "" in names:
             laid_out[""] = self._model_wide(None, longest)
-        return {
-            "prefix_key_values": torch.stack([laid_out[name][0] for name in names]),
-            "prefix_attention_mask": torch.stack([laid_out[name][1] for name in names]),
-        }
+        return {key: torch.stack([laid_out[name][key] for name in names]) for key in laid_out[names[0]]}
 
-    def _model_wide(self, name: str | None, length: int) -> tuple[Tensor, Tensor]:
+    def _model_wide(self, name: str | None, length: int) -> dict[str, Tensor]:
+        """`_model_wide_key_values` as keyword arguments, plus the linear-attention states of hybrid
+        models: conv ``[state_layers, conv_dim, K-1]`` in the model's dtype, recurrent
+        ``[state_layers, v_heads, k_head_dim, v_head_dim]`` in float32 (as the model keeps it); zeros for
+        ``name=None`` (the model's own start)."""
+        key_values, mask = self._model_wide_key_values(name, length)
+        inputs = {"prefix_key_values": key_values, "prefix_attention_mask": mask}
+        geometry = self.geometry
+        if geometry.state_layers:
+            states = None if name is None else self.prefixes[name].states(self.kv_path)
+            if states is None:  # no prefix, or one that does not cover the decoder
+                conv = torch.zeros(geometry.state_layers, *geometry.conv_state_shape, device=self.device)
+                states = conv, torch.zeros(geometry.state_layers, *geometry.recurrent_state_shape, device=self.device)
+            inputs["prefix_conv_states"] = states[0].to(key_values.dtype)
+            inputs["prefix_recurrent_states"] = states[1].float()
+        return inputs
+
+    def _model_wide_key_values(self, name: str | None, length: int) -> tuple[Tensor, Tensor]:
         """A prefix's keys/values over all the model's layers ``[layers, 2, kv_heads, length, head_dim]``
         and its mask ``[layers, length]``: zeros and False for layers it does not cover and slots past its
         own length. ``name=None``: no prefix at all."""
@@ -253,7 +265,8 @@ class PrefixModel(nn.Module):
     # ------------------------------------------------------------------------- compile, save, load
     @torch.no_grad()
     def compile_prefix(self, name: str | None = None) -> None:
-        """Replace a prefix by a plain `kv` prefix with the same keys/values (e.g. collapse the MLP)."""
+        """Replace a prefix by a plain `kv` prefix with the same keys/values (e.g. collapse the MLP) and,
+        in hybrid models, the same linear-attention states."""
         name = name or self.active_prefix
         self._check_names([name])
         prefix = self.prefixes[name]
@@ -268,6 +281,7 @@ class PrefixModel(nn.Module):
         )
         compiled = KVPrefix(config, prefix.length, self.geometry).to(self.device)
         compiled.prefix_key_values.copy_(prefix.key_values(self.kv_path))
+        compiled.set_states(prefix.states(self.kv_path))
         compiled.train(prefix.training)
         self.prefixes[name] = compiled
         self.prefix_configs[name] = config
@@ -281,7 +295,7 @@ class PrefixModel(nn.Module):
         self._check_names([name])
         prefix = self.prefixes[name]
         if format == "peft":
-            peft_format.check_model(self.base_model.config)
+            peft_format.check_model(self.base_model.config, self.geometry)
             if extra:
                 raise ValueError(f"a PEFT adapter has no place for extra fields {sorted(extra)}")
             with torch.no_grad():
@@ -327,7 +341,7 @@ class PrefixModel(nn.Module):
 
     @torch.no_grad()
     def _peft_prefix(self, path: str | Path) -> tuple[PrefixConfig, KVPrefix]:
-        peft_format.check_model(self.base_model.config)
+        peft_format.check_model(self.base_model.config, self.geometry)
         config, key_values = peft_format.read(path, self.geometry)
         prefix = KVPrefix(config, config.prefix_length, self.geometry)
         prefix.prefix_key_values.copy_(key_values)  # read() checked the shape against this geometry

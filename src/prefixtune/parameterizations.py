@@ -12,6 +12,17 @@ base stays frozen.
 
 Initialization is each parameterization's own business: ``init_vocab`` takes word embeddings,
 ``init_activations`` the frozen model's activations on a text (see `initialization.py`).
+
+Hybrid models (`Geometry.state_layers` linear-attention layers, see `injection.states`): a prefix
+covering the decoder also gives each such layer an initial state, ``states()`` -> conv
+``[state_layers, conv_dim, K-1]`` and recurrent ``[state_layers, v_heads, k_head_dim, v_head_dim]``.
+`KVPrefix` holds them directly; `HiddenPrefix` holds a per-layer ``[P, d_model]`` sent through the
+layer's own frozen path from a zero state (`StatePath`); `MLPPrefix` is refused there (its MLP
+maps to keys/values only). The counterpart of each init: ``random``: normal with ``init_std``
+(`KVPrefix`: the states themselves; `HiddenPrefix`: the hidden inputs); ``vocab``: the state the
+layer reaches reading the init text's word embeddings as its inputs; ``activations``: the state the
+frozen model's cache holds after the init text (exact: the prefix then acts as the text). Dropout
+applies to keys/values only, not to states.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from torch import Tensor, nn
 
 from .config import PrefixConfig
 from .initialization import TextActivations
-from .injection import Geometry, KeyValuePath
+from .injection import Geometry, KeyValuePath, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,13 @@ def _layer_key_values(kv_path: KeyValuePath, layers: tuple[int, ...], hidden: Te
     return torch.stack([kv_path(layer, hidden[i] if hidden.ndim == 3 else hidden) for i, layer in enumerate(layers)])
 
 
+def _layer_states(kv_path: KeyValuePath, count: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-state-layer hidden states ``[state_layers, P, d]`` (or one ``[P, d]`` for all) -> the states
+    the layers reach reading them: conv ``[state_layers, conv_dim, K-1]``, recurrent ``[state_layers, h, dk, dv]``."""
+    states = [kv_path.states(layer, hidden[layer] if hidden.ndim == 3 else hidden) for layer in range(count)]
+    return torch.stack([conv for conv, _ in states]), torch.stack([recurrent for _, recurrent in states])
+
+
 class Prefix(nn.Module):
     """Common part: the length, the layers it covers (model-wide indices, see `Geometry`), dropout on
     the produced keys/values, and the init hooks."""
@@ -49,6 +67,7 @@ class Prefix(nn.Module):
         self.length = length
         self.geometry = geometry
         self.layers = geometry.layers_for(config.places)
+        self.state_layers = geometry.state_layers if "decoder" in config.places else 0
         if not self.layers:
             raise ValueError(
                 f"prefix covers no attention layer: places {config.places}, model has {list(geometry.places)}"
@@ -63,6 +82,10 @@ class Prefix(nn.Module):
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
         raise NotImplementedError
+
+    def states(self, kv_path: KeyValuePath) -> tuple[Tensor, Tensor] | None:
+        """The linear-attention layers' initial states (conv, recurrent), None where the model has none."""
+        return None
 
     def forward(self, kv_path: KeyValuePath) -> Tensor:
         key_values = self.key_values(kv_path)  # [layers, 2, kv_heads, P, head_dim]
@@ -84,17 +107,34 @@ class KVPrefix(Prefix):
         super().__init__(config, length, geometry)
         shape = (len(self.layers), 2, geometry.kv_heads, length, geometry.head_dim)
         self.prefix_key_values = nn.Parameter(torch.randn(shape) * config.init_std)
+        if self.state_layers:
+            conv, recurrent = geometry.conv_state_shape, geometry.recurrent_state_shape
+            self.prefix_conv_states = nn.Parameter(torch.randn(self.state_layers, *conv) * config.init_std)
+            self.prefix_recurrent_states = nn.Parameter(torch.randn(self.state_layers, *recurrent) * config.init_std)
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
         return self.prefix_key_values
 
+    def states(self, kv_path: KeyValuePath) -> tuple[Tensor, Tensor] | None:
+        return (self.prefix_conv_states, self.prefix_recurrent_states) if self.state_layers else None
+
+    @torch.no_grad()
+    def set_states(self, states: tuple[Tensor, Tensor] | None) -> None:
+        """Copy states in (as `states` gives them), e.g. from another parameterization."""
+        if self.state_layers:
+            self.prefix_conv_states.copy_(states[0])
+            self.prefix_recurrent_states.copy_(states[1])
+
     @torch.no_grad()
     def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
         self.prefix_key_values.copy_(_layer_key_values(kv_path, self.layers, embeddings))
+        if self.state_layers:
+            self.set_states(_layer_states(kv_path, self.state_layers, embeddings))
 
     @torch.no_grad()
     def init_activations(self, activations: TextActivations) -> None:
         self.prefix_key_values.copy_(activations.key_values[list(self.layers)])
+        self.set_states((activations.conv_states, activations.recurrent_states))
 
 
 class MLPPrefix(Prefix):
@@ -102,6 +142,11 @@ class MLPPrefix(Prefix):
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__(config, length, geometry)
+        if self.state_layers:
+            raise UnsupportedModelError(
+                f"the mlp parameterization maps to keys/values only, and this model has {self.state_layers} "
+                "linear-attention layers whose prefix is an initial state; use parameterization 'kv' or 'hidden'"
+            )
         self.embedding = nn.Parameter(torch.randn(length, geometry.hidden_size) * config.init_std)
         self.mlp = nn.Sequential(
             nn.Linear(geometry.hidden_size, config.mlp_hidden_size),
@@ -147,17 +192,27 @@ class HiddenPrefix(Prefix):
         super().__init__(config, length, geometry)
         shape = (len(self.layers), length, geometry.hidden_size)
         self.prefix_hidden = nn.Parameter(torch.randn(shape) * config.init_std)
+        if self.state_layers:  # the linear-attention layers' inputs, [state_layers, P, d_model]
+            shape = (self.state_layers, length, geometry.hidden_size)
+            self.prefix_state_hidden = nn.Parameter(torch.randn(shape) * config.init_std)
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
         return _layer_key_values(kv_path, self.layers, self.prefix_hidden)
 
+    def states(self, kv_path: KeyValuePath) -> tuple[Tensor, Tensor] | None:
+        return _layer_states(kv_path, self.state_layers, self.prefix_state_hidden) if self.state_layers else None
+
     @torch.no_grad()
     def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
         self.prefix_hidden.copy_(embeddings.expand_as(self.prefix_hidden))
+        if self.state_layers:
+            self.prefix_state_hidden.copy_(embeddings.expand_as(self.prefix_state_hidden))
 
     @torch.no_grad()
     def init_activations(self, activations: TextActivations) -> None:
         self.prefix_hidden.copy_(activations.attention_inputs[list(self.layers)])
+        if self.state_layers:
+            self.prefix_state_hidden.copy_(activations.state_inputs)
 
 
 PARAMETERIZATION_CLASSES: dict[str, type[Prefix]] = {"kv": KVPrefix, "mlp": MLPPrefix, "hidden": HiddenPrefix}

@@ -43,8 +43,14 @@ def is_peft_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / CONFIG_NAME).is_file()
 
 
-def check_model(model_config: Any) -> None:
-    """Refuse models where a PEFT prefix and ours act differently on the same keys/values."""
+def check_model(model_config: Any, geometry: Geometry) -> None:
+    """Refuse models where a PEFT prefix and ours act differently on the same keys/values, or where
+    ours holds more than keys/values (hybrid models' linear-attention states)."""
+    if geometry.state_layers:
+        raise UnsupportedModelError(
+            f"{model_config.model_type}: a PEFT prefix-tuning adapter holds keys/values only, and this model's "
+            f"{geometry.state_layers} linear-attention layers take an initial state, so it cannot be converted"
+        )
     if getattr(model_config, "relative_attention_num_buckets", None) is not None:
         raise UnsupportedModelError(
             f"{model_config.model_type}: PEFT gives prefix positions a relative position bias and prefixtune gives "

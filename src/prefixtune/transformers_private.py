@@ -56,6 +56,10 @@ class PrivateAPI:
 
 
 _TRAINER = "transformers:Trainer"
+_DELTA_RULE_PARAMETERS = (
+    *("query", "key", "value", "g", "beta"),
+    *("initial_state", "output_final_state", "use_qk_l2norm_in_kernel"),
+)
 _CB = "transformers.generation.continuous_batching"
 
 
@@ -230,6 +234,35 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         f"{_CB}.continuous_api:OutputRouter.fail_and_deliver",
         "delivers a failed row's error to its request alone",
         ("state", "error"),
+    ),
+    # Hybrid models' linear-attention layers (injection/states.py) run the modeling file's own functions:
+    *(
+        PrivateAPI(
+            f"transformers.models.{model_type}.modeling_{model_type}:{function}",
+            "internal, unexported: the initial-state forward of Gated DeltaNet layers calls the modeling file's own "
+            f"{function} (or the kernel that replaces it), as the layer's own forward does",
+            parameters,
+        )
+        for model_type in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid")
+        for function, parameters in (
+            ("apply_mask_to_padding_states", ("hidden_states", "attention_mask")),
+            ("causal_conv1d_fn", ("hidden_states", "weight", "bias", "activation")),
+            *(
+                (rule, _DELTA_RULE_PARAMETERS)
+                for rule in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+            ),
+        )
+    ),
+    PrivateAPI(
+        "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet.fix_query_key_value_ordering",
+        "internal: the initial-state forward splits Qwen3-Next's fused projection as the layer's own forward does",
+        ("mixed_qkvz", "mixed_ba"),
+    ),
+    PrivateAPI(
+        "transformers.integrations.accelerate:force_accelerate_hooks",
+        "internal: the initial-state forward uses the conv weight directly, so it fires accelerate's hooks as the "
+        "layer's own forward does",
+        ("child_module_names",),
     ),
     PrivateAPI(
         "transformers:PreTrainedModel._no_split_modules",

@@ -1,6 +1,6 @@
 """Attention-level injection: how prefix keys/values get into a frozen `transformers` model.
 
-Differences from the base model, and nothing else, in three modules:
+Differences from the base model, and nothing else, in four modules:
 
 * `attention`: the model's attention implementation (``sdpa`` or ``eager``) is swapped for
   ``prefixtune_sdpa`` / ``prefixtune_eager``. When the forward call carries ``prefix_key_values``
@@ -10,6 +10,9 @@ Differences from the base model, and nothing else, in three modules:
   model computes exactly what it did before.
 * `positions`: text positions shift per row by that row's prefix length: the prefix owns positions
   ``0..P-1``. Positions come from the attention mask, so left padding is exact.
+* `states`: hybrid models' linear-attention layers (Gated DeltaNet) start from the prefix's state
+  when the call carries ``prefix_conv_states`` / ``prefix_recurrent_states``: their prefix is an
+  initial state, not keys/values (a replacement forward on those module instances).
 * `probing`: a probe forward finds the attention layers (numbered model-wide; encoder-decoders have
   three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry` and
   the `KeyValuePath` through a layer's frozen projections; `inject` puts it all in place.
@@ -24,10 +27,12 @@ from ..config import PLACES
 from .attention import PREFIX_KWARGS, SUPPORTED_IMPLEMENTATIONS, AttentionCall, Capture, UnsupportedModelError
 from .positions import prefix_lengths, text_positions
 from .probing import TAGS, Geometry, KeyValuePath, inject, uninject
+from .states import STATE_KWARGS
 
 __all__ = [
     "PLACES",
     "PREFIX_KWARGS",
+    "STATE_KWARGS",
     "SUPPORTED_IMPLEMENTATIONS",
     "TAGS",
     "AttentionCall",

@@ -1,6 +1,7 @@
 """Probing: one forward on dummy tokens finds a model's attention layers, tags them, and yields
 the prefix `Geometry` and the `KeyValuePath` that sends hidden states through a layer's own frozen
-key/value path. `inject` switches a model to the prefix attention functions and installs the hooks.
+key/value path. `inject` switches a model to the prefix attention functions and installs the hooks
+(hybrid models: and the initial-state forward of their linear-attention layers, see `states`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
+from transformers import PreTrainedModel
 
 from ..config import PLACES
 from ..transformers_private import (
@@ -31,6 +31,9 @@ from .attention import (
     new_mask_cache,
 )
 from .positions import counts_own_positions, position_shifter, shift_stack_positions
+from .states import STATE_KWARGS, StatePath, find_state_layers, state_shapes
+from .states import install as install_state_layers
+from .states import remove as remove_state_layers
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class Geometry:
     head size (multi-head latent attention, e.g. DeepSeek-V3: keys 192, values 128), it is the
     larger one, keys sit in ``[..., :key_head_dim]`` and values in ``[..., :value_head_dim]``, and
     the rest is zeros (attention never reads it). Elsewhere all three are equal.
+
+    Hybrid models also have ``state_layers`` linear-attention layers (see `states`), whose prefix
+    is an initial state: conv ``conv_state_shape`` ``[conv_dim, K-1]`` and recurrent
+    ``recurrent_state_shape`` ``[v_heads, k_head_dim, v_head_dim]``, the same for every such layer.
+    They belong to the decoder; their indices are their own (0..state_layers-1, in layer order).
     """
 
     num_layers: int
@@ -54,6 +62,9 @@ class Geometry:
     places: dict[str, tuple[int, ...]]
     key_head_dim: int | None = None  # None: head_dim
     value_head_dim: int | None = None  # None: head_dim
+    state_layers: int = 0
+    conv_state_shape: tuple[int, ...] = ()  # [conv_dim, K-1]
+    recurrent_state_shape: tuple[int, ...] = ()  # [v_heads, k_head_dim, v_head_dim]
 
     def __post_init__(self) -> None:
         for field in ("key_head_dim", "value_head_dim"):
@@ -68,13 +79,20 @@ class KeyValuePath:
     """Sends hidden states through one layer's own frozen key/value path, as a real token at
     positions 0..P-1 would go: its projections, any key norm and rotary embedding. It calls the
     attention module itself and keeps the keys/values it hands to the attention function
-    (cross-attention modules get the states as their encoder states)."""
+    (cross-attention modules get the states as their encoder states). ``states`` does the same
+    for the linear-attention layers of hybrid models (see `StatePath`)."""
 
     def __init__(
-        self, model: PreTrainedModel, attention_modules: list[nn.Module], cross: tuple[int, ...], head_dim: int
+        self,
+        model: PreTrainedModel,
+        attention_modules: list[nn.Module],
+        cross: tuple[int, ...],
+        head_dim: int,
+        state_modules: list[nn.Module] | None = None,
     ) -> None:
         self.head_dim = head_dim
         self.attention_modules = attention_modules
+        self.states = StatePath(state_modules or [])
         self.cross = set(cross)
         self.rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
         # Which optional arguments each layer's forward takes, read once here rather than per call.
@@ -108,7 +126,7 @@ def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
     validate = validate_model_kwargs(model)
 
     def validate_without_prefix(model_kwargs: dict) -> None:
-        validate({key: value for key, value in model_kwargs.items() if key not in PREFIX_KWARGS})
+        validate({key: value for key, value in model_kwargs.items() if key not in (*PREFIX_KWARGS, *STATE_KWARGS)})
 
     override_validate_model_kwargs(model, validate_without_prefix)
 
@@ -185,7 +203,13 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         if by_place[place]:
             places[place] = tuple(range(start, start + len(by_place[place])))
             start += len(by_place[place])
-    _refuse_state_layers(model)
+    state_modules = find_state_layers(model, _kind(model))
+    shapes = {state_shapes(module) for module in state_modules}
+    if len(shapes) > 1:
+        raise UnsupportedModelError(
+            f"{_kind(model)}: linear-attention layers disagree on state shapes {sorted(shapes)}"
+        )
+    (conv_shape, recurrent_shape), *_ = shapes or {((), ())}
     _refuse_own_attention(model, calls)
     kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls)
     hidden_size = model.get_input_embeddings().weight.shape[1]
@@ -199,10 +223,22 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         else:
             hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
         _accept_prefix_in_generate(model)
+        install_state_layers(state_modules)
         model._prefixtune_injected = Injected(original, hooks)
     head_dim = max(key_head_dim, value_head_dim)
-    geometry = Geometry(len(ordered), kv_heads, head_dim, hidden_size, places, key_head_dim, value_head_dim)
-    return geometry, KeyValuePath(model, ordered, places.get("cross", ()), head_dim)
+    geometry = Geometry(
+        len(ordered),
+        kv_heads,
+        head_dim,
+        hidden_size,
+        places,
+        key_head_dim,
+        value_head_dim,
+        len(state_modules),
+        conv_shape,
+        recurrent_shape,
+    )
+    return geometry, KeyValuePath(model, ordered, places.get("cross", ()), head_dim, state_modules)
 
 
 def _tag_windowed_layers(model: PreTrainedModel, modules: list[nn.Module]) -> None:
@@ -241,23 +277,6 @@ def _hides_first_token(mask: Tensor | None) -> bool:
 
 def _kind(model: PreTrainedModel) -> str:
     return f"{type(model).__name__} (model_type={model.config.model_type!r})"
-
-
-def _refuse_state_layers(model: PreTrainedModel) -> None:
-    """Hybrid models (linear attention, state-space or convolution layers beside attention, as their
-    cache declares them) carry a recurrent or convolution state instead of keys and values there. A
-    key/value prefix would reach only the attention layers, so a prefix of text T would not act like T."""
-    try:
-        layers = DynamicCache(config=model.config).layers
-    except (TypeError, ValueError, AttributeError, KeyError):  # configs that declare no cache layout
-        return
-    stateful = [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
-    if stateful:
-        raise UnsupportedModelError(
-            f"{_kind(model)}: layers {stateful} are linear-attention, state-space or convolution layers (they "
-            "carry a recurrent/convolution state, not keys and values); a key/value prefix would reach only the "
-            "attention layers and not act like its text, so prefixtune refuses this hybrid model"
-        )
 
 
 def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) -> None:
@@ -316,6 +335,7 @@ TAGS = (  # attributes inject puts on modules
     "prefixtune_window",
     "prefixtune_chunk",
     "prefixtune_shift",
+    "prefixtune_state_layer",
 )
 
 
@@ -328,13 +348,14 @@ class Injected:
 
 
 def uninject(model: PreTrainedModel) -> None:
-    """Undo `inject`: remove its hooks and module tags, give `generate` back its own keyword check,
-    and restore the model's own attention implementation."""
+    """Undo `inject`: remove its hooks, module tags and linear-attention forwards, give `generate`
+    back its own keyword check, and restore the model's own attention implementation."""
     injected = model.__dict__.pop("_prefixtune_injected", None)
     if not isinstance(injected, Injected):
         raise ValueError(f"{type(model).__name__} has no prefixtune injection to undo")
     for hook in injected.hooks:
         hook.remove()
+    remove_state_layers(model)
     for module in model.modules():
         for tag in TAGS:
             module.__dict__.pop(tag, None)

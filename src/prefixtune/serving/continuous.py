@@ -208,11 +208,18 @@ def continuous_refusal(model: PrefixModel) -> str | None:
     it is exact only where `PrefixModel` needs nothing more: not for encoder-decoders, latent
     attention (keys and values of different head sizes), sliding-window or chunked layers (the
     prefix is windowed like its tokens), or models whose positions do not start at 0 for the first
-    cache slot (BART-family decoders, RoBERTa's ``padding_idx`` offset)."""
+    cache slot (BART-family decoders, RoBERTa's ``padding_idx`` offset), nor for hybrid models
+    (their linear-attention layers take the prefix as an initial state, which a paged cache of keys
+    and values has no place for)."""
     base, geometry = model.base_model, model.geometry
     kind = f"{type(base).__name__} (model_type={base.config.model_type!r})"
     if base.config.is_encoder_decoder:
         return f"{kind} is an encoder-decoder"
+    if geometry.state_layers:
+        return (
+            f"{kind} has {geometry.state_layers} linear-attention layers, whose prefix is an initial state "
+            "(the paged cache holds keys/values only)"
+        )
     if geometry.key_head_dim != geometry.value_head_dim:
         return f"{kind} has keys and values of different head sizes (latent attention)"
     if any(getattr(m, "prefixtune_window", None) or getattr(m, "prefixtune_chunk", None) for m in base.modules()):

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..data import PromptFormatter
 from ..files import CONFIG_NAME, WEIGHTS_NAME, PrefixFileError, read_meta
+from ..injection import STATE_KWARGS
 from ..model import PrefixModel
 from ..names import BASE_NAME, PrefixNameError, check_prefix_name, is_prefix_name
 
@@ -123,7 +124,9 @@ class PrefixStore:
                 self.model.delete_prefix(name)
                 raise
         key_values = inputs["prefix_key_values"][0].detach()  # [layers, 2, kv_heads, P, head_dim]
-        entry = Loaded(formatter, key_values, key_values.nbytes)
+        # what the prefix holds: its keys/values and, in hybrid models, its linear-attention states
+        nbytes = sum(inputs[key][0].nbytes for key in ("prefix_key_values", *STATE_KWARGS) if key in inputs)
+        entry = Loaded(formatter, key_values, nbytes)
         self.loaded[name] = entry
         self.stats["loads"] += 1
         return entry

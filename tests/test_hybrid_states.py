@@ -1,0 +1,268 @@
+"""Hybrid linear-attention models (Qwen3-Next, Qwen3.5, OLMo Hybrid): a prefix gives each Gated DeltaNet layer an
+initial state (conv + recurrent), so an `activations` prefix of text T acts exactly as T does:
+batched with a different prefix (or none) per row, left-padded, in `generate`, through training,
+checkpointing, save/load, `compile_prefix` and the micro-batch serving engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from architecture_walk import build, relative_error
+from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefixtune.data import PromptFormatter
+from prefixtune.files import PrefixFileError
+from prefixtune.serving import (
+    BASE_NAME,
+    BatchingEngine,
+    ContinuousEngine,
+    PrefixStore,
+    Request,
+    build_app,
+    make_engine,
+)
+from tiny import SPECIAL, tiny_model, tiny_tokenizer
+
+MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid"]
+# Two linear-attention layers around an attention layer; convolution kernel 4 (conv state: 3 columns).
+LAYOUT = {"num_hidden_layers": 3, "layer_types": ["linear_attention", "full_attention", "linear_attention"]}
+TEXTS = {
+    "long": " ".join(
+        ["the restaurant near the river serves cheap french food"] * 8
+    ),  # 72 tokens: two delta-rule chunks
+    "mid": "a family friendly pub in the city centre",
+    "short": "cheap food",  # 2 tokens, fewer than the conv state's 3 columns
+}
+ROWS = [[5, 9, 12, 30, 31, 33, 34], [7, 8], [11, 40, 41, 42, 43], [20, 21, 22], [23, 24, 25, 26]]
+ROW_PREFIXES = ["long", "short", "", "mid", "long"]  # pads per row: 0, 5, 2, 4, 3
+TOLERANCE = 1e-4
+
+
+def text_ids(name: str) -> list[int]:
+    return tiny_tokenizer()(TEXTS[name], add_special_tokens=False)["input_ids"] if name else []
+
+
+def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    return {
+        "input_ids": torch.tensor([[SPECIAL["pad"]] * (width - len(row)) + row for row in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows]),
+    }
+
+
+def hybrid(model_type: str, parameterization: str = "kv", **overrides) -> PrefixModel:
+    """A tiny hybrid with an `activations` prefix per text."""
+    model = PrefixModel(build(model_type, **LAYOUT | overrides), name=None, tokenizer=tiny_tokenizer())
+    for name, text in TEXTS.items():
+        model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
+    return model
+
+
+def bare_logits(model: PrefixModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad(), model.disable_prefix():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_geometry_has_one_conv_and_recurrent_state_per_linear_attention_layer():
+    model = hybrid("qwen3_next")
+    geometry = model.geometry
+    # tiny config: conv_dim = 2 * (2 key heads x 8) + 4 value heads x 8 = 64, kernel 4; heads 4 x 8 x 8
+    assert (geometry.num_layers, geometry.state_layers) == (1, 2)
+    assert geometry.conv_state_shape == (64, 3) and geometry.recurrent_state_shape == (4, 8, 8)
+    prefix = model.prefixes["mid"]
+    assert prefix.prefix_conv_states.shape == (2, 64, 3)
+    assert prefix.prefix_recurrent_states.shape == (2, 4, 8, 8)
+    assert prefix.prefix_recurrent_states.abs().max() > 0  # read from the model's cache after the text
+    assert model.fingerprint["state_layers"] == 2 and model.fingerprint["conv_state_shape"] == [64, 3]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_bare_hybrid_is_exact_under_left_padding(model_type):
+    """The premise of the padded comparisons below: the bare model ignores left pads."""
+    model = hybrid(model_type)
+    full = [text_ids(p) + row for p, row in zip(ROW_PREFIXES, ROWS, strict=True)]
+    with torch.no_grad(), model.disable_prefix():
+        padded = model(**left_padded(full)).logits
+    for i, ids in enumerate(full):
+        assert relative_error(padded[i, padded.shape[1] - len(ids) :], bare_logits(model, ids)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type, parameterization):
+    """Mixed prefixes per row (long over two delta-rule chunks, shorter than the conv state, none),
+    left-padded by 0..5 tokens, each row equal to the bare model on T + x."""
+    model = hybrid(model_type, parameterization)
+    with torch.no_grad():
+        logits = model(**left_padded(ROWS), prefix=ROW_PREFIXES).logits
+        unpadded = model(input_ids=torch.tensor([ROWS[0]]), prefix="long").logits[0]
+    for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
+        want = bare_logits(model, text_ids(name) + row)[-len(row) :]
+        assert relative_error(logits[i, -len(row) :], want) <= TOLERANCE, (name, row)
+    assert relative_error(unpadded, bare_logits(model, text_ids("long") + ROWS[0])[-len(ROWS[0]) :]) <= TOLERANCE
+    # the states matter: without them (attention prefix only) the long row is off, well past the tolerance
+    with torch.no_grad():
+        inputs = model.prefix_inputs("long", 1)
+        for key in ("prefix_conv_states", "prefix_recurrent_states"):
+            inputs[key] = torch.zeros_like(inputs[key])
+        without = model.base_model(input_ids=torch.tensor([ROWS[0]]), **inputs).logits[0]
+    assert relative_error(without, unpadded) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_generate_keeps_the_states_greedy_and_beam(model_type):
+    """The prefill starts each linear layer from the row's prefix state; the cache then holds the
+    state after prefix and text, so every generated token equals the bare model's on T + x."""
+    model = hybrid(model_type)
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
+    for beams in (1, 2):
+        batch = left_padded(ROWS)
+        out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **options)[:, batch["input_ids"].shape[1] :]
+        for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
+            ids = text_ids(name) + row
+            with model.disable_prefix():
+                want = model.generate(input_ids=torch.tensor([ids]), num_beams=beams, **options)[0, len(ids) :]
+            assert out[i].tolist() == want.tolist(), (beams, name)
+
+
+def test_vocab_and_random_inits_give_states_their_counterparts():
+    """`vocab`: the state each layer reaches reading the init text's word embeddings (direct `kv`
+    states equal what `hidden` computes from the same embeddings); `random`: small normal states."""
+    model = PrefixModel(build("qwen3_next", **LAYOUT), name=None, tokenizer=tiny_tokenizer())
+    for parameterization in ("kv", "hidden"):
+        config = PrefixConfig(prefix_length=5, parameterization=parameterization, init="vocab", init_text=TEXTS["mid"])
+        model.add_prefix(parameterization, config)
+    with torch.no_grad():
+        direct, computed = model.prefixes["kv"].states(model.kv_path), model.prefixes["hidden"].states(model.kv_path)
+    for got, want in zip(direct, computed, strict=True):
+        torch.testing.assert_close(got, want)
+        assert want.abs().max() > 0
+    random = model.add_prefix("random", PrefixConfig(prefix_length=5, init_std=0.02))
+    assert 0 < random.prefix_recurrent_states.std() < 0.05 and 0 < random.prefix_conv_states.std() < 0.05
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(parameterization):
+    results = []
+    for checkpointing in (False, True):
+        base = build("qwen3_next", **LAYOUT)
+        torch.manual_seed(0)
+        config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
+        model = PrefixModel(base, config, tokenizer=tiny_tokenizer())
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        batch = left_padded(ROWS[:3])
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.prefixes["default"].named_parameters()}
+        assert all(p.grad is None for p in base.parameters())
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    states = ["prefix_conv_states", "prefix_recurrent_states"] if parameterization == "kv" else ["prefix_state_hidden"]
+    for name in states:
+        assert grads[name].abs().sum() > 0, name
+    torch.testing.assert_close(loss_checkpointed, loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
+    """`hidden` compiles to direct states with the same logits; the file round-trips them and
+    carries the state geometry in its fingerprint, so another geometry is refused by name."""
+    model = hybrid(model_type, "hidden")
+    batch = left_padded(ROWS)
+    with torch.no_grad():
+        before = model(**batch, prefix=ROW_PREFIXES).logits
+        model.compile_prefix("long")
+        assert model.prefix_configs["long"].parameterization == "kv"
+        torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
+    model.save_prefix(tmp_path / "long", name="long")
+    again = PrefixModel.from_pretrained(build(model_type, **LAYOUT), tmp_path / "long")
+    for key in ("prefix_conv_states", "prefix_recurrent_states"):
+        torch.testing.assert_close(again.prefixes["long"].state_dict()[key], model.prefixes["long"].state_dict()[key])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
+    other_kernel = build(model_type, **LAYOUT, linear_conv_kernel_dim=3)
+    with pytest.raises(PrefixFileError, match="conv_state_shape: prefix was trained on \\[64, 3\\], this base has"):
+        PrefixModel.from_pretrained(other_kernel, tmp_path / "long")
+
+
+def test_mlp_prefix_and_peft_export_and_import_are_refused_with_the_reason(tmp_path):
+    model = hybrid("qwen3_5_text")
+    with pytest.raises(UnsupportedModelError, match="mlp parameterization maps to keys/values only.*'kv' or 'hidden'"):
+        model.add_prefix("m", PrefixConfig(prefix_length=2, parameterization="mlp"))
+    with pytest.raises(UnsupportedModelError, match="PEFT prefix-tuning adapter holds keys/values only"):
+        model.save_prefix(tmp_path / "peft", name="mid", format="peft")
+    assert not (tmp_path / "peft").exists()
+    PrefixModel(tiny_model("llama"), PrefixConfig(prefix_length=2)).save_prefix(tmp_path / "llama", format="peft")
+    with pytest.raises(UnsupportedModelError, match="qwen3_5_text: a PEFT prefix-tuning adapter holds keys/values"):
+        model.load_prefix(tmp_path / "llama", name="theirs")
+    assert "theirs" not in model.prefixes
+
+
+def test_without_a_prefix_and_after_unload_the_linear_attention_layers_run_their_own_forward():
+    base = build("qwen3_next", **LAYOUT)
+    ids = torch.tensor([ROWS[0]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    modules = [m for m in base.modules() if type(m).__name__ == "Qwen3NextGatedDeltaNet"]
+    model = PrefixModel(base, PrefixConfig(prefix_length=2))
+    assert all("forward" in m.__dict__ for m in modules)
+    with torch.no_grad(), model.disable_prefix():  # wrapped, without a prefix: the model's own forward
+        assert torch.equal(model(input_ids=ids).logits, want)
+    base = model.unload()
+    assert all("forward" not in m.__dict__ and "prefixtune_state_layer" not in m.__dict__ for m in modules)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=ids).logits, want)
+
+
+def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
+    """`--engine auto` picks the micro-batch engine (the continuous one writes keys/values into a
+    paged cache and has no place for a state, so it refuses with that reason); served rows with
+    mixed prefixes equal `PrefixModel.generate` of each row alone, through the engine and over HTTP."""
+    source = hybrid("qwen3_5_text")
+    for name in ("mid", "short"):
+        source.save_prefix(tmp_path / "store" / name, name=name)
+    model = PrefixModel(build("qwen3_5_text", **LAYOUT), name=None, tokenizer=tiny_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="not exact here: .*linear-attention"):
+        ContinuousEngine(model, tiny_tokenizer())
+    store = PrefixStore(model, tmp_path / "store")
+    engine = make_engine(model, tiny_tokenizer(), store, "auto")
+    assert isinstance(engine, BatchingEngine)
+    jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
+    engine.wait_seconds = 0.2
+    engine.start()
+    try:
+        futures = [engine.submit(Request(row, name, 5)) for row, name in jobs]
+        results = [future.result(timeout=120) for future in futures]
+    finally:
+        engine.stop()
+    assert engine.stats["batches"] < len(jobs)  # really batched, prefixes mixed
+    held = model.prefixes["mid"]  # the store's budget counts the states too
+    assert store.loaded["mid"].nbytes == sum(held.state_dict()[key].nbytes for key in held.state_dict())
+    for (row, name), result in zip(jobs, results, strict=True):
+        want = source.generate(
+            input_ids=torch.tensor([row]),
+            prefix=["" if name == BASE_NAME else name],
+            max_new_tokens=5,
+            do_sample=False,
+            eos_token_id=SPECIAL["eos"],
+            pad_token_id=SPECIAL["pad"],
+        )[0, len(row) :].tolist()
+        want = want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
+        assert result.token_ids == want, (row, name)
+
+    app, server_engine, _ = build_app(build("qwen3_5_text", **LAYOUT), tiny_tokenizer(), tmp_path / "store")
+    try:
+        with TestClient(app) as client:
+            assert client.get("/health").json()["engine"] == "microbatch"
+            body = {"model": "mid", "prompt": "cheap food", "max_tokens": 4, "temperature": 0}
+            text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    finally:
+        server_engine.stop()
+    ids = PromptFormatter(tiny_tokenizer()).prompt_ids("cheap food")
+    want = source.generate(input_ids=torch.tensor([ids]), prefix="mid", max_new_tokens=4, do_sample=False)
+    assert text and text == tiny_tokenizer().decode(want[0, len(ids) :], skip_special_tokens=True)
