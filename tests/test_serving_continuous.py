@@ -449,3 +449,28 @@ def test_continuous_engine_runs_the_base_on_per_request_paged_attention_and_rest
     finally:
         engine.stop()
     assert model.base_model.config._attn_implementation == before
+
+
+def test_loading_a_prefix_pauses_the_continuous_engine_only_if_it_runs_the_base(tmp_path):
+    """kv and mlp prefixes give their keys/values from their own parameters: loading them while the
+    engine decodes does not stop it (a 1,000-prefix store loads on first use, under load); a hidden
+    prefix runs the base's key/value path once, in a pause between two steps. Served keys/values
+    equal the reference's either way."""
+    write_store(tmp_path / "store")
+    reference = reference_model(tmp_path / "store")
+    model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
+    store = PrefixStore(model, tmp_path / "store")
+    engine = ContinuousEngine(model, model.tokenizer, max_batch_size=4).start()
+    store.exclusive = engine.exclusive
+    pauses = []
+    pause = engine.manager.pause
+    engine.manager.pause = lambda *a, **k: pauses.append(1) or pause(*a, **k)
+    try:
+        for name in PREFIXES:
+            before = len(pauses)
+            served = store.snapshot(name)
+            expected = reference.prefix_inputs(name, 1)["prefix_key_values"][0]
+            torch.testing.assert_close(served, expected, rtol=0, atol=0)
+            assert len(pauses) - before == (1 if PREFIXES[name].parameterization == "hidden" else 0), name
+    finally:
+        engine.stop()

@@ -62,6 +62,10 @@ class Prefix(nn.Module):
     """Common part: the length, the layers it covers (model-wide indices, see `Geometry`), dropout on
     the produced keys/values, and the init hooks."""
 
+    # Whether `key_values`/`states` run the frozen base's own layers (a server pauses its engine for
+    # those); direct and MLP prefixes compute them from their own parameters alone.
+    runs_base_model = False
+
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__()
         self.length = length
@@ -187,6 +191,8 @@ class MLPPrefix(Prefix):
 
 class HiddenPrefix(Prefix):
     """Per-layer hidden-space prefix sent through each layer's own frozen key/value path."""
+
+    runs_base_model = True
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__(config, length, geometry)

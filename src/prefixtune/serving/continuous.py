@@ -306,10 +306,14 @@ class ContinuousEngine:
         return self.manager is not None and self.manager.is_running()
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """The model with prefixtune's own attention, for work outside the engine (loading a
-        prefix computes its keys/values through the attention layers): the loop pauses between
-        two steps meanwhile, keeping its requests and cache."""
+    def exclusive(self, forward: bool = True) -> Iterator[None]:
+        """The model with prefixtune's own attention, for work outside the engine that runs it
+        (a `hidden` prefix computes its keys/values through the attention layers): the loop pauses
+        between two steps meanwhile, keeping its requests and cache. Changing the PrefixModel's
+        prefixes alone (`forward` False) needs nothing: the engine reads requests' snapshots only."""
+        if not forward:
+            yield
+            return
         with self.exclusive_lock:
             with self.manager.pause() if self.healthy else nullcontext():
                 self.model.base_model.set_attn_implementation(self.original_attention)

@@ -123,8 +123,9 @@ class BatchingEngine:
                 self.pending.remove(request)
                 self._end(request, Completion([], "cancelled"))
 
-    def exclusive(self) -> threading.RLock:
-        """Hold the model between micro-batches (loading a prefix changes the model's prefixes)."""
+    def exclusive(self, forward: bool = True) -> threading.RLock:
+        """Hold the model between micro-batches: to run it, and to change its prefixes (`forward`
+        False), which the micro-batches read by name."""
         return self.lock
 
     @property

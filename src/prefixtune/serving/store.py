@@ -61,7 +61,9 @@ class PrefixStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes  # None: no limit
         self.lock = threading.RLock()  # guards the store's own state
-        self.exclusive: Callable[[], AbstractContextManager] = nullcontext  # the engine's: to use the model
+        # The engine's: `exclusive()` to run the base model, `exclusive(forward=False)` to change the
+        # PrefixModel's prefixes (an engine that reads them by name must not run meanwhile).
+        self.exclusive: Callable[..., AbstractContextManager] = lambda forward=True: nullcontext()
         self.encoder_decoder = model.base_model.config.is_encoder_decoder
         self.base = Loaded(PromptFormatter(model.tokenizer, encoder_decoder=self.encoder_decoder), None, 0)
         self.load_errors: dict[str, str] = {}
@@ -110,12 +112,14 @@ class PrefixStore:
     def _load(self, name: str, folder: Path) -> Loaded:
         meta = read_meta(folder)
         formatter = PromptFormatter.from_saved(self.model.tokenizer, meta.get("prompt_format"), self.encoder_decoder)
-        with self.exclusive():
+        with self.exclusive(forward=False):
             if name in self.model.prefixes:
                 self.model.delete_prefix(name)
             self.model.load_prefix(folder, name=name)
             try:
-                self.model.compile_prefix(name)
+                # A hidden prefix runs the base's key/value path once, here; the server keeps the result.
+                with self.exclusive() if self.model.prefixes[name].runs_base_model else nullcontext():
+                    self.model.compile_prefix(name)
                 with torch.no_grad():
                     inputs = self.model.prefix_inputs(name, 1)
                 if not bool(inputs["prefix_attention_mask"].all()):
@@ -145,7 +149,7 @@ class PrefixStore:
 
     def _unload(self, name: str) -> None:
         self.loaded.pop(name, None)
-        with self.exclusive():
+        with self.exclusive(forward=False):
             if name in self.model.prefixes:
                 self.model.delete_prefix(name)
 
