@@ -16,6 +16,8 @@ def test_serve_bench_quick_has_no_errors_or_mismatches(tmp_path):
     phases = json.loads(out.read_text())["phases"]
     measured = [p for p in phases.values() if "requests" in p]
     assert len(measured) == 6 and all(p["errors"] == 0 and p["mismatches"] == 0 for p in measured)
+    # the server's usage reached the client: work done counts prompts as well as outputs
+    assert all(p["processed_tok_per_s"] > p["output_tok_per_s"] > 0 for p in measured)
     assert {
         "saturation, 1 prefix, old engine",
         "saturation, 1 prefix, new engine",
