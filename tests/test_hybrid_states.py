@@ -266,3 +266,30 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     ids = PromptFormatter(tiny_tokenizer()).prompt_ids("cheap food")
     want = source.generate(input_ids=torch.tensor([ids]), prefix="mid", max_new_tokens=4, do_sample=False)
     assert text and text == tiny_tokenizer().decode(want[0, len(ids) :], skip_special_tokens=True)
+
+
+def test_chunked_prefill_is_exact_or_refused_when_a_first_chunk_is_all_padding():
+    """Chunked prefill (``prefill_chunk_size``) keeps the states when every row has a real token in
+    the first chunk; a row that is all padding there would lose its conv state and see its recurrent
+    state decay over pads in the next chunk, so it is refused with the reason."""
+    model = hybrid("qwen3_5_text")
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
+    options |= {"output_logits": True, "return_dict_in_generate": True}
+    names = ["mid", "long"]
+    close = left_padded([[5, 9, 12, 30, 31, 33], [7, 8, 10, 11]])  # 2 pads, chunks of 4
+    whole = model.generate(**close, prefix=names, **options).logits[0]
+    chunked = model.generate(**close, prefix=names, prefill_chunk_size=4, **options).logits[0]
+    assert relative_error(chunked, whole) <= TOLERANCE
+    far = left_padded([[5, 9, 12, 30, 31, 33, 34, 35, 36, 37, 38], [7, 8]])  # 9 pads: two chunks of pads
+    with pytest.raises(UnsupportedModelError, match="all padding in the first prefill chunk"):
+        model.generate(**far, prefix=names, prefill_chunk_size=4, **options)
+
+
+def test_a_model_whose_linear_attention_forward_is_already_wrapped_is_refused_not_silently_unprefixed():
+    """accelerate's offloading hooks replace a layer's forward on the instance; wrapping them would
+    leave the prefix states unused (or weights on `meta`), so the model is refused, naming the layer."""
+    base = build("qwen3_5_text", **LAYOUT)
+    layer = base.model.layers[0].linear_attn
+    layer.forward = layer.forward  # what accelerate's add_hook_to_module does first: an instance forward
+    with pytest.raises(UnsupportedModelError, match=r"Qwen3_5GatedDeltaNet \(layer 0\).*offloading"):
+        PrefixModel(base, name=None, tokenizer=tiny_tokenizer())

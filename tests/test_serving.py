@@ -341,3 +341,40 @@ def test_a_thousand_prefix_store_starts_without_loading_and_lru_evicts_and_reloa
         assert ask("copy-0000") == first and store.stats["loads"] == 4  # evicted, reloaded, same answer
         assert "copy-0000" in engine.model.prefixes and len(engine.model.prefixes) <= 2
     engine.stop()
+
+
+def test_microbatch_rows_keep_their_prefixes_when_the_budget_holds_one_and_a_deleted_one_fails_alone(tmp_path):
+    """The micro-batch engine reads prefixes by name: loading a later row's prefix must not evict an
+    earlier row's (budget of one prefix: the batch's prefixes stay until it ends), and a row whose
+    prefix was deleted before its batch started fails alone."""
+    folder = tmp_path / "store"
+    write_store(folder)
+    reference = reference_model(folder)
+    model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
+    store = PrefixStore(model, folder, cache_bytes=1)
+    engine = BatchingEngine(model, tiny_tokenizer(), store, max_batch_size=4)
+    store.exclusive = engine.exclusive
+    engine.wait_seconds = 0.3  # both requests in one micro-batch
+    engine.start()
+    try:
+        names = ["formal-blog", "recipe-mlp"]
+        futures = [engine.submit(Request(prompt_ids(PROMPTS[0]), name, 3)) for name in names]
+        for name, future in zip(names, futures, strict=True):
+            assert future.result(timeout=60).token_ids == alone(reference, PROMPTS[0], name, 3)
+        assert store.describe()["loaded"] == 0 and store.stats["evictions"] == 2  # the budget holds again after it
+
+        servable = engine._servable
+
+        def loaded_then_deleted(batch):  # an admin's delete lands between loading and the batch
+            kept = servable(batch)
+            with store.lock:
+                store._unload("twitter-wit")
+            return kept
+
+        engine._servable = loaded_then_deleted
+        futures = [engine.submit(Request(prompt_ids(PROMPTS[0]), name, 3)) for name in ("twitter-wit", BASE_NAME)]
+        with pytest.raises(KeyError, match="'twitter-wit' was deleted before its batch started"):
+            futures[0].result(timeout=60)
+        assert futures[1].result(timeout=60).token_ids == alone(reference, PROMPTS[0], BASE_NAME, 3)
+    finally:
+        engine.stop()

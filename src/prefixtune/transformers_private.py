@@ -265,6 +265,10 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         ("child_module_names",),
     ),
     PrivateAPI(
+        "transformers:PreTrainedModel._supports_sdpa",
+        "whether a model class runs on sdpa; the continuous engine (per-request sdpa) refuses those that do not",
+    ),
+    PrivateAPI(
         "transformers:PreTrainedModel._no_split_modules",
         "the decoder layer classes a model declares unsplittable; --fsdp wraps one FSDP unit per such layer",
     ),
@@ -311,6 +315,11 @@ def override_validate_model_kwargs(model: PreTrainedModel, function: Callable[[d
 def restore_validate_model_kwargs(model: PreTrainedModel) -> None:
     """Drop the instance's replacement, so the class's own check applies again."""
     model.__dict__.pop("_validate_model_kwargs", None)
+
+
+def supports_sdpa(model: PreTrainedModel) -> bool:
+    """Whether the model's class declares it runs on sdpa attention (``PreTrainedModel._supports_sdpa``)."""
+    return bool(getattr(type(model), "_supports_sdpa", False))
 
 
 def no_split_modules(model: PreTrainedModel) -> list[str]:

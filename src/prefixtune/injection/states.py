@@ -81,8 +81,16 @@ def install(modules: list[nn.Module]) -> None:
     """Tag the state layers with their index and put `prefixed_forward` in place on each instance."""
     for index, module in enumerate(modules):
         module.prefixtune_state_layer = index
-        if "forward" not in module.__dict__:
-            module.forward = partial(prefixed_forward, module, module.forward)
+        own = module.__dict__.get("forward")
+        if isinstance(own, partial) and own.func is prefixed_forward:
+            continue  # installed already
+        if own is not None:  # e.g. accelerate's offloading hooks: wrapping them would leave weights on `meta`
+            raise UnsupportedModelError(
+                f"{type(module).__name__} (layer {module.layer_idx}): its forward is replaced on the instance "
+                f"({getattr(own, '__qualname__', type(own).__name__)}; e.g. accelerate's CPU/disk offloading hooks), "
+                "so prefixtune cannot put its initial-state forward in place exactly; load the model without offloading"
+            )
+        module.forward = partial(prefixed_forward, module, module.forward)
 
 
 def remove(model: nn.Module) -> None:
@@ -109,6 +117,14 @@ def prefixed_forward(
     if kwargs.get("cu_seq_lens_q") is not None:
         raise UnsupportedModelError(
             f"{type(module).__name__}: packed sequences (cu_seq_lens_q) with a prefix state; pass padded rows instead"
+        )
+    if cache is not None and attention_mask is not None and not bool(attention_mask.bool().any(-1).all()):
+        # Chunked prefill whose first chunk holds only pads for some row: the cache would keep pad
+        # zeros as that row's conv state and the model's own forward would decay the state over the
+        # remaining pads in the next chunk.
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: a row is all padding in the first prefill chunk; with a prefix state, use a "
+            "prefill chunk longer than the longest left padding (or no chunked prefill)"
         )
     layer, device = module.prefixtune_state_layer, hidden_states.device  # layers may sit on other devices
     conv_state, recurrent_state = conv_states[:, layer].to(device), recurrent_states[:, layer].to(device)

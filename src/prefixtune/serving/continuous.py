@@ -41,7 +41,7 @@ from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPP
 from ..injection import UnsupportedModelError
 from ..injection.positions import counts_own_positions, first_position
 from ..model import PrefixModel
-from ..transformers_private import attn_implementation
+from ..transformers_private import attn_implementation, supports_sdpa
 from .paged_attention import PAGED_ATTENTION
 from .requests import Completion, Request, Token
 
@@ -208,13 +208,16 @@ def continuous_refusal(model: PrefixModel) -> str | None:
     it is exact only where `PrefixModel` needs nothing more: not for encoder-decoders, latent
     attention (keys and values of different head sizes), sliding-window or chunked layers (the
     prefix is windowed like its tokens), or models whose positions do not start at 0 for the first
-    cache slot (BART-family decoders, RoBERTa's ``padding_idx`` offset), nor for hybrid models
+    cache slot (BART-family decoders, RoBERTa's ``padding_idx`` offset), nor models that cannot run
+    on ``sdpa`` at all (attention sinks: transformers refuses them there), nor for hybrid models
     (their linear-attention layers take the prefix as an initial state, which a paged cache of keys
     and values has no place for)."""
     base, geometry = model.base_model, model.geometry
     kind = f"{type(base).__name__} (model_type={base.config.model_type!r})"
     if base.config.is_encoder_decoder:
         return f"{kind} is an encoder-decoder"
+    if not supports_sdpa(base):
+        return f"{kind} does not support sdpa attention (e.g. attention sinks), which the engine runs per request"
     if geometry.state_layers:
         return (
             f"{kind} has {geometry.state_layers} linear-attention layers, whose prefix is an initial state "

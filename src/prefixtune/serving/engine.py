@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import nullcontext
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -175,10 +176,13 @@ class BatchingEngine:
             if not batch:
                 continue
             self.running_batch = len(batch)
+            names = [r.prefix for r in batch if r.prefix != BASE_NAME]
             try:
-                batch = self._servable(batch)  # before the lock: the store takes its own lock, then this one
-                with self.lock:
-                    completions = self._run(batch) if batch else []
+                with self.store.using(names) if self.store is not None else nullcontext():
+                    batch = self._servable(batch)  # before the lock: the store takes its own lock, then this one
+                    with self.lock:
+                        batch = self._present(batch)
+                        completions = self._run(batch) if batch else []
             except Exception as error:  # one bad batch must not kill the server
                 self.stats["errors"] += len(batch)
                 for request in batch:
@@ -201,6 +205,18 @@ class BatchingEngine:
             except Exception as error:  # noqa: BLE001 - reported to that request only
                 self.stats["errors"] += 1
                 self._end(request, error)
+        return kept
+
+    def _present(self, batch: list[Request]) -> list[Request]:
+        """The rows whose prefix is still in the model (an admin may have deleted one since it was
+        loaded); the others fail alone."""
+        kept = []
+        for request in batch:
+            if request.prefix == BASE_NAME or request.prefix in self.model.prefixes:
+                kept.append(request)
+            else:
+                self.stats["errors"] += 1
+                self._end(request, KeyError(f"prefix {request.prefix!r} was deleted before its batch started"))
         return kept
 
     def _run(self, batch: list[Request]) -> list[Completion]:

@@ -39,6 +39,11 @@ def paged_sdpa(
 ) -> tuple[Tensor, None]:
     if cu_seq_lens_q is None or cu_seq_lens_k is None:
         raise ValueError(f"{PAGED_ATTENTION} serves transformers' continuous batching only (no cu_seq_lens given)")
+    if isinstance(cu_seq_lens_k, dict):  # the paged cache picks the layer's entry; this layer bypassed it
+        raise ValueError(
+            f"{type(module).__name__}: {PAGED_ATTENTION} got key spans per layer type, not this layer's "
+            "(the layer did not go through the paged cache's update)"
+        )
     kwargs.pop("is_causal", None)
     outputs = []
     for (q_start, q_end), (k_start, k_end) in zip(

@@ -54,7 +54,7 @@ class Limits:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # unknown keys are refused by name (400), as top-level ones
     include_usage: bool = False  # a last chunk with no choices carries the request's usage
 
 
@@ -127,6 +127,8 @@ def create_app(
 
     def refuse_unknown(body: _Body) -> None:
         extra = sorted(key for key, value in (body.model_extra or {}).items() if value is not None)
+        if body.stream_options is not None:
+            extra += [f"stream_options.{key}" for key in sorted(body.stream_options.model_extra or {})]
         if extra:
             raise HTTPException(400, f"unsupported parameter(s) {extra}: prefixtune does not implement them")
 
@@ -296,12 +298,18 @@ def create_app(
             except HTTPException as error:
                 await merged.put((choice, [], True, -1, error.detail))
 
+        def chunk(index: int, delta, finish: str | None = None, extra: dict | None = None) -> str:
+            payload = _chunk(ident, name, index, delta, finish, chat, extra)
+            if usage_prompt is not None:  # as OpenAI: every chunk before the last says "usage": null
+                payload["usage"] = None
+            return _sse(payload)
+
         pumps = [asyncio.ensure_future(pump(choice)) for choice in choices]
         outcome = "ok"
         try:
             if chat:
                 for choice in choices:
-                    yield _sse(_chunk(ident, name, choice.index, {"role": "assistant", "content": ""}, None, chat))
+                    yield chunk(choice.index, {"role": "assistant", "content": ""})
             open_choices = len(choices)
             while open_choices:
                 timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
@@ -323,16 +331,14 @@ def create_app(
                 extra = _logprobs(new_tokens, chat, tokenizer) if logprobs and new_tokens else None
                 if delta or extra:
                     content = {"content": delta} if chat else delta
-                    yield _sse(_chunk(ident, name, choice.index, content, None, chat, extra))
+                    yield chunk(choice.index, content, None, extra)
                 if ended:
                     open_choices -= 1
                     finish = choice.finish_reason if choice.finish_reason in ("stop", "length") else "stop"
-                    yield _sse(_chunk(ident, name, choice.index, {} if chat else "", finish, chat))
+                    yield chunk(choice.index, {} if chat else "", finish)
             if usage_prompt is not None and outcome == "ok":
-                yield _sse(
-                    _chunk(ident, name, None, None, None, chat)
-                    | {"choices": [], "usage": _usage(usage_prompt, choices)}
-                )
+                usage = {"choices": [], "usage": _usage(usage_prompt, choices)}
+                yield _sse(_chunk(ident, name, 0, None, None, chat) | usage)
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"

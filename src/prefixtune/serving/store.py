@@ -15,9 +15,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ class PrefixStore:
         self.base = Loaded(PromptFormatter(model.tokenizer, encoder_decoder=self.encoder_decoder), None, 0)
         self.load_errors: dict[str, str] = {}
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
+        self.in_use: Counter[str] = Counter()  # read by name by a running micro-batch: not evicted meanwhile
         self.stats = {"loads": 0, "evictions": 0}
         self.available = {
             path.name
@@ -76,7 +77,8 @@ class PrefixStore:
         }
 
     def names(self) -> list[str]:
-        return sorted(self.available)
+        with self.lock:
+            return sorted(self.available)
 
     def check(self, name: str) -> None:
         """`name` is served (the base model or a prefix in the store), else UnknownPrefix."""
@@ -85,7 +87,22 @@ class PrefixStore:
 
     @property
     def loaded_bytes(self) -> int:
-        return sum(entry.nbytes for entry in self.loaded.values())
+        with self.lock:
+            return sum(entry.nbytes for entry in self.loaded.values())
+
+    @contextmanager
+    def using(self, names: list[str]) -> Iterator[None]:
+        """While a batch reads these prefixes by name, loading others never evicts them (the byte
+        budget may be exceeded until it ends)."""
+        with self.lock:
+            self.in_use.update(names)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.in_use.subtract(names)
+                self.in_use += Counter()  # drops the zeros
+                self._evict()
 
     def get(self, name: str) -> Loaded:
         """The prefix ready to serve (loaded now if needed); UnknownPrefix or StoreError otherwise."""
@@ -135,17 +152,17 @@ class PrefixStore:
         self.stats["loads"] += 1
         return entry
 
-    def _evict(self, keep: str) -> None:
-        """Drop least recently used prefixes until the budget holds (never `keep`, just asked for)."""
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop least recently used prefixes until the budget holds (never `keep`, just asked for,
+        nor one in use)."""
         if self.cache_bytes is None:
             return
-        while self.loaded_bytes > self.cache_bytes and len(self.loaded) > 1:
-            name = next(iter(self.loaded))
-            if name == keep:
-                self.loaded.move_to_end(name)
-                continue
-            self._unload(name)
-            self.stats["evictions"] += 1
+        for name in list(self.loaded):  # least recently used first
+            if self.loaded_bytes <= self.cache_bytes:
+                return
+            if name != keep and not self.in_use[name]:
+                self._unload(name)
+                self.stats["evictions"] += 1
 
     def _unload(self, name: str) -> None:
         self.loaded.pop(name, None)
@@ -186,10 +203,11 @@ class PrefixStore:
             shutil.rmtree(self.folder / name, ignore_errors=True)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "prefixes": len(self.available),
-            "loaded": len(self.loaded),
-            "loaded_bytes": self.loaded_bytes,
-            "cache_bytes": self.cache_bytes,
-            "load_errors": dict(self.load_errors),
-        }
+        with self.lock:
+            return {
+                "prefixes": len(self.available),
+                "loaded": len(self.loaded),
+                "loaded_bytes": self.loaded_bytes,
+                "cache_bytes": self.cache_bytes,
+                "load_errors": dict(self.load_errors),
+            }
