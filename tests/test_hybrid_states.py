@@ -241,7 +241,7 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     finally:
         engine.stop()
     assert engine.stats["batches"] < len(jobs)  # really batched, prefixes mixed
-    held = model.prefixes["mid"]  # the store's budget counts the states too
+    held = source.prefixes["mid"]  # the store's budget counts the states too
     assert store.loaded["mid"].nbytes == sum(held.state_dict()[key].nbytes for key in held.state_dict())
     for (row, name), result in zip(jobs, results, strict=True):
         want = source.generate(

@@ -89,14 +89,17 @@ def alone(model: PrefixModel, prompt: str, prefix: str, max_tokens: int) -> list
     return output[: output.index(SPECIAL["eos"])] if SPECIAL["eos"] in output else output
 
 
-def test_store_lists_prefixes_at_start_and_loads_each_compiled_on_first_use(server):
+def test_store_lists_prefixes_at_start_and_loads_each_as_plain_keys_values_on_first_use(server):
     client, engine, store, _ = server
     assert store.names() == sorted(PREFIXES) and store.loaded == {}  # nothing loaded at start
     assert client.get("/health").json()["engine"] == "continuous"
     body = {"model": "twitter-wit", "prompt": PROMPTS[1], "max_tokens": 2}
     assert client.post("/v1/completions", json=body).status_code == 200
     assert list(store.loaded) == ["twitter-wit"]
-    assert engine.model.prefix_configs["twitter-wit"].parameterization == "kv"  # compiled for serving
+    # a hidden prefix, served as the keys/values its projections give (no projection per request);
+    # the model keeps none of the store's prefixes, the store keeps the snapshot
+    assert set(store.loaded["twitter-wit"].inputs) == {"prefix_key_values", "prefix_attention_mask"}
+    assert engine.model.prefix_names == []
 
 
 def test_microbatch_engine_mixes_prefixes_in_one_batch_exactly(tmp_path):
@@ -339,14 +342,14 @@ def test_a_thousand_prefix_store_starts_without_loading_and_lru_evicts_and_reloa
         assert ask("copy-0001") == first and ask("copy-0002") == first  # the same prefix under three names
         assert store.stats["evictions"] >= 1 and store.loaded_bytes <= budget and "copy-0000" not in store.loaded
         assert ask("copy-0000") == first and store.stats["loads"] == 4  # evicted, reloaded, same answer
-        assert "copy-0000" in engine.model.prefixes and len(engine.model.prefixes) <= 2
+        assert "copy-0000" in store.loaded and len(store.loaded) <= 2 and engine.model.prefix_names == []
     engine.stop()
 
 
-def test_microbatch_rows_keep_their_prefixes_when_the_budget_holds_one_and_a_deleted_one_fails_alone(tmp_path):
-    """The micro-batch engine reads prefixes by name: loading a later row's prefix must not evict an
-    earlier row's (budget of one prefix: the batch's prefixes stay until it ends), and a row whose
-    prefix was deleted before its batch started fails alone."""
+def test_microbatch_rows_serve_their_admitted_snapshots_whatever_the_store_evicts_deletes_or_replaces(tmp_path):
+    """The micro-batch engine serves each row from the snapshot its request was admitted with: a
+    budget of one byte evicts every prefix, an admin deletes one and replaces another before their
+    batch starts, and every row still gets what it gets alone with the prefix it was admitted with."""
     folder = tmp_path / "store"
     write_store(folder)
     reference = reference_model(folder)
@@ -354,27 +357,19 @@ def test_microbatch_rows_keep_their_prefixes_when_the_budget_holds_one_and_a_del
     store = PrefixStore(model, folder, cache_bytes=1)
     engine = BatchingEngine(model, tiny_tokenizer(), store, max_batch_size=4)
     store.exclusive = engine.exclusive
-    engine.wait_seconds = 0.3  # both requests in one micro-batch
+    engine.wait_seconds = 0.3  # the requests share one micro-batch
+    names = ["formal-blog", "recipe-mlp", "twitter-wit", BASE_NAME]
+    admitted = [Request(prompt_ids(PROMPTS[0]), name, 3, prefix_inputs=store.snapshot(name)) for name in names]
+    assert store.describe()["loaded"] == 1 and store.stats["evictions"] == 2  # only the last asked stays
+    store.delete("twitter-wit")
+    replacement = PrefixModel(tiny_model("llama"), PrefixConfig(prefix_length=2, init_std=3.0), name="recipe-mlp")
+    replacement.save_prefix(tmp_path / "new")
+    store.upload("recipe-mlp", *((tmp_path / "new" / file).read_bytes() for file in (WEIGHTS_NAME, CONFIG_NAME)))
+    assert store.snapshot("recipe-mlp")["prefix_key_values"].shape[3] == 2  # new requests get the new one
     engine.start()
     try:
-        names = ["formal-blog", "recipe-mlp"]
-        futures = [engine.submit(Request(prompt_ids(PROMPTS[0]), name, 3)) for name in names]
+        futures = [engine.submit(request) for request in admitted]
         for name, future in zip(names, futures, strict=True):
-            assert future.result(timeout=60).token_ids == alone(reference, PROMPTS[0], name, 3)
-        assert store.describe()["loaded"] == 0 and store.stats["evictions"] == 2  # the budget holds again after it
-
-        servable = engine._servable
-
-        def loaded_then_deleted(batch):  # an admin's delete lands between loading and the batch
-            kept = servable(batch)
-            with store.lock:
-                store._unload("twitter-wit")
-            return kept
-
-        engine._servable = loaded_then_deleted
-        futures = [engine.submit(Request(prompt_ids(PROMPTS[0]), name, 3)) for name in ("twitter-wit", BASE_NAME)]
-        with pytest.raises(KeyError, match="'twitter-wit' was deleted before its batch started"):
-            futures[0].result(timeout=60)
-        assert futures[1].result(timeout=60).token_ids == alone(reference, PROMPTS[0], BASE_NAME, 3)
+            assert future.result(timeout=60).token_ids == alone(reference, PROMPTS[0], name, 3), name
     finally:
         engine.stop()

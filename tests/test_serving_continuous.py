@@ -55,7 +55,7 @@ def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_reque
     engine = ContinuousEngine(model, model.tokenizer, max_batch_size=6, max_batch_tokens=8).start()
     store.exclusive = engine.exclusive  # prefixes load while the engine runs
     jobs = [(p, n, 3 + 5 * i % 17) for i, (p, n) in enumerate((p, n) for p in PROMPTS for n in [BASE_NAME, *PREFIXES])]
-    requests = [Request(prompt_ids(p), n, m, key_values=store.snapshot(n)) for p, n, m in jobs]
+    requests = [Request(prompt_ids(p), n, m, prefix_inputs=store.snapshot(n)) for p, n, m in jobs]
     results = [engine.submit(request) for request in requests]
     results = [future.result(timeout=120) for future in results]
     engine.stop()
@@ -79,8 +79,8 @@ def test_an_exception_in_one_row_fails_that_request_alone(tmp_path, monkeypatch)
 
     monkeypatch.setattr(continuous, "_sample_row", poisoned)
     engine = ContinuousEngine(model, model.tokenizer, max_batch_size=8).start()
-    bad = Request(prompt_ids(LONG), "formal-blog", 30, temperature=0.5, key_values=snapshots["formal-blog"])
-    good = [Request(prompt_ids(LONG), name, 30, key_values=snapshots[name]) for name in PREFIXES]
+    bad = Request(prompt_ids(LONG), "formal-blog", 30, temperature=0.5, prefix_inputs=snapshots["formal-blog"])
+    good = [Request(prompt_ids(LONG), name, 30, prefix_inputs=snapshots[name]) for name in PREFIXES]
     futures = [engine.submit(request) for request in [bad, *good]]
     with pytest.raises(RuntimeError, match="poisoned row"):
         futures[0].result(timeout=60)
@@ -145,9 +145,9 @@ def test_deleting_and_replacing_prefixes_under_load_fails_no_admitted_request(li
 
 def alone_served(store: PrefixStore, reference, name: str) -> str:
     """What `name` answers alone (greedy, 40 tokens), computed on the reference copy of the base."""
-    store.get(name)
-    reference.prefixes[name] = store.model.prefixes[name]  # the same loaded tensors
-    reference.prefix_configs[name] = store.model.prefix_configs[name]
+    if name in reference.prefixes:
+        reference.delete_prefix(name)
+    reference.load_prefix(store.folder / name, name=name)  # the same file the store serves
     return tiny_tokenizer().decode(alone(reference, PROMPTS[0], name, 40), skip_special_tokens=True)
 
 
@@ -356,10 +356,10 @@ def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
     reference, served = models
     prompts = ["The best way to learn to cook is", "Tell me about the ocean."]
     jobs = [(p, n) for p in prompts for n in ("", *styles)]
-    snapshots = {n: served.prefix_inputs(n, 1)["prefix_key_values"][0].detach() if n else None for _, n in jobs}
+    snapshots = {n: served.prefix_snapshot(n) if n else None for _, n in jobs}
     engine = ContinuousEngine(served, tokenizer, max_batch_size=6, max_batch_tokens=16).start()
     ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
-    futures = [engine.submit(Request(ids[p], n or BASE_NAME, 12, key_values=snapshots[n])) for p, n in jobs]
+    futures = [engine.submit(Request(ids[p], n or BASE_NAME, 12, prefix_inputs=snapshots[n])) for p, n in jobs]
     results = [future.result(timeout=300).token_ids for future in futures]
     engine.stop()
     for (prompt, name), got in zip(jobs, results, strict=True):
@@ -471,7 +471,7 @@ def test_loading_a_prefix_pauses_the_continuous_engine_only_if_it_runs_the_base(
             before = len(pauses)
             served = store.snapshot(name)
             expected = reference.prefix_inputs(name, 1)["prefix_key_values"][0]
-            torch.testing.assert_close(served, expected, rtol=0, atol=0)
+            torch.testing.assert_close(served["prefix_key_values"], expected, rtol=0, atol=0)
             assert len(pauses) - before == (1 if PREFIXES[name].parameterization == "hidden" else 0), name
     finally:
         engine.stop()

@@ -37,6 +37,20 @@ REENTRANT_REFUSAL = (
 )
 
 
+def _pad_slots(row: dict[str, Tensor], length: int) -> dict[str, Tensor]:
+    """One row's prefix arguments with masked zero slots up to `length` (states do not depend on it)."""
+    key_values, mask = row["prefix_key_values"], row["prefix_attention_mask"]  # [layers, 2, kv, P, hd], [layers, P]
+    extra = length - mask.shape[-1]
+    if extra == 0:
+        return row
+    return row | {
+        "prefix_key_values": torch.cat(
+            [key_values, key_values.new_zeros(*key_values.shape[:3], extra, key_values.shape[4])], 3
+        ),
+        "prefix_attention_mask": torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1),
+    }
+
+
 class PrefixModel(nn.Module):
     def __init__(
         self,
@@ -146,25 +160,40 @@ class PrefixModel(nn.Module):
             raise ValueError(f"prefix: got {len(names)} names for a batch of {batch_size} rows")
         self._check_names([name for name in set(names) if name])
         unique = [name for name in dict.fromkeys(names) if name]
-        longest = max([self.prefixes[name].length for name in unique], default=0)
-        laid_out = {name: self._model_wide(name, longest) for name in unique}
+        laid_out = {name: self._model_wide(self.prefixes[name], self.prefixes[name].length) for name in unique}
         if len(laid_out) == 1 and all(names):
             (only,) = laid_out.values()
             return {key: value[None].expand(batch_size, *value.shape) for key, value in only.items()}
-        if "" in names:
-            laid_out[""] = self._model_wide(None, longest)
-        return {key: torch.stack([laid_out[name][key] for name in names]) for key in laid_out[names[0]]}
+        return self.stack_prefix_inputs([laid_out[name] if name else None for name in names])
 
-    def _model_wide(self, name: str | None, length: int) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def prefix_snapshot(self, prefix: str | Prefix) -> dict[str, Tensor]:
+        """One row's prefix arguments for a prefix (by name, or one from `read_prefix`), computed now and
+        detached: what a server admits a request with, unchanged by anything done to the prefix later
+        (`stack_prefix_inputs` batches them)."""
+        if isinstance(prefix, str):
+            self._check_names([prefix])
+            prefix = self.prefixes[prefix]
+        return {key: value.detach() for key, value in self._model_wide(prefix, prefix.length).items()}
+
+    def stack_prefix_inputs(self, rows: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor]:
+        """Per-row prefix arguments (`prefix_snapshot`, or None: no prefix) as one batch's keyword
+        arguments; shorter prefixes are padded with masked slots."""
+        longest = max((row["prefix_attention_mask"].shape[-1] for row in rows if row is not None), default=0)
+        empty = self._model_wide(None, longest) if any(row is None for row in rows) else None
+        padded = [empty if row is None else _pad_slots(row, longest) for row in rows]
+        return {key: torch.stack([row[key] for row in padded]) for key in padded[0]}
+
+    def _model_wide(self, prefix: Prefix | None, length: int) -> dict[str, Tensor]:
         """`_model_wide_key_values` as keyword arguments, plus the linear-attention states of hybrid
         models: conv ``[state_layers, conv_dim, K-1]`` in the model's dtype, recurrent
         ``[state_layers, v_heads, k_head_dim, v_head_dim]`` in float32 (as the model keeps it); zeros for
-        ``name=None`` (the model's own start)."""
-        key_values, mask = self._model_wide_key_values(name, length)
+        ``prefix=None`` (the model's own start)."""
+        key_values, mask = self._model_wide_key_values(prefix, length)
         inputs = {"prefix_key_values": key_values, "prefix_attention_mask": mask}
         geometry = self.geometry
         if geometry.state_layers:
-            states = None if name is None else self.prefixes[name].states(self.kv_path)
+            states = None if prefix is None else prefix.states(self.kv_path)
             if states is None:  # no prefix, or one that does not cover the decoder
                 conv = torch.zeros(geometry.state_layers, *geometry.conv_state_shape, device=self.device)
                 states = conv, torch.zeros(geometry.state_layers, *geometry.recurrent_state_shape, device=self.device)
@@ -172,17 +201,16 @@ class PrefixModel(nn.Module):
             inputs["prefix_recurrent_states"] = states[1].float()
         return inputs
 
-    def _model_wide_key_values(self, name: str | None, length: int) -> tuple[Tensor, Tensor]:
+    def _model_wide_key_values(self, prefix: Prefix | None, length: int) -> tuple[Tensor, Tensor]:
         """A prefix's keys/values over all the model's layers ``[layers, 2, kv_heads, length, head_dim]``
         and its mask ``[layers, length]``: zeros and False for layers it does not cover and slots past its
-        own length. ``name=None``: no prefix at all."""
+        own length. ``prefix=None``: no prefix at all."""
         geometry = self.geometry
         dtype = self.base_model.get_input_embeddings().weight.dtype  # cast once, not per layer and step
         mask = torch.zeros(geometry.num_layers, length, dtype=torch.bool, device=self.device)
-        if name is None:
+        if prefix is None:
             shape = (geometry.num_layers, 2, geometry.kv_heads, length, geometry.head_dim)
             return torch.zeros(shape, dtype=dtype, device=self.device), mask
-        prefix = self.prefixes[name]
         key_values = prefix(self.kv_path).to(dtype)
         layers = list(prefix.layers)
         mask[layers, : prefix.length] = True
@@ -320,9 +348,9 @@ class PrefixModel(nn.Module):
         expected = {key: tuple(value.shape) for key, value in prefix.state_dict().items()}
         prefix.load_state_dict(files.load_tensors(path, expected))
 
-    def load_prefix(self, path: str | Path, name: str | None = None) -> str:
-        """Load a saved prefix (checked against this base model) under `name` (default: its saved name).
-        A PEFT prefix-tuning folder loads as a `kv` prefix (see `peft_format.py`)."""
+    def read_prefix(self, path: str | Path) -> tuple[PrefixConfig, Prefix, str | None]:
+        """A saved prefix (checked against this base model) as (config, module on this model's device,
+        saved name), without adding it. A PEFT prefix-tuning folder reads as a `kv` prefix (see `peft_format.py`)."""
         if peft_format.is_peft_folder(path):
             (config, prefix), saved_name = self._peft_prefix(path), None
         else:
@@ -330,7 +358,11 @@ class PrefixModel(nn.Module):
             config, saved_name = meta["config"], meta.get("name")
             prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, meta["prefix_length"], self.geometry)
             self._fill(prefix, path)
-        prefix.to(self.device)
+        return config, prefix.to(self.device), saved_name
+
+    def load_prefix(self, path: str | Path, name: str | None = None) -> str:
+        """Load a saved prefix (`read_prefix`) under `name` (default: its saved name)."""
+        config, prefix, saved_name = self.read_prefix(path)
         name = check_prefix_name(name or saved_name or "default")
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} exists already (have {self.prefix_names})")

@@ -76,10 +76,10 @@ class PrefixScheduler(FIFOScheduler):
 
     def _write_prefix(self, state: RequestState) -> bool:
         live = self.live.get(state.request_id)
-        key_values = None if live is None else live.request.key_values  # [layers, 2, kv_heads, P, head_dim]
-        if key_values is None:
+        inputs = None if live is None else live.request.prefix_inputs
+        if inputs is None:
             return True
-        key_values = key_values.detach()
+        key_values = inputs["prefix_key_values"].detach()  # [layers, 2, kv_heads, P, head_dim]
         length = key_values.shape[3]
         if not self.cache.can_store_request_tokens(state, length):  # allocates the blocks when it fits
             return False
@@ -309,14 +309,10 @@ class ContinuousEngine:
         return self.manager is not None and self.manager.is_running()
 
     @contextmanager
-    def exclusive(self, forward: bool = True) -> Iterator[None]:
+    def exclusive(self) -> Iterator[None]:
         """The model with prefixtune's own attention, for work outside the engine that runs it
         (a `hidden` prefix computes its keys/values through the attention layers): the loop pauses
-        between two steps meanwhile, keeping its requests and cache. Changing the PrefixModel's
-        prefixes alone (`forward` False) needs nothing: the engine reads requests' snapshots only."""
-        if not forward:
-            yield
-            return
+        between two steps meanwhile, keeping its requests and cache."""
         with self.exclusive_lock:
             with self.manager.pause() if self.healthy else nullcontext():
                 self.model.base_model.set_attn_implementation(self.original_attention)

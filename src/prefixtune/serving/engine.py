@@ -6,8 +6,10 @@ waiting requests that can share a decoding mode (greedy together; sampling with 
 temperature/top-p together; a seeded sampling request alone, so its seed means what it says),
 generates for the longest ``max_tokens`` among them, and hands each request its own tokens,
 cut at its own ``max_tokens`` or end-of-sequence. Requests arriving meanwhile join the next
-micro-batch. Because left padding and per-row prefixes are exact (see `injection.py`), a greedy
-request gets the same tokens as it would alone. ``mix_prefixes=False`` batches only requests of
+micro-batch. Each row runs with the prefix snapshot its request was admitted with (keys/values,
+and hybrid models' states), so later uploads, replacements or deletions never touch it. Because
+left padding and per-row prefixes are exact (see `injection`), a greedy request gets the same
+tokens as it would alone. ``mix_prefixes=False`` batches only requests of
 the same prefix: the "one prefix at a time" baseline the load test compares against.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import nullcontext
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -124,9 +125,8 @@ class BatchingEngine:
                 self.pending.remove(request)
                 self._end(request, Completion([], "cancelled"))
 
-    def exclusive(self, forward: bool = True) -> threading.RLock:
-        """Hold the model between micro-batches: to run it, and to change its prefixes (`forward`
-        False), which the micro-batches read by name."""
+    def exclusive(self) -> threading.RLock:
+        """Hold the model between micro-batches (to run it for something else)."""
         return self.lock
 
     @property
@@ -176,13 +176,10 @@ class BatchingEngine:
             if not batch:
                 continue
             self.running_batch = len(batch)
-            names = [r.prefix for r in batch if r.prefix != BASE_NAME]
             try:
-                with self.store.using(names) if self.store is not None else nullcontext():
-                    batch = self._servable(batch)  # before the lock: the store takes its own lock, then this one
-                    with self.lock:
-                        batch = self._present(batch)
-                        completions = self._run(batch) if batch else []
+                batch = self._servable(batch)  # before the lock: the store takes its own lock, then this one
+                with self.lock:
+                    completions = self._run(batch) if batch else []
             except Exception as error:  # one bad batch must not kill the server
                 self.stats["errors"] += len(batch)
                 for request in batch:
@@ -194,30 +191,24 @@ class BatchingEngine:
                 self._end(request, completion)
 
     def _servable(self, batch: list[Request]) -> list[Request]:
-        """The rows whose prefix is (re)loaded; a row whose prefix fails fails alone."""
-        if self.store is None:
-            return batch
+        """The rows with their prefix snapshot (taken now from the store, or from the model by name,
+        for requests admitted without one); a row whose prefix fails fails alone."""
         kept = []
         for request in batch:
             try:
-                self.store.get(request.prefix)
+                if request.prefix != BASE_NAME and request.prefix_inputs is None:
+                    request.prefix_inputs = self._snapshot(request.prefix)
                 kept.append(request)
             except Exception as error:  # noqa: BLE001 - reported to that request only
                 self.stats["errors"] += 1
                 self._end(request, error)
         return kept
 
-    def _present(self, batch: list[Request]) -> list[Request]:
-        """The rows whose prefix is still in the model (an admin may have deleted one since it was
-        loaded); the others fail alone."""
-        kept = []
-        for request in batch:
-            if request.prefix == BASE_NAME or request.prefix in self.model.prefixes:
-                kept.append(request)
-            else:
-                self.stats["errors"] += 1
-                self._end(request, KeyError(f"prefix {request.prefix!r} was deleted before its batch started"))
-        return kept
+    def _snapshot(self, name: str):
+        if self.store is not None:
+            return self.store.snapshot(name)
+        with self.lock:  # a hidden prefix runs the base
+            return self.model.prefix_snapshot(name)
 
     def _run(self, batch: list[Request]) -> list[Completion]:
         side = "right" if self.encoder_decoder else "left"
@@ -237,9 +228,9 @@ class BatchingEngine:
         else:
             options["do_sample"] = False
         streamer = _RowStreamer(batch, self.tokenizer.eos_token_id, self.stats)
-        names = ["" if r.prefix == BASE_NAME else r.prefix for r in batch]
+        prefixes = self.model.stack_prefix_inputs([r.prefix_inputs for r in batch])  # the admitted snapshots
         with torch.no_grad():
-            self.model.generate(**inputs, prefix=names, streamer=streamer, **options)
+            self.model.base_model.generate(**inputs, **prefixes, streamer=streamer, **options)
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         completions = []

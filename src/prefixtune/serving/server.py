@@ -172,7 +172,7 @@ def create_app(
                     seed,
                     top,
                     Channel(channel_loop),
-                    entry.key_values,
+                    entry.inputs,
                 )
                 engine.submit(request)
                 choices.append(Choice(len(choices), request))

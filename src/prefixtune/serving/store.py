@@ -3,10 +3,11 @@
 
 Start-up only lists the folder, so a store of thousands of prefixes serves at once. A prefix is
 loaded on its first request (fingerprint and tensors checked then, by `PrefixModel.load_prefix`),
-compiled to plain keys/values (no MLP or projection at serving time) and kept under an LRU byte
-budget; one evicted and asked for again is loaded again. A request takes a snapshot of its
-prefix's keys/values when admitted (`snapshot`): replacing or deleting the prefix later never
-touches it, since a replacement is a new tensor and nothing writes a served prefix in place.
+turned into plain keys/values (and hybrid models' states: no MLP or projection at serving time,
+`PrefixModel.prefix_snapshot`) and kept under an LRU byte budget; one evicted and asked for again
+is loaded again. A request takes that snapshot when admitted and both engines serve from it:
+replacing, deleting or evicting the prefix later never touches it, since a replacement is a new
+tensor and nothing writes a served prefix in place.
 Uploads are written to a hidden staging folder, validated by loading them, and only then renamed.
 """
 
@@ -15,14 +16,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..data import PromptFormatter
@@ -50,8 +50,13 @@ def check_name(name: str) -> str:
 @dataclass
 class Loaded:
     formatter: PromptFormatter
-    key_values: Tensor | None  # [layers, 2, kv_heads, P, head_dim]; None for the bare model
+    inputs: dict[str, Tensor] | None  # one row's prefix arguments (`PrefixModel.prefix_snapshot`); None: bare model
     nbytes: int
+
+    @property
+    def key_values(self) -> Tensor | None:
+        """``[layers, 2, kv_heads, P, head_dim]`` (None for the bare model)."""
+        return None if self.inputs is None else self.inputs["prefix_key_values"]
 
 
 class PrefixStore:
@@ -61,14 +66,11 @@ class PrefixStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes  # None: no limit
         self.lock = threading.RLock()  # guards the store's own state
-        # The engine's: `exclusive()` to run the base model, `exclusive(forward=False)` to change the
-        # PrefixModel's prefixes (an engine that reads them by name must not run meanwhile).
-        self.exclusive: Callable[..., AbstractContextManager] = lambda forward=True: nullcontext()
+        self.exclusive: Callable[[], AbstractContextManager] = nullcontext  # the engine's: to run the base model
         self.encoder_decoder = model.base_model.config.is_encoder_decoder
         self.base = Loaded(PromptFormatter(model.tokenizer, encoder_decoder=self.encoder_decoder), None, 0)
         self.load_errors: dict[str, str] = {}
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
-        self.in_use: Counter[str] = Counter()  # read by name by a running micro-batch: not evicted meanwhile
         self.stats = {"loads": 0, "evictions": 0}
         self.available = {
             path.name
@@ -90,20 +92,6 @@ class PrefixStore:
         with self.lock:
             return sum(entry.nbytes for entry in self.loaded.values())
 
-    @contextmanager
-    def using(self, names: list[str]) -> Iterator[None]:
-        """While a batch reads these prefixes by name, loading others never evicts them (the byte
-        budget may be exceeded until it ends)."""
-        with self.lock:
-            self.in_use.update(names)
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.in_use.subtract(names)
-                self.in_use += Counter()  # drops the zeros
-                self._evict()
-
     def get(self, name: str) -> Loaded:
         """The prefix ready to serve (loaded now if needed); UnknownPrefix or StoreError otherwise."""
         if name == BASE_NAME:
@@ -122,53 +110,38 @@ class PrefixStore:
             self._evict(keep=name)
             return entry
 
-    def snapshot(self, name: str) -> Tensor | None:
-        """The keys/values a request admitted now will use, whatever happens to the store later."""
-        return self.get(name).key_values
+    def snapshot(self, name: str) -> dict[str, Tensor] | None:
+        """The prefix arguments a request admitted now will use, whatever happens to the store later."""
+        return self.get(name).inputs
 
     def _load(self, name: str, folder: Path) -> Loaded:
+        """Read the prefix and take its snapshot: the engines serve snapshots, so the model itself
+        never holds the store's prefixes."""
         meta = read_meta(folder)
         formatter = PromptFormatter.from_saved(self.model.tokenizer, meta.get("prompt_format"), self.encoder_decoder)
-        with self.exclusive(forward=False):
-            if name in self.model.prefixes:
-                self.model.delete_prefix(name)
-            self.model.load_prefix(folder, name=name)
-            try:
-                # A hidden prefix runs the base's key/value path once, here; the server keeps the result.
-                with self.exclusive() if self.model.prefixes[name].runs_base_model else nullcontext():
-                    self.model.compile_prefix(name)
-                with torch.no_grad():
-                    inputs = self.model.prefix_inputs(name, 1)
-                if not bool(inputs["prefix_attention_mask"].all()):
-                    raise StoreError(f"prefix {name!r} covers only some layers; the server needs them on every layer")
-            except Exception:
-                self.model.delete_prefix(name)
-                raise
-        key_values = inputs["prefix_key_values"][0].detach()  # [layers, 2, kv_heads, P, head_dim]
+        _, prefix, _ = self.model.read_prefix(folder)
+        # A hidden prefix runs the base's key/value path once, here, with the engine paused.
+        with self.exclusive() if prefix.runs_base_model else nullcontext():
+            inputs = self.model.prefix_snapshot(prefix)
+        if not bool(inputs["prefix_attention_mask"].all()):
+            raise StoreError(f"prefix {name!r} covers only some layers; the server needs them on every layer")
         # what the prefix holds: its keys/values and, in hybrid models, its linear-attention states
-        nbytes = sum(inputs[key][0].nbytes for key in ("prefix_key_values", *STATE_KWARGS) if key in inputs)
-        entry = Loaded(formatter, key_values, nbytes)
+        nbytes = sum(inputs[key].nbytes for key in ("prefix_key_values", *STATE_KWARGS) if key in inputs)
+        entry = Loaded(formatter, inputs, nbytes)
         self.loaded[name] = entry
         self.stats["loads"] += 1
         return entry
 
-    def _evict(self, keep: str | None = None) -> None:
-        """Drop least recently used prefixes until the budget holds (never `keep`, just asked for,
-        nor one in use)."""
+    def _evict(self, keep: str) -> None:
+        """Drop least recently used prefixes until the budget holds (never `keep`, just asked for)."""
         if self.cache_bytes is None:
             return
         for name in list(self.loaded):  # least recently used first
             if self.loaded_bytes <= self.cache_bytes:
                 return
-            if name != keep and not self.in_use[name]:
-                self._unload(name)
+            if name != keep:
+                self.loaded.pop(name)
                 self.stats["evictions"] += 1
-
-    def _unload(self, name: str) -> None:
-        self.loaded.pop(name, None)
-        with self.exclusive(forward=False):
-            if name in self.model.prefixes:
-                self.model.delete_prefix(name)
 
     def upload(self, name: str, weights: bytes, config: bytes) -> None:
         """Validate an uploaded prefix by loading it, then put it in the store under `name`."""
@@ -178,7 +151,7 @@ class PrefixStore:
             (staging / WEIGHTS_NAME).write_bytes(weights)
             (staging / CONFIG_NAME).write_bytes(config)
             with self.lock:
-                self._unload(name)  # admitted requests keep their snapshots; on failure the old files reload
+                self.loaded.pop(name, None)  # admitted requests keep their snapshots; on failure the old files reload
                 try:
                     self._load(name, staging)
                 except (PrefixFileError, ValueError) as error:
@@ -197,7 +170,7 @@ class PrefixStore:
         check_name(name)
         with self.lock:
             self.check(name)
-            self._unload(name)
+            self.loaded.pop(name, None)  # admitted requests keep their snapshots
             self.available.discard(name)
             self.load_errors.pop(name, None)
             shutil.rmtree(self.folder / name, ignore_errors=True)
