@@ -26,7 +26,7 @@ arguments.
 from ..config import PLACES
 from .attention import PREFIX_KWARGS, SUPPORTED_IMPLEMENTATIONS, AttentionCall, Capture, UnsupportedModelError
 from .positions import prefix_lengths, text_positions
-from .probing import TAGS, Geometry, KeyValuePath, inject, uninject
+from .probing import TAGS, Geometry, KeyValuePath, attention_input, inject, uninject
 from .states import STATE_KWARGS
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "UnsupportedModelError",
     "inject",
     "uninject",
+    "attention_input",
     "prefix_lengths",
     "text_positions",
 ]
