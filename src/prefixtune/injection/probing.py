@@ -146,7 +146,10 @@ class KeyValuePath:
                 hook.remove()
         missing = [type(module).__name__ for module in self.attention_modules if module not in calls]
         if missing:
-            raise UnsupportedModelError(f"{_kind(self.model)}: {missing} not called in a forward of {length} tokens")
+            raise UnsupportedModelError(
+                f"{_kind(self.model)}: attention modules {missing} are not called in a forward of {length} tokens, "
+                "so the `hidden` parameterization cannot follow their key/value path"
+            )
         return [calls[module] for module in self.attention_modules]
 
 
