@@ -128,8 +128,9 @@ def test_mla_geometry_keeps_key_and_value_head_sizes_apart(tokenizer):
     assert prefixed.fingerprint["key_head_dim"] == 16 and prefixed.fingerprint["value_head_dim"] == 8
 
 
-def test_mla_mlp_prefix_trains_compiles_and_round_trips(tmp_path, tokenizer):
-    model = build("deepseek_v3")
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4"])
+def test_mla_mlp_prefix_trains_compiles_and_round_trips(tmp_path, tokenizer, model_type):
+    model = build(model_type)
     config = PrefixConfig(prefix_length=3, parameterization="mlp", mlp_hidden_size=16, init_std=0.5)
     prefixed = PrefixModel(model, config, tokenizer=tokenizer)
     batch = {"input_ids": torch.tensor([ROWS[2]])}
@@ -156,7 +157,7 @@ def test_hybrids_without_state_prefixes_are_refused_with_type_and_reason(model_t
         PrefixModel(build(model_type), PrefixConfig(prefix_length=2))
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "roberta"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32", "gemma3_text", "roberta"])
 def test_checkpointing_on_and_off_give_the_same_loss_and_gradients(model_type):
     def loss_and_gradients(checkpointing: bool):
         model = build(model_type).train()
