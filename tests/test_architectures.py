@@ -85,8 +85,12 @@ def test_hidden_prefix_records_the_layers_arguments_once_per_length_not_per_forw
         prefixed(**batch).logits.sum().backward()
     assert len(forwards) == 3  # the base model's own forwards only: recorded when the prefix was added
     assert list(prefixed.kv_path.recorded) == [(3, torch.float32, model.device)]
+    prefixed.train()
+    model.model.layers[0].eval()  # recording runs the model in eval mode, then leaves every module as it was
+    modes = [module.training for module in model.modules()]
     prefixed.add_prefix("longer", PrefixConfig(prefix_length=5, parameterization="hidden"))
     assert len(forwards) == 4 and len(prefixed.kv_path.recorded) == 2
+    assert [module.training for module in model.modules()] == modes
 
 
 def test_hidden_prefix_on_a_layer_that_cannot_be_called_again_is_refused_when_added(tokenizer):

@@ -136,12 +136,13 @@ class KeyValuePath:
             calls.setdefault(module, (args, dict(kwargs)))
 
         hooks = [module.register_forward_pre_hook(keep, with_kwargs=True) for module in self.attention_modules]
-        was_training = self.model.training
+        modes = {module: module.training for module in self.model.modules()}  # restored as they were
         self.model.eval()  # as the frozen model computes them (and no checkpointing of a no-grad forward)
         try:
             _run_on_dummy_tokens(self.model, length, length)
         finally:
-            self.model.train(was_training)
+            for module, training in modes.items():
+                module.training = training
             for hook in hooks:
                 hook.remove()
         missing = [type(module).__name__ for module in self.attention_modules if module not in calls]
