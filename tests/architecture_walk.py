@@ -1,13 +1,16 @@
 """A walk over every causal-LM model type that the installed `transformers` registers.
 
 Each type gets a tiny random model (its default config with every size shrunk, two layers or one of
-each layer kind) and one of three outcomes:
+each layer kind) and one of these outcomes:
 
 * ``exact``: two `activations` prefixes (text T1, and a shorter T2) in one batch, one per row and a
   row without, give the bare model's logits on T_i + x at x's positions (relative error <= 1e-4);
   left-padded when the bare model itself is exact under left padding, else rows of equal length.
-  Types with a sliding window are checked twice: with it wider than the input, and with 3 tokens.
+  Checked for both parameterizations whose `activations` init is exact: `kv` (the text's keys and
+  values) and `hidden` (the text's layer inputs, sent through each layer's own key/value path).
+  Types with a sliding window are checked twice each: with it wider than the input, and with 3 tokens.
 * ``refused``: `PrefixModel` raises `UnsupportedModelError` naming the type and the reason.
+* ``kv exact, hidden refused``: the same, for the `hidden` parameterization alone.
 * ``skipped``: no tiny model could be built or run bare (the reason is kept).
 
 Anything else, a raw error or a silent difference, is a failure (``tests/test_architectures.py``).
@@ -36,6 +39,7 @@ ROWS = [[5, 9, 12, 30], [7, 8, 11], [11, 40, 41, 42, 43], [20, 21]]
 ROW_PREFIXES = ["a", "b", "", "a"]
 TOLERANCE = 1e-4
 WINDOW = 3  # a sliding window that cuts T off for every x token
+PARAMETERIZATIONS = ("kv", "hidden")  # hidden: P_theta through each layer's own key/value path
 
 # Every size a default config may carry, shrunk. Keys a config does not have are not added.
 SMALL = {
@@ -88,10 +92,13 @@ LAYOUTS = {
 }
 
 
+OUTCOMES = ("exact", "kv exact, hidden refused", "refused", "skipped", "silently different", "error")
+
+
 @dataclass
 class Outcome:
     model_type: str
-    outcome: str  # exact | refused | skipped | silently different | error
+    outcome: str  # one of OUTCOMES
     detail: str = ""
 
 
@@ -231,14 +238,27 @@ def check(model_type: str, parameterization: str = "kv", **overrides) -> Outcome
 
 
 def classify(model_type: str) -> Outcome:
-    """`check`, and where the type has a sliding window, `check` again with a window that binds."""
-    outcome = check(model_type)
-    if outcome.outcome != "exact" or getattr(tiny_config(model_type), "sliding_window", None) is None:
-        return outcome
-    windowed = check(model_type, sliding_window=WINDOW)
-    if windowed.outcome != "exact":
-        return Outcome(model_type, windowed.outcome, f"with sliding_window={WINDOW}: {windowed.detail}")
-    return Outcome(model_type, "exact", f"{outcome.detail} (also with sliding_window={WINDOW})".lstrip())
+    """`check` a `kv` prefix, then a `hidden` one (each layer's own key/value path, see
+    `KeyValuePath`); types with a sliding window each again with a window that binds. Exact when all
+    are, else the first other outcome (a `hidden` prefix refused alone has an outcome of its own)."""
+    first = check(model_type)
+    if first.outcome != "exact":
+        return first
+    windowed = getattr(tiny_config(model_type), "sliding_window", None) is not None
+    for parameterization in PARAMETERIZATIONS:
+        for window in (None, WINDOW) if windowed else (None,):
+            overrides = {"sliding_window": window} if window else {}
+            outcome = (
+                first
+                if (parameterization, window) == ("kv", None)
+                else check(model_type, parameterization, **overrides)
+            )
+            if outcome.outcome != "exact":
+                where = f"{parameterization} prefix" + (f" with sliding_window={window}" if window else "")
+                kind = f"kv exact, {parameterization} refused" if outcome.outcome == "refused" else outcome.outcome
+                return Outcome(model_type, kind, f"{where}: {outcome.detail}")
+    also = f" (also with sliding_window={WINDOW})" if windowed else ""
+    return Outcome(model_type, "exact", f"{first.detail}{also}".lstrip())
 
 
 def _row_errors(logits: torch.Tensor, rows: list[list[int]], want: list[torch.Tensor]) -> list[float]:
@@ -277,7 +297,7 @@ def table(outcomes: list[Outcome]) -> str:
         f"| outcome (transformers {transformers.__version__}, {len(outcomes)} causal-LM types) | count | types |",
         "|---|---|---|",
     ]
-    for kind in ("exact", "refused", "skipped", "silently different", "error"):
+    for kind in OUTCOMES:
         names = [o.model_type for o in outcomes if o.outcome == kind]
         if names:
             lines.append(f"| {kind} | {len(names)} | {', '.join(names)} |")

@@ -24,9 +24,16 @@ from prefixtune.serving import (
 )
 from tiny import SPECIAL, tiny_model, tiny_tokenizer
 
-MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid"]
+MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid", "lara_mini"]
 # Two linear-attention layers around an attention layer; convolution kernel 4 (conv state: 3 columns).
 LAYOUT = {"num_hidden_layers": 3, "layer_types": ["linear_attention", "full_attention", "linear_attention"]}
+# Lara Mini: around a sliding-window layer (rotary positions, window 64) and a global one (no positions).
+LAYOUTS = {
+    "lara_mini": {
+        "num_hidden_layers": 4,
+        "layer_types": ["linear_attention", "sliding_attention", "full_attention", "linear_attention"],
+    }
+}
 TEXTS = {
     "long": " ".join(
         ["the restaurant near the river serves cheap french food"] * 8
@@ -51,9 +58,13 @@ def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     }
 
 
+def layout(model_type: str) -> dict:
+    return LAYOUTS.get(model_type, LAYOUT)
+
+
 def hybrid(model_type: str, parameterization: str = "kv", **overrides) -> PrefixModel:
     """A tiny hybrid with an `activations` prefix per text."""
-    model = PrefixModel(build(model_type, **LAYOUT | overrides), name=None, tokenizer=tiny_tokenizer())
+    model = PrefixModel(build(model_type, **layout(model_type) | overrides), name=None, tokenizer=tiny_tokenizer())
     for name, text in TEXTS.items():
         model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
     return model
@@ -180,12 +191,12 @@ def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
         assert model.prefix_configs["long"].parameterization == "kv"
         torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
     model.save_prefix(tmp_path / "long", name="long")
-    again = PrefixModel.from_pretrained(build(model_type, **LAYOUT), tmp_path / "long")
+    again = PrefixModel.from_pretrained(build(model_type, **layout(model_type)), tmp_path / "long")
     for key in ("prefix_conv_states", "prefix_recurrent_states"):
         torch.testing.assert_close(again.prefixes["long"].state_dict()[key], model.prefixes["long"].state_dict()[key])
     with torch.no_grad():
         torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
-    other_kernel = build(model_type, **LAYOUT, linear_conv_kernel_dim=3)
+    other_kernel = build(model_type, **layout(model_type), linear_conv_kernel_dim=3)
     with pytest.raises(PrefixFileError, match="conv_state_shape: prefix was trained on \\[64, 3\\], this base has"):
         PrefixModel.from_pretrained(other_kernel, tmp_path / "long")
 

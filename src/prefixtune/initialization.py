@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .injection import Capture, UnsupportedModelError
+from .injection import Capture, UnsupportedModelError, attention_input
 
 
 @dataclass
@@ -68,8 +68,7 @@ def text_activations(
     inputs: dict[nn.Module, Tensor] = {}
 
     def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        source = kwargs.get("key_value_states", kwargs.get("encoder_hidden_states"))  # cross-attention
-        inputs[module] = source if source is not None else (args[0] if args else kwargs["hidden_states"])
+        inputs[module] = attention_input(args, kwargs)
 
     hooks = [
         module.register_forward_pre_hook(keep_input, with_kwargs=True)

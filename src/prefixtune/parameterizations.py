@@ -8,7 +8,8 @@ base stays frozen.
 * `MLPPrefix`: the paper's reparameterization, a shared ``[P, d_model]`` embedding -> Linear ->
   tanh -> Linear to all layers' keys/values. Collapsible to a `KVPrefix` after training.
 * `HiddenPrefix`: per-layer ``P_theta[i]`` of shape ``[P, d_model]`` sent through that layer's own
-  frozen key/value path (projections, key norm, rotary at positions 0..P-1), like a real token.
+  frozen key/value path (the attention module called with the arguments its layer gives it for
+  positions 0..P-1: projections, key norm, its own rotary or none; see `KeyValuePath`), like real tokens.
 
 Initialization is each parameterization's own business: ``init_vocab`` takes word embeddings,
 ``init_activations`` the frozen model's activations on a text (see `initialization.py`).

@@ -15,7 +15,8 @@ Differences from the base model, and nothing else, in four modules:
   initial state, not keys/values (a replacement forward on those module instances).
 * `probing`: a probe forward finds the attention layers (numbered model-wide; encoder-decoders have
   three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry` and
-  the `KeyValuePath` through a layer's frozen projections; `inject` puts it all in place.
+  the `KeyValuePath` through a layer's frozen key/value path (its attention module, called with the
+  arguments its layer really hands it); `inject` puts it all in place.
 
 The prefix travels as forward keyword arguments, never through the KV cache. So the generation
 cache holds only text (greedy, beam, sampling, streaming all keep the prefix: `generate` expands
@@ -26,7 +27,7 @@ arguments.
 from ..config import PLACES
 from .attention import PREFIX_KWARGS, SUPPORTED_IMPLEMENTATIONS, AttentionCall, Capture, UnsupportedModelError
 from .positions import prefix_lengths, text_positions
-from .probing import TAGS, Geometry, KeyValuePath, inject, uninject
+from .probing import TAGS, Geometry, KeyValuePath, attention_input, inject, uninject
 from .states import STATE_KWARGS
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedModelError",
     "inject",
     "uninject",
+    "attention_input",
     "prefix_lengths",
     "text_positions",
 ]

@@ -163,13 +163,12 @@ def _olmo_hybrid_inputs(module: nn.Module, hidden: Tensor) -> tuple[Tensor, Tens
 # The Gated DeltaNet module classes `mix` follows, and how each makes its inputs from the (masked)
 # hidden states, as its own forward does: the convolution input ``[B, conv_dim, T]``, the output
 # gate ``[B, T, v_heads, v_head_dim]``, ``beta`` and ``a`` ``[B, T, v_heads]``. The rest of their
-# forwards is the same code (Qwen3.5 MoE's layer is a copy of Qwen3.5's). Not here: Lara Mini's layer
-# (a copy too), because its global attention layers use no positions, which `KeyValuePath` (the
-# `hidden` parameterization) does not follow; refused as a whole rather than silently different there.
+# forwards is the same code (Qwen3.5 MoE's and Lara Mini's layers are copies of Qwen3.5's).
 _INPUTS = {
     "Qwen3NextGatedDeltaNet": _qwen3_next_inputs,
     "Qwen3_5GatedDeltaNet": _qwen3_5_inputs,
     "Qwen3_5MoeGatedDeltaNet": _qwen3_5_inputs,
+    "LaraMiniGatedDeltaNet": _qwen3_5_inputs,
     "OlmoHybridGatedDeltaNet": _olmo_hybrid_inputs,
 }
 STATE_LAYER_CLASSES = tuple(_INPUTS)
