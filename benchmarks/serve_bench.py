@@ -53,7 +53,8 @@ def workload(tokenizer, count: int, prefixes: int, args, seed: int) -> list[dict
     draws the prefixes), so N=1 and N=many phases differ only in their prefixes."""
     rng, popularity = random.Random(seed), random.Random(seed + 1)
     weights = [1 / (rank + 1) for rank in range(prefixes)]
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:5000]
+    # get_vocab() comes in no fixed order: sorted, then sampled by the seed, the prompts repeat across runs
+    words = random.Random(seed).sample(sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2), 5000)
     jobs, at = [], 0.0
     for _ in range(count):
         length = rng.randint(*args.prompt_tokens)
