@@ -53,11 +53,6 @@ class Loaded:
     inputs: dict[str, Tensor] | None  # one row's prefix arguments (`PrefixModel.prefix_snapshot`); None: bare model
     nbytes: int
 
-    @property
-    def key_values(self) -> Tensor | None:
-        """``[layers, 2, kv_heads, P, head_dim]`` (None for the bare model)."""
-        return None if self.inputs is None else self.inputs["prefix_key_values"]
-
 
 class PrefixStore:
     def __init__(self, model: PrefixModel, folder: str | Path, cache_bytes: int | None = None) -> None:
