@@ -204,7 +204,7 @@ class _Inline:
 
 def continuous_refusal(model: PrefixModel) -> str | None:
     """Why the continuous engine cannot serve `model` exactly (None: it can). It writes a prefix into
-    the paged cache as plain keys/values at positions 0..P-1 and runs the base on plain ``sdpa``, so
+    the paged cache as plain keys/values at positions 0..P-1 and runs the base on per-request ``sdpa``, so
     it is exact only where `PrefixModel` needs nothing more: not for encoder-decoders, latent
     attention (keys and values of different head sizes), sliding-window or chunked layers (the
     prefix is windowed like its tokens), or models whose positions do not start at 0 for the first

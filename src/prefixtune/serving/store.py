@@ -2,7 +2,7 @@
 ``prefix_config.json``) served from one frozen base model.
 
 Start-up only lists the folder, so a store of thousands of prefixes serves at once. A prefix is
-loaded on its first request (fingerprint and tensors checked then, by `PrefixModel.load_prefix`),
+loaded on its first request (fingerprint and tensors checked then, by `PrefixModel.read_prefix`),
 turned into plain keys/values (and hybrid models' states: no MLP or projection at serving time,
 `PrefixModel.prefix_snapshot`) and kept under an LRU byte budget; one evicted and asked for again
 is loaded again. A request takes that snapshot when admitted and both engines serve from it:
@@ -131,11 +131,12 @@ class PrefixStore:
         """Drop least recently used prefixes until the budget holds (never `keep`, just asked for)."""
         if self.cache_bytes is None:
             return
+        held = self.loaded_bytes
         for name in list(self.loaded):  # least recently used first
-            if self.loaded_bytes <= self.cache_bytes:
+            if held <= self.cache_bytes:
                 return
             if name != keep:
-                self.loaded.pop(name)
+                held -= self.loaded.pop(name).nbytes
                 self.stats["evictions"] += 1
 
     def upload(self, name: str, weights: bytes, config: bytes) -> None:
