@@ -181,7 +181,7 @@ def main() -> int:
     app, engine, _ = serve("microbatch", args, store, phases)
     with running(app) as url:
         old, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
-    engine.stop()
+    engine.close()
     phases["saturation, 1 prefix, old engine"] = summary(old, seconds, None)
 
     app, engine, _ = serve("continuous", args, store, phases)
@@ -197,7 +197,7 @@ def main() -> int:
         rate = phases[f"saturation, {args.many} prefixes, new engine"]["req_per_s"] / 2
         half, seconds = asyncio.run(phase(url, many, rate, args.timeout))
         phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, new engine"] = summary(half, seconds, many_new)
-    engine.stop()
+    engine.close()
     return report(phases, args, store_seconds)
 
 
