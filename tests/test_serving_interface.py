@@ -4,10 +4,12 @@ failures that are reported instead of swallowed (store writes, unexpected except
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 
 import httpx
@@ -27,10 +29,12 @@ from prefixtune.serving import (
     Request,
     Token,
     build_app,
+    create_app,
     make_engine,
 )
 from prefixtune.serving import store as store_module
 from prefixtune.serving.background import running
+from prefixtune.serving.interface import end_request, new_counts
 from test_serving import PROMPTS, TOKEN, prefix_files, prompt_ids, write_store
 from tiny import tiny_model, tiny_tokenizer
 
@@ -287,3 +291,76 @@ def test_the_stream_of_a_failed_request_ends_with_an_error_event(served, monkeyp
     monkeypatch.undo()
     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["error"]["code"] == 500
     assert "row failed" in lines[-2]
+
+
+# ---------------------------------------------------------------------- a third engine
+class ScriptedEngine:
+    """The smallest engine there is: it answers every request with the same words, on its own
+    thread, through nothing but `interface.Engine` and the `Request` methods. The server serves it
+    unchanged, which is what a new engine (vLLM's, say) relies on."""
+
+    name = "scripted"
+    supports_logprobs = True
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = token_ids
+        self.counts = new_counts()
+        self.started = False
+
+    def start(self) -> ScriptedEngine:
+        self.started = True
+        return self
+
+    def close(self) -> None:
+        self.started = False
+
+    def submit(self, request: Request):
+        self.counts["requests"] += 1
+        threading.Thread(target=self._run, args=(request,), daemon=True).start()
+        return request.future
+
+    def _run(self, request: Request) -> None:
+        for token_id in self.token_ids[: request.max_tokens]:
+            request.emit(Token(token_id, logprob=-0.5, top=[(token_id, -0.5)]))
+            self.counts["computed_tokens"] += 1
+        end_request(request, "length" if request.max_tokens <= len(self.token_ids) else "stop", self.counts)
+
+    def cancel(self, request: Request, error: Exception | None = None) -> None:
+        end_request(request, error or "cancelled", self.counts)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(engine=self.name, healthy=self.started, queue_depth=0, running_rows=0, **self.counts)
+
+    def exclusive(self):
+        return contextlib.nullcontext()
+
+
+def test_the_server_serves_any_engine_that_implements_the_interface(tmp_path):
+    tokenizer = tiny_tokenizer()
+    words = "the pub near the river serves cheap food".split()
+    engine = ScriptedEngine(tokenizer.convert_tokens_to_ids(words)).start()
+    assert isinstance(engine, Engine)
+    write_store(tmp_path / "store")
+    model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tokenizer)
+    store = PrefixStore(model, tmp_path / "store", exclusive=engine.exclusive)
+    app = create_app(engine=engine, store=store, tokenizer=tokenizer, limits=Limits(max_tokens=32))
+    with TestClient(app) as client:
+        body = {"model": "formal-blog", "prompt": "cheap food", "max_tokens": 5, "logprobs": 1}
+        plain = client.post("/v1/completions", json=body).json()
+        whole = client.post("/v1/completions", json={"prompt": "cheap food", "max_tokens": 20, "n": 2}).json()
+        with client.stream(
+            "POST", "/v1/completions", json=body | {"stream": True, "stop": "cheap", "max_tokens": 20}
+        ) as response:
+            streamed = "".join(
+                json.loads(line[6:])["choices"][0]["text"]
+                for line in response.iter_lines()
+                if line.startswith("data: {")
+            )
+        health = client.get("/health").json()
+        metrics = client.get("/metrics").text
+    assert plain["choices"][0]["text"] == "the pub near the river" and plain["choices"][0]["finish_reason"] == "length"
+    assert plain["choices"][0]["logprobs"]["token_logprobs"] == [-0.5] * 5 and plain["usage"]["completion_tokens"] == 5
+    assert [c["text"] for c in whole["choices"]] == [" ".join(words)] * 2
+    assert [c["finish_reason"] for c in whole["choices"]] == ["stop"] * 2
+    assert streamed == "the pub near the river serves "  # cut before the stop string
+    assert health["engine"] == "scripted" and "prefixtune_computed_tokens_total" in metrics
