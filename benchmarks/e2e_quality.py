@@ -344,7 +344,7 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    pristine, tokenizer = load_base_model("smollm2-135m")
+    pristine, tokenizer = load_base_model("smollm2-135m", dtype="float32")
     formatter = PromptFormatter(tokenizer)
     chat = PromptFormatter(tokenizer, "Write one sentence describing this restaurant: {prompt}", chat_template=True)
     train_rows = [formatter.training_features(e, 128) for e in read_examples(args.train)]

@@ -50,7 +50,7 @@ PROMPTS = [
 
 
 def base_model(quick: bool):
-    model, tokenizer = load_base_model("smollm2-135m")
+    model, tokenizer = load_base_model("smollm2-135m", dtype="float32")
     if quick:  # same tokenizer, tiny random Llama
         torch.manual_seed(0)
         config = LlamaConfig(

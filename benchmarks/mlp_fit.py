@@ -40,7 +40,7 @@ def main() -> None:
 
         base, tokenizer, name = tiny_model("llama"), tiny_tokenizer(), "tiny-llama"
     else:
-        (base, tokenizer), name = load_base_model("smollm2-135m"), "smollm2-135m"
+        (base, tokenizer), name = load_base_model("smollm2-135m", dtype="float32"), "smollm2-135m"
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     token_ids = init_token_ids(tokenizer, INIT_TEXT, args.prefix_length)
     activations = text_activations(base, model.kv_path.attention_modules, token_ids)
