@@ -12,6 +12,7 @@ benchmark JSON stores about the CPU it ran on.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from .config import ConfigError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what --dtype accepts
 AVX2_BF16_SLOWDOWN = "~35x slower train steps than float32 (a user's report on an AVX2-only EPYC, issue 20)"
+RECORDED_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")  # in cpu_record
 _warned: set[tuple[torch.dtype, str]] = set()  # (dtype, device type) already warned about
 _printed: set[str] = set()  # auto's choices already printed
 
@@ -131,7 +133,7 @@ def _warn_once(dtype: torch.dtype, device: str | torch.device, why: str) -> None
         return
     _warned.add((dtype, kind))
     avx2 = kind == "cpu" and dtype == torch.bfloat16 and torch.backends.cpu.get_cpu_capability() == "AVX2"
-    slowdown = AVX2_BF16_SLOWDOWN if avx2 else "slower than float32 (not measured on this kind of device)"
+    slowdown = AVX2_BF16_SLOWDOWN if avx2 else "slower steps than float32 (how much: not measured on such a device)"
     fastest = "bfloat16" if is_native(torch.bfloat16, device)[0] else "float32"
     warnings.warn(
         f"{dtype_name(dtype)} is emulated here: {why}; expect {slowdown}. "
@@ -143,12 +145,15 @@ def _warn_once(dtype: torch.dtype, device: str | torch.device, why: str) -> None
 
 def cpu_record() -> dict[str, Any]:
     """What a benchmark JSON records about the CPU it ran on: torch's kernel level
-    (``get_cpu_capability()``), whether bfloat16 is native (the rule ``auto`` uses) and the flags."""
+    (``get_cpu_capability()``), whether bfloat16 is native (the rule ``auto`` uses), the flags, and
+    the load average when it was written (the machine may be shared)."""
     flags = cpu_capabilities()
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": is_native(torch.bfloat16, "cpu")[0],
-        "flags": {key: bool(flags.get(key)) for key in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16", "amx_fp16")},
+        "flags": {key: bool(flags.get(key)) for key in RECORDED_FLAGS},
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],  # when the JSON was written: others' load on a shared machine
     }
