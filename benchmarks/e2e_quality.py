@@ -46,6 +46,7 @@ from prefixtune import PrefixConfig, PrefixModel, load_base_model  # noqa: E402
 from prefixtune.data import PromptFormatter, group_references, pad_batch, read_examples  # noqa: E402
 from prefixtune.e2e_metrics import NAMES as OFFICIAL  # noqa: E402
 from prefixtune.evaluation import score  # noqa: E402
+from prefixtune.precision import cpu_record  # noqa: E402
 
 INIT_TEXT = "Describe the restaurant in one sentence."
 # Li & Liang (2021), Table 1: GPT-2 medium, prefix-tuning (0.1 % of parameters), official E2E *test*
@@ -206,6 +207,7 @@ def time_curve_arm(args, dtype: str) -> dict:
         "curve": [{"step": step, "train_seconds": seconds, "bleu": bleu} for step, seconds, bleu in callback.curve],
         "eval_seconds": time.perf_counter() - began,
         "example": texts[0],
+        "cpu": cpu_record(),
     }
 
 
@@ -242,6 +244,7 @@ def time_to_quality(args, output: Path) -> None:
         "decoding": decoding,
         "args": vars(args),
         "arms": "side by side, one core and one thread each" if side_by_side else "one after the other",
+        "cpu": cpu_record(),
         "results": results,
         "bf16_vs_fp32_train_seconds": bf16["curve"][-1]["train_seconds"] / fp32["curve"][-1]["train_seconds"],
         "bf16_minus_fp32_bleu": bf16["bleu"] - fp32["bleu"],
@@ -344,7 +347,7 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    pristine, tokenizer = load_base_model("smollm2-135m")
+    pristine, tokenizer = load_base_model("smollm2-135m", dtype="float32")
     formatter = PromptFormatter(tokenizer)
     chat = PromptFormatter(tokenizer, "Write one sentence describing this restaurant: {prompt}", chat_template=True)
     train_rows = [formatter.training_features(e, 128) for e in read_examples(args.train)]
@@ -390,12 +393,13 @@ def main() -> None:
             "seconds": time.perf_counter() - started,
             "curve": curve,
             "example": texts[0],
+            "cpu": cpu_record(),  # rows accumulate over runs: each says where it was measured
         }
         print(f"{label:34} BLEU {bleu:6.2f}  trainable {trainable:>12,}  ({decoding})", flush=True)
         (output / "results.json").write_text(json.dumps(results, indent=2))
 
     report(results, output, args.curve_prompts)
-    meta = {"args": vars(args), "eval_mrs": len(prompts), "train_rows": len(train_rows)}
+    meta = {"args": vars(args), "eval_mrs": len(prompts), "train_rows": len(train_rows), "cpu": cpu_record()}
     (output / "meta.json").write_text(json.dumps(meta, indent=2))
 
 

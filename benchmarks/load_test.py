@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from prefixtune.precision import cpu_record
 from prefixtune.serving import build_app
 from prefixtune.serving.background import running
 
@@ -50,7 +51,7 @@ PROMPTS = [
 
 
 def base_model(quick: bool):
-    model, tokenizer = load_base_model("smollm2-135m")
+    model, tokenizer = load_base_model("smollm2-135m", dtype="float32")
     if quick:  # same tokenizer, tiny random Llama
         torch.manual_seed(0)
         config = LlamaConfig(
@@ -156,7 +157,8 @@ def report(phases: dict, names: list[str], args) -> int:
             f"{label:28} {phase['requests_per_second']:8.2f} {phase['requests_per_second'] / base_rps:13.2f}x "
             f"{phase['errors']:7d} {phase['mismatches']:11d} {rows:11.1f}"
         )
-    summary = {"args": vars(args), "prefixes": names, "torch_threads": torch.get_num_threads(), "phases": phases}
+    summary = {"args": vars(args), "prefixes": names, "torch_threads": torch.get_num_threads(), "cpu": cpu_record()}
+    summary["phases"] = phases
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2))
     failed = any(phase["errors"] or phase["mismatches"] for phase in phases.values())

@@ -21,6 +21,7 @@ import torch
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.initialization import init_token_ids, text_activations
 from prefixtune.parameterizations import MLP_FIT_LR, MLP_FIT_STEPS, MLPPrefix
+from prefixtune.precision import cpu_record
 
 INIT_TEXT = "Describe the restaurant in one sentence."
 STEPS = (30, 100, MLP_FIT_STEPS, 1000)
@@ -40,10 +41,10 @@ def main() -> None:
 
         base, tokenizer, name = tiny_model("llama"), tiny_tokenizer(), "tiny-llama"
     else:
-        (base, tokenizer), name = load_base_model("smollm2-135m"), "smollm2-135m"
+        (base, tokenizer), name = load_base_model("smollm2-135m", dtype="float32"), "smollm2-135m"
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     token_ids = init_token_ids(tokenizer, INIT_TEXT, args.prefix_length)
-    activations = text_activations(base, model.kv_path.attention_modules, token_ids)
+    activations = text_activations(base, model.kv_path.attention_modules, token_ids, model.geometry.head_dim)
     config = PrefixConfig(
         prefix_length=args.prefix_length,
         parameterization="mlp",
@@ -57,7 +58,8 @@ def main() -> None:
         prefix = MLPPrefix(config, args.prefix_length, model.geometry)
         prefix.init_activations(activations, steps=steps, lr=MLP_FIT_LR)
         rows.append(prefix.fit_report | {"default": steps == MLP_FIT_STEPS})
-    result = {"model": name, "init_text": INIT_TEXT, "prefix_length": args.prefix_length, "fits": rows}
+    result = {"model": name, "cpu": cpu_record(), "init_text": INIT_TEXT, "prefix_length": args.prefix_length}
+    result["fits"] = rows
 
     print(f"mlp warm start on {name}, P={args.prefix_length}, mlp_hidden_size={args.mlp_hidden_size}, lr={MLP_FIT_LR}")
     print("| fit steps | relative error | mse |\n|---|---|---|")

@@ -31,6 +31,7 @@ import torch
 
 from load_test import base_model
 from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.precision import cpu_record
 from prefixtune.serving import Limits, build_app
 from prefixtune.serving.background import running
 
@@ -242,7 +243,8 @@ def report(phases: dict, args, store_seconds: float) -> int:
     for label, value in ratios.items():
         print(f"{label}: {value:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "phases": phases, "ratios": ratios}, indent=2))
+    result = {"args": vars(args), "cpu": cpu_record(), "phases": phases, "ratios": ratios}
+    Path(args.json).write_text(json.dumps(result, indent=2))
     failed = any(p.get("errors") or p.get("mismatches") for p in phases.values())
     print("FAILED: errors or mismatches" if failed else "ok: 0 errors, 0 mismatches")
     return 1 if failed else 0

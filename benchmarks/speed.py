@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.data import PromptFormatter, padding_fractions, read_examples
 from prefixtune.files import WEIGHTS_NAME
+from prefixtune.precision import cpu_record
 
 PARAMETERIZATIONS = ("kv", "mlp", "hidden")
 
@@ -347,6 +348,7 @@ def main() -> int:
     if args.only == "precision":
         report = {
             "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct",
+            "cpu": cpu_record(),
             "precision": precision,
         }
         print_precision(report)
@@ -356,6 +358,7 @@ def main() -> int:
     report = {
         "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "cpu": cpu_record(),
         "train_step": train_steps(args.quick, rounds),
         "memory": memory(args.quick, 64 if args.quick else args.memory_length),
         "generation": generation(args.quick, rounds),

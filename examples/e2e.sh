@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # E2E NLG recipe: the fastest setting that keeps quality, with the defaults benchmarks/e2e_quality.py
 # found best: a `hidden` prefix (P=10) with the `activations` init on SmolLM2-135M-Instruct, the frozen
-# base in bfloat16 (about 2x faster train steps on CPUs with bf16 support; prefixes stay float32) and
+# base in bfloat16 where it is native (about 2x faster train steps there; prefixes stay float32) and
 # length-grouped batches (less padding). Reports multi-reference BLEU on the validation MRs.
+# DTYPE=auto (the default) picks bfloat16 only where it is native (CUDA with bf16, CPUs with
+# AVX512-BF16/AMX) and float32 elsewhere: on an AVX2-only CPU bf16 is emulated, ~35x slower (issue 20).
 # Data: ../shared/data/e2e (the official E2E devset split by MR); for the full official release see the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${E2E_DATA:-../shared/data/e2e}
 OUT=${OUT:-runs/e2e}
 PREFIXTUNE=${PREFIXTUNE:-.venv/bin/prefixtune}
-DTYPE=${DTYPE:-bfloat16}
+DTYPE=${DTYPE:-auto}
 $PREFIXTUNE train --data "$DATA/train.csv" --validation "$DATA/validation.csv" --output "$OUT" \
   --steps 250 --batch-size 8 --lr 5e-3 --warmup-steps 10 --prefix-length 10 --parameterization hidden \
   --init activations --init-text "Describe the restaurant in one sentence." --max-length 128 \

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -20,10 +22,17 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def assert_cpu_recorded(report: dict) -> None:
+    """Every benchmark JSON says which CPU kernels torch ran and whether bfloat16 was native there."""
+    assert report["cpu"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(report["cpu"]["bf16_native"], bool)
+
+
 def test_speed_quick_runs_and_outputs_agree(tmp_path):
     result = run("speed.py", "--rounds", "1", "--json", str(tmp_path / "speed.json"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "speed.json").read_text())
+    assert_cpu_recorded(report)
     assert report["mixed_batch"]["outputs_identical"]
     assert report["generation"]["rows_changed_by_prefix"] > 0
     assert set(report["train_step"]) == {
@@ -45,5 +54,15 @@ def test_speed_quick_runs_and_outputs_agree(tmp_path):
 def test_load_test_quick_has_no_errors_or_mismatches(tmp_path):
     result = run("load_test.py", "--requests", "24", "--concurrency", "8", "--json", str(tmp_path / "load.json"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    phases = json.loads((tmp_path / "load.json").read_text())["phases"]
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert_cpu_recorded(report)
+    phases = report["phases"]
     assert all(phase["errors"] == 0 and phase["mismatches"] == 0 for phase in phases.values())
+
+
+def test_mlp_fit_quick_records_its_cpu(tmp_path):
+    result = run("mlp_fit.py", "--output", str(tmp_path / "mlp_fit.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "mlp_fit.json").read_text())
+    assert_cpu_recorded(report)
+    assert report["fits"]

@@ -146,10 +146,10 @@ def test_t5_relative_position_bias_models_are_refused_both_ways(tmp_path):
 @pytest.mark.slow
 def test_smollm2_peft_adapter_loads_to_the_same_logits(tmp_path):
     """The real GQA model (30 layers, 9 query / 3 KV heads): PEFT's adapter, its forward, our load."""
-    peft_model = peft_adapter(load_base_model("smollm2-135m")[0], tmp_path, "CAUSAL_LM", length=5)
+    peft_model = peft_adapter(load_base_model("smollm2-135m", dtype="float32")[0], tmp_path, "CAUSAL_LM", length=5)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["num_attention_heads"], config["token_dim"], config["num_layers"]) == (3, 192, 30)
-    ours = PrefixModel.from_pretrained(load_base_model("smollm2-135m")[0], tmp_path / "peft")
+    ours = PrefixModel.from_pretrained(load_base_model("smollm2-135m", dtype="float32")[0], tmp_path / "peft")
     assert torch.allclose(logits(ours, seq2seq=False), logits(peft_model, seq2seq=False), atol=ATOL)
 
 

@@ -75,7 +75,8 @@ def test_prefix_trained_in_one_precision_predicts_the_same_tokens_in_the_other(
 
 
 def test_unknown_dtype_and_missing_gpu_are_refused_by_name(tiny_folder):
-    with pytest.raises(ModelLoadError, match=r"dtype: expected one of \['float32', 'bfloat16', 'float16'\], got 'fp8'"):
+    expected = r"dtype: expected one of \['auto', 'float32', 'bfloat16', 'float16'\], got 'fp8'"
+    with pytest.raises(ModelLoadError, match=expected):
         load_base_model(str(tiny_folder), dtype="fp8")
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="device 'cuda': this machine has no CUDA GPU"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_benchmarks_smoke import run
+from test_benchmarks_smoke import assert_cpu_recorded, run
 
 
 def test_serve_bench_quick_has_no_errors_or_mismatches(tmp_path):
@@ -13,7 +13,9 @@ def test_serve_bench_quick_has_no_errors_or_mismatches(tmp_path):
     args = ["--requests", "6", "--many", "20", "--prompt-tokens", "8", "32", "--max-tokens", "4", "8"]
     result = run("serve_bench.py", *args, "--json", str(out))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    phases = json.loads(out.read_text())["phases"]
+    report = json.loads(out.read_text())
+    assert_cpu_recorded(report)
+    phases = report["phases"]
     measured = [p for p in phases.values() if "requests" in p]
     assert len(measured) == 6 and all(p["errors"] == 0 and p["mismatches"] == 0 for p in measured)
     # the server's usage reached the client: work done counts prompts as well as outputs

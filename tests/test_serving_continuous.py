@@ -347,8 +347,8 @@ def test_non_finite_numbers_get_a_4xx_naming_the_field(live, field, value):
 def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
     """The one real-model check: activation-initialised prefixes on SmolLM2-135M, mixed in one run
     with chunked prefill, token-identical to `PrefixModel.generate` alone."""
-    reference_base, tokenizer = load_base_model("smollm2-135m")
-    served_base, _ = load_base_model("smollm2-135m")
+    reference_base, tokenizer = load_base_model("smollm2-135m", dtype="float32")
+    served_base, _ = load_base_model("smollm2-135m", dtype="float32")
     styles = {"french": "Always answer in French.", "pirate": "You are a pirate. Talk like a pirate, matey!"}
     models = [PrefixModel(base, name=None, tokenizer=tokenizer) for base in (reference_base, served_base)]
     for model in models:

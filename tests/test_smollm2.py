@@ -15,7 +15,7 @@ INIT_TEXT = "Write a short restaurant description from the table."
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_base_model("smollm2-135m")
+    return load_base_model("smollm2-135m", dtype="float32")
 
 
 def test_p10_kv_prefix_trains_115200_parameters(smollm2, capsys):

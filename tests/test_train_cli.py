@@ -64,6 +64,8 @@ def train_args(workspace: Path, output: Path, *extra: str) -> list[str]:
         "2",
         "--logging-steps",
         "1",
+        "--dtype",  # pinned: auto would pick bfloat16 on bf16-native CPUs, and these tests compare exact numbers
+        "float32",
         *extra,
     ]
 
@@ -350,7 +352,7 @@ def test_multi_task_training_trains_one_prefix_per_task_in_mixed_batches(workspa
     from prefixtune import PrefixModel, load_base_model
     from prefixtune.data import PromptFormatter, pad_batch, read_examples
 
-    base, tokenizer = load_base_model(str(workspace / "tiny"))
+    base, tokenizer = load_base_model(str(workspace / "tiny"), dtype="float32")
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     for name in saved:
         model.load_prefix(tmp_path / "run" / "prefixes" / name)

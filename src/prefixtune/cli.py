@@ -25,8 +25,9 @@ from .config import ConfigError
 from .data import DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
-from .loading import DEVICES, DTYPES, ModelLoadError
+from .loading import DEVICES, ModelLoadError
 from .names import PrefixNameError
+from .precision import DTYPE_CHOICES, dtype_name
 from .training import PREFIX_DIR, RunExistsError, TrainOptions
 
 # The project's own errors for bad input: printed as one line. Anything else is a bug and keeps its traceback.
@@ -78,9 +79,9 @@ CONFIG = typer.Option(
     dir_okay=False,
 )
 MODEL = typer.Option("smollm2-135m", help="Base model: local folder, hub id, or 'smollm2-135m'.")
-Dtype = Literal[tuple(DTYPES)]  # the CLI offers exactly these choices
+Dtype = Literal[DTYPE_CHOICES]  # the CLI offers exactly these choices
 Device = Literal[DEVICES]
-DTYPE = typer.Option("float32", help="Precision of the frozen base.")
+DTYPE = typer.Option("auto", help="Precision of the frozen base (auto: bfloat16 where it is native, else float32).")
 DEVICE = typer.Option("auto", help="Where the base runs: a GPU when there is one (auto), cpu or cuda.")
 
 
@@ -252,7 +253,7 @@ def evaluate(
         "prefix": prefix,
         "model": model,
         "num_beams": num_beams,
-        "dtype": dtype,
+        "dtype": dtype_name(base.dtype),
         "prompts": len(prompts),
         "metrics": results,
         **_unavailable(results),
@@ -342,7 +343,7 @@ def convert(
             raise ValueError(f"--to: expected 'peft' or 'prefixtune', got {to!r}")
         if Path(destination).exists():
             raise ConfigError(f"{destination}: exists already; convert writes a new folder")
-        base, tokenizer = load_base_model(model)
+        base, tokenizer = load_base_model(model, dtype="float32")  # compiled keys/values in full precision
         prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
         name = prefixed.load_prefix(source)
         stored = _prompt_format(source)

