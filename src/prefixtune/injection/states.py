@@ -54,8 +54,12 @@ def find_state_layers(model: PreTrainedModel, kind: str) -> list[nn.Module]:
     follows. Anything else is refused: a key/value prefix would reach only the attention layers."""
     try:
         layers = DynamicCache(config=model.config).layers
-    except (TypeError, ValueError, AttributeError, KeyError):  # configs that declare no cache layout
-        return []
+    except Exception as error:  # a hybrid model's cache that cannot be built: its state layers are unknown
+        raise UnsupportedModelError(
+            f"{kind}: transformers cannot build this model's cache from its config ({type(error).__name__}: "
+            f"{error}), so prefixtune cannot tell which layers carry a recurrent/convolution state; it refuses the "
+            "model rather than serve it with key/value prefixes only"
+        ) from error
     stateful = [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
     found = {module.layer_idx: module for module in model.modules() if type(module).__name__ in STATE_LAYER_CLASSES}
     unknown = [index for index in stateful if index not in found]
