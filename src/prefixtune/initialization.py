@@ -78,8 +78,10 @@ def text_activations(
     ids = token_ids[None].to(model.device)
     extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     cache = DynamicCache(config=model.config) if state_modules else None  # where the states are read
+    # ``cache`` is what transformers 5.24 calls past_key_values (that name goes in 5.40)
+    cached = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
     try:
-        model(input_ids=ids, use_cache=cache is not None, past_key_values=cache, prefixtune_capture=capture, **extra)
+        model(input_ids=ids, prefixtune_capture=capture, **cached, **extra)
     finally:
         for hook in hooks:
             hook.remove()
