@@ -4,19 +4,22 @@
 # base in bfloat16 (about 2x faster train steps on CPUs with bf16 support; prefixes stay float32) and
 # length-grouped batches (less padding). Reports multi-reference BLEU on the validation MRs.
 # Data: ../shared/data/e2e (the official E2E devset split by MR); for the full official release see the README.
+# Smoke run: STEPS=2 EVAL_LIMIT=4 OUT=/tmp/e2e bash examples/e2e.sh (tests/test_examples.py does this).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${E2E_DATA:-../shared/data/e2e}
 OUT=${OUT:-runs/e2e}
 PREFIXTUNE=${PREFIXTUNE:-.venv/bin/prefixtune}
 DTYPE=${DTYPE:-bfloat16}
+STEPS=${STEPS:-250}
+LIMIT=(${EVAL_LIMIT:+--limit "$EVAL_LIMIT"})  # the first N validation MRs only (default: all)
 $PREFIXTUNE train --data "$DATA/train.csv" --validation "$DATA/validation.csv" --output "$OUT" \
-  --steps 250 --batch-size 8 --lr 5e-3 --warmup-steps 10 --prefix-length 10 --parameterization hidden \
+  --steps "$STEPS" --batch-size 8 --lr 5e-3 --warmup-steps 10 --prefix-length 10 --parameterization hidden \
   --init activations --init-text "Describe the restaurant in one sentence." --max-length 128 \
-  --dtype "$DTYPE" --group-by-length --eval-every 50 --resume
+  --dtype "$DTYPE" --group-by-length --eval-every "$(( STEPS < 50 ? STEPS : 50 ))" --resume
 # sacreBLEU, chrF, ROUGE-L, and the E2E challenge's official five (BLEU NIST METEOR ROUGE-L CIDEr).
 METRICS=sacrebleu,chrf,rouge,e2e
 $PREFIXTUNE eval --prefix "$OUT/prefix" --data "$DATA/validation.csv" --max-new-tokens 64 --dtype "$DTYPE" \
-  --metrics "$METRICS" --output "$OUT/eval-validation"
+  --metrics "$METRICS" --output "$OUT/eval-validation" "${LIMIT[@]}"
 $PREFIXTUNE eval --data "$DATA/validation.csv" --max-new-tokens 64 --dtype "$DTYPE" --metrics "$METRICS" \
-  --output "$OUT/eval-validation-bare"
+  --output "$OUT/eval-validation-bare" "${LIMIT[@]}"

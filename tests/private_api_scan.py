@@ -12,6 +12,12 @@ What counts as a private use (each is reported with its file and line):
   through ``self``/``super()``, that the base class has under an underscore name (an override of
   a private hook).
 
+What it cannot see: a public-looking attribute of an internal object (``state.position_offset``
+on a continuous-batching ``RequestState``) or a function reached through ``sys.modules`` (the Gated
+DeltaNet kernels in `injection.states`); those go through accessors in `transformers_private` by
+hand, each with its entry. And it trusts names: an underscore attribute prefixtune defines itself
+anywhere counts as its own everywhere.
+
 `unregistered` returns the uses that no entry of `prefixtune.transformers_private.PRIVATE_APIS`
 names: an import is covered by an entry of the same module (and object, when one is named), an
 attribute by an entry whose last component is that attribute.

@@ -75,6 +75,7 @@ def test_the_guard_reports_an_unregistered_private_use():
     assert unregistered({"snippet.py": snippet}, listed) == []
 
 
+@pytest.mark.slow  # a subprocess
 def test_import_prefixtune_does_not_need_model_family_internals():
     """A GPT-2 user's `import prefixtune` and prefix must not fail because a Gated-DeltaNet internal
     moved: here those modeling files cannot be imported and accelerate's hook helper and the
