@@ -165,7 +165,8 @@ def main() -> None:
     results = {}
     for label, prefix in (("frozen base (denoiser)", ""), ("base + prefix", None)):
         outputs = generate_completions(model, formatter, prompts, prefix=prefix, num_beams=2, max_new_tokens=24)
-        results[label] = {"rouge": score(outputs, references, ("rouge",)), "example": outputs[0]}
+        rouge = score(outputs, references, ("rouge",))
+        results[label] = {"rouge": rouge, "example": outputs[0], "outputs": outputs, "references": references}
 
     print(f"\n{'':24} {'ROUGE-1':>8} {'ROUGE-2':>8} {'ROUGE-L':>8}")
     for label, result in results.items():

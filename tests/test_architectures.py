@@ -31,6 +31,7 @@ OWN_LAYER_ARGUMENTS = [
 ]
 
 
+@pytest.mark.slow  # builds and checks ~190 model types
 def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
     outcomes = walk()
     wrong = [o for o in outcomes if o.outcome not in ("exact", "refused", "kv exact, hidden refused", "skipped")]

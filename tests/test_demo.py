@@ -7,7 +7,10 @@ import json
 
 from typer.testing import CliRunner
 
+from prefixtune import PrefixModel
 from prefixtune.cli import app
+from prefixtune.data import PromptFormatter, group_references, read_examples
+from prefixtune.evaluation import generate_completions, score
 from tiny import tiny_model, tiny_tokenizer
 
 
@@ -24,3 +27,13 @@ def test_demo_trains_compares_and_writes_its_prefix_and_results(tmp_path):
     assert (output / "run" / "prefix" / "prefix.safetensors").is_file()
     summary = json.loads((output / "run" / "train_summary.json").read_text())
     assert summary["global_step"] == 3 and summary["trainable_parameters"] > 0
+    # the comparison is what the bare model and the trained prefix generate, and their scores
+    result = json.loads((output / "demo_result.json").read_text())
+    prefixed = PrefixModel.from_pretrained(model, output / "run" / "prefix", tokenizer=tokenizer)
+    groups = group_references(read_examples(output / "data" / "validation.jsonl"))
+    prompts, references = [g.prompt for g in groups], [g.references for g in groups]
+    assert [e["prompt"] for e in result["examples"]] == prompts
+    for label, prefix in (("bare", ""), ("prefixed", None)):
+        texts = generate_completions(prefixed, PromptFormatter(tokenizer), prompts, prefix=prefix, max_new_tokens=40)
+        assert [e[label] for e in result["examples"]] == texts, label
+        assert result["metrics"][label] == score(texts, references, ("bleu", "rouge"))

@@ -304,3 +304,21 @@ def test_a_model_whose_linear_attention_forward_is_already_wrapped_is_refused_no
     layer.forward = layer.forward  # what accelerate's add_hook_to_module does first: an instance forward
     with pytest.raises(UnsupportedModelError, match=r"Qwen3_5GatedDeltaNet \(layer 0\).*offloading"):
         PrefixModel(base, name=None, tokenizer=tiny_tokenizer())
+
+
+def test_a_hybrid_whose_state_layer_discovery_raises_is_refused_with_the_original_error(monkeypatch):
+    """If transformers cannot build the model's cache layout (the place that says which layers carry
+    a state), the model is refused naming its type and the original error, not served with key/value
+    prefixes only (which would silently differ from its text)."""
+    base = build("qwen3_5_text", **LAYOUT)
+
+    def broken(*args, **kwargs):
+        raise KeyError("layer_types[7] is not a known cache layer")
+
+    monkeypatch.setattr("prefixtune.injection.states.DynamicCache", broken)
+    with pytest.raises(UnsupportedModelError) as refused:
+        PrefixModel(base, name=None, tokenizer=tiny_tokenizer())
+    message = str(refused.value)
+    assert "model_type='qwen3_5_text'" in message
+    assert "KeyError" in message and "layer_types[7] is not a known cache layer" in message
+    assert isinstance(refused.value.__cause__, KeyError)

@@ -179,3 +179,11 @@ def test_latent_attention_prefixes_are_refused_for_peft_with_the_reason(tmp_path
     ours = PrefixModel(build("deepseek_v3"), PrefixConfig(prefix_length=3))
     with pytest.raises(UnsupportedModelError, match="keys of .* and values of .* per head"):
         ours.save_prefix(tmp_path / "out", format="peft")
+
+
+def test_convert_to_an_unknown_format_is_a_one_line_user_error_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "x"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "error: --to: expected 'peft' or 'prefixtune', got 'x'" in result.output
+    assert "Traceback" not in result.output

@@ -25,7 +25,10 @@ FLAGS = [
     "--disable-sync",
 ]
 
-pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install)")
+pytestmark = [
+    pytest.mark.slow,  # a server and a browser
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install)"),
+]
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from prefixtune import PrefixConfig, PrefixFileError, PrefixModel
+from prefixtune.config import ConfigError
 from prefixtune.files import CONFIG_HASH_KEY, CONFIG_NAME, WEIGHTS_NAME
 from tiny import TINY_CONFIGS, tiny_model
 
@@ -125,28 +126,33 @@ def test_wrong_shape_is_refused(saved):
 
 
 @pytest.mark.parametrize(
-    ("edit", "message"),
+    ("edit", "error", "message"),
     [
-        (lambda text: text[: len(text) // 2], "not valid JSON"),
+        (lambda text: text[: len(text) // 2], PrefixFileError, "not valid JSON"),
         (
             lambda text: json.dumps({**json.loads(text), "prefix_length": "4"}),
+            PrefixFileError,
             "field 'prefix_length' missing or not int",
         ),
+        # the file's "config" object is read as a PrefixConfig: its errors are the config's own
         (
             lambda text: json.dumps({**json.loads(text), "config": {"parameterization": "lora"}}),
+            ConfigError,
             "parameterization: expected one of",
         ),
         (
             lambda text: json.dumps({**json.loads(text), "config": {"rank": 4}}),
+            ConfigError,
             r"unknown prefix config field\(s\) \['rank'\]",
         ),
     ],
 )
-def test_bad_config_json_is_refused_with_the_field_named(saved, edit, message):
+def test_bad_config_json_is_refused_with_the_file_and_field_named(saved, edit, error, message):
     path = saved / CONFIG_NAME
     path.write_text(edit(path.read_text()))
-    with pytest.raises((PrefixFileError, ValueError), match=message):
+    with pytest.raises(error, match=message) as raised:
         PrefixModel.from_pretrained(tiny_model("llama"), saved)
+    assert type(raised.value) is error and str(raised.value).startswith(str(path))
 
 
 def test_weights_and_config_from_different_saves_are_refused(saved, tmp_path):

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from test_benchmarks_smoke import assert_cpu_recorded, run
+
+pytestmark = pytest.mark.slow  # the benchmark's quick run, in a subprocess
 
 
 def test_serve_bench_quick_has_no_errors_or_mismatches(tmp_path):

@@ -357,7 +357,8 @@ def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
     reference, served = models
     prompts = ["The best way to learn to cook is", "Tell me about the ocean."]
     jobs = [(p, n) for p in prompts for n in ("", *styles)]
-    snapshots = {n: served.prefix_snapshot(n) if n else None for _, n in jobs}
+    with torch.no_grad():
+        snapshots = {n: served.prefix_arguments.row(served.prefix(n)) if n else None for _, n in jobs}
     engine = ContinuousEngine(served, tokenizer, max_batch_size=6, max_batch_tokens=16).start()
     ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
     futures = [engine.submit(Request(ids[p], n or BASE_NAME, 12, prefix_inputs=snapshots[n])) for p, n in jobs]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from architecture_walk import TEXTS, build, check
+from architecture_walk import TEXTS, TOLERANCE, build, check, relative_error
 from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
 
 WINDOW = 3  # T has 9 tokens and x up to 5: every x token's window cuts into T
@@ -43,6 +43,11 @@ def test_chunked_attention_is_exact_within_the_first_chunk_and_refused_beyond(to
     model = build("llama4_text", attention_chunk_size=12)
     config = PrefixConfig(prefix_length=None, init="activations", init_text=TEXTS[0])  # 9 tokens
     prefixed = PrefixModel(model, config, tokenizer=tokenizer)
-    prefixed(input_ids=torch.tensor([[5, 9, 12]]))  # positions 9..11: the first chunk
+    text, x = tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"], [5, 9, 12]  # x at 9..11: the first chunk
+    with torch.no_grad():
+        got = prefixed(input_ids=torch.tensor([x])).logits
+        with prefixed.disable_prefix():
+            want = prefixed(input_ids=torch.tensor([text + x])).logits[:, len(text) :]
+    assert relative_error(got, want) <= TOLERANCE  # the prefix acts as its text there
     with pytest.raises(UnsupportedModelError, match="chunked attention .* first chunk"):
         prefixed(input_ids=torch.tensor([[5, 9, 12, 30]]))

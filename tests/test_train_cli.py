@@ -24,7 +24,11 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from prefixtune.cli import app
+from prefixtune import PrefixModel, load_base_model
+from prefixtune.cli import app, console
+from prefixtune.data import PromptFormatter
+from prefixtune.evaluation import generate_completions
+from prefixtune.files import read_meta
 from tiny import tiny_model, tiny_tokenizer
 
 HERE = Path(__file__).parent
@@ -79,7 +83,7 @@ def final_prefix(output: Path) -> dict[str, torch.Tensor]:
     return load_file(output / "prefix" / "prefix.safetensors")
 
 
-def test_short_training_lowers_validation_loss_and_writes_everything(workspace, tmp_path):
+def test_short_training_lowers_validation_loss_and_writes_everything(workspace, tmp_path, monkeypatch):
     output = tmp_path / "run"
     result = run_cli(
         "train",
@@ -139,6 +143,7 @@ def test_short_training_lowers_validation_loss_and_writes_everything(workspace, 
     assert len(generations) == metrics["prompts"] == 16
     assert set(json.loads(generations[0])) == {"prompt", "generation", "references"}
 
+    monkeypatch.setattr(console, "width", 400)  # one table row per line
     result = run_cli(
         "generate",
         "--model",
@@ -151,7 +156,16 @@ def test_short_training_lowers_validation_loss_and_writes_everything(workspace, 
         "4",
     )
     assert result.exit_code == 0, result.output
-    assert "bare" in result.output and "trained" in result.output
+    # the table shows what the bare model and the trained prefix generate, in the prefix's prompt format
+    base, tokenizer = load_base_model(str(workspace / "tiny"))
+    prefixed = PrefixModel(base, name=None, tokenizer=tokenizer)
+    prefixed.load_prefix(output / "prefix", name="trained")
+    formatter = PromptFormatter.from_saved(tokenizer, read_meta(output / "prefix")["prompt_format"], False)
+    bare, trained = generate_completions(prefixed, formatter, ["cheap food"] * 2, ["", "trained"], max_new_tokens=4)
+    assert bare != trained
+    rows = [re.split("[│┃]", line)[1:-1] for line in result.output.splitlines() if re.search("[│┃]", line)]
+    cells = [[cell.strip() for cell in row] for row in rows]
+    assert ["prompt", "bare", "trained"] in cells and ["cheap food", bare, trained] in cells, result.output
 
 
 def test_yaml_config_sets_options_and_flags_override(workspace, tmp_path):
@@ -196,6 +210,7 @@ def resume(workspace: Path, output: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow  # subprocesses
 def test_kill_9_at_a_random_step_then_resume_matches_uninterrupted(workspace, tmp_path, uninterrupted):
     output = tmp_path / "run"
     process = spawn(workspace, output, "--slow", "0.15")
@@ -214,6 +229,7 @@ def test_kill_9_at_a_random_step_then_resume_matches_uninterrupted(workspace, tm
     assert_same_prefix(final_prefix(output), uninterrupted)
 
 
+@pytest.mark.slow  # subprocesses
 def test_kill_while_writing_a_checkpoint_never_resumes_from_the_half_checkpoint(workspace, tmp_path, uninterrupted):
     output = tmp_path / "run"
     process = spawn(workspace, output, "--die-while-saving", "12")
@@ -258,15 +274,18 @@ def torchrun(workspace: Path, output: Path, *flags: str) -> subprocess.Completed
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.slow  # subprocesses
 def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(workspace, tmp_path):
     torchrun_matches_one_process(workspace, tmp_path)
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through Accelerate needs 2 GPUs (see the next test)")
 def test_two_process_fsdp_matches_one_process(workspace, tmp_path):
     torchrun_matches_one_process(workspace, tmp_path, "--fsdp")
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fsdp_on_cpu_is_refused_instead_of_silently_running_ddp(workspace, tmp_path):
     result = torchrun(workspace, tmp_path / "run", "--steps", "2", "--fsdp")

@@ -340,7 +340,7 @@ def convert(
 
     try:
         if to not in ("peft", "prefixtune"):
-            raise ValueError(f"--to: expected 'peft' or 'prefixtune', got {to!r}")
+            raise ConfigError(f"--to: expected 'peft' or 'prefixtune', got {to!r}")
         if Path(destination).exists():
             raise ConfigError(f"{destination}: exists already; convert writes a new folder")
         base, tokenizer = load_base_model(model, dtype="float32")  # compiled keys/values in full precision

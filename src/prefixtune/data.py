@@ -152,7 +152,7 @@ class PromptFormatter:
 
     @property
     def padding_side(self) -> str:
-        return "right" if self.encoder_decoder else "left"
+        return padding_side(self.encoder_decoder)
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
@@ -224,6 +224,12 @@ def _pad(values: list[int], width: int, fill: int, side: str) -> list[int]:
     return padding + values if side == "left" else values + padding
 
 
+def padding_side(encoder_decoder: bool) -> str:
+    """Where pads go: decoder-only rows are left-padded, so generation continues right after each
+    row's last real token; encoder-decoders right-pad (the encoder reads the prompt, the decoder starts fresh)."""
+    return "right" if encoder_decoder else "left"
+
+
 def pad_batch(rows: list[dict[str, list[int]]], pad_token_id: int, side: str = "left") -> dict[str, Tensor]:
     """Pad input_ids (pad id), labels (-100, to their own width: a seq2seq target differs in length)
     and build attention_mask. Left padding suits decoder-only generation."""
@@ -249,10 +255,10 @@ def padding_fractions(lengths: list[int], batch_size: int, seed: int = 0, group_
     """One epoch's padding fraction with random batches (`Trainer`'s default) and with length-grouped
     ones (its ``group_by_length`` sampler, which sorts within shuffled mega-batches of `group_size`).
     Both orders hold every row once: grouping changes which rows share a batch, nothing else."""
-    from transformers.trainer_pt_utils import get_length_grouped_indices
+    from .transformers_private import length_grouped_indices
 
     random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    grouped_order = get_length_grouped_indices(
+    grouped_order = length_grouped_indices(
         lengths, group_size or batch_size, generator=torch.Generator().manual_seed(seed)
     )
     return {

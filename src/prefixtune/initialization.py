@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .injection import Capture, UnsupportedModelError, attention_input
+from .injection import Capture, attention_input, refuse_pooled_keys
 
 
 @dataclass
@@ -78,18 +78,15 @@ def text_activations(
     ids = token_ids[None].to(model.device)
     extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     cache = DynamicCache(config=model.config) if state_modules else None  # where the states are read
+    # ``cache`` is what transformers 5.24 calls past_key_values (that name goes in 5.40)
+    cached = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
     try:
-        model(input_ids=ids, use_cache=cache is not None, past_key_values=cache, prefixtune_capture=capture, **extra)
+        model(input_ids=ids, prefixtune_capture=capture, **cached, **extra)
     finally:
         for hook in hooks:
             hook.remove()
     for call in capture.calls:
-        if call.key.shape[2] != len(token_ids):
-            raise UnsupportedModelError(
-                f"{type(model).__name__} (model_type={model.config.model_type!r}): {type(call.module).__name__} "
-                f"attends to {call.key.shape[2]} keys for {len(token_ids)} tokens (compressed or pooled keys), "
-                "so a prefix slot stands for no token"
-            )
+        refuse_pooled_keys(model, call, len(token_ids))
     by_module = {call.module: call.key_values(head_dim)[0] for call in capture.calls}
     activations = TextActivations(
         key_values=torch.stack([by_module[module] for module in attention_modules]).float(),

@@ -24,6 +24,7 @@ from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from .config import ConfigError
+from .data import padding_side
 from .precision import DTYPES as DTYPES  # re-exported: the names --dtype takes besides auto
 from .precision import resolve_dtype
 
@@ -116,6 +117,5 @@ def load_base_model(
         raise ModelLoadError(f"model {spec!r}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not config.is_encoder_decoder:
-        tokenizer.padding_side = "left"  # decoder-only generation continues after the last real token
+    tokenizer.padding_side = padding_side(config.is_encoder_decoder)
     return model.eval(), tokenizer

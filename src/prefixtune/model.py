@@ -25,6 +25,7 @@ from .initialization import init_token_ids, text_activations, word_embeddings
 from .injection import inject, uninject
 from .names import check_prefix_name
 from .parameterizations import PARAMETERIZATION_CLASSES, KVPrefix, Prefix
+from .prefix_arguments import PrefixArguments
 from .transformers_private import enable_checkpointing, reentrant_checkpointing
 
 logger = logging.getLogger(__name__)
@@ -35,20 +36,6 @@ REENTRANT_REFUSAL = (
     "non-reentrant kind: gradient_checkpointing_enable() without use_reentrant, or "
     "gradient_checkpointing_kwargs={{'use_reentrant': False}}"
 )
-
-
-def _pad_slots(row: dict[str, Tensor], length: int) -> dict[str, Tensor]:
-    """One row's prefix arguments with masked zero slots up to `length` (states do not depend on it)."""
-    key_values, mask = row["prefix_key_values"], row["prefix_attention_mask"]  # [layers, 2, kv, P, hd], [layers, P]
-    extra = length - mask.shape[-1]
-    if extra == 0:
-        return row
-    return row | {
-        "prefix_key_values": torch.cat(
-            [key_values, key_values.new_zeros(*key_values.shape[:3], extra, key_values.shape[4])], 3
-        ),
-        "prefix_attention_mask": torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1),
-    }
 
 
 class PrefixModel(nn.Module):
@@ -67,6 +54,7 @@ class PrefixModel(nn.Module):
         self.tokenizer = tokenizer
         self.geometry, self.kv_path = inject(base_model)
         self.fingerprint = files.fingerprint(base_model, self.geometry)
+        self.prefix_arguments = PrefixArguments(self.geometry, self.kv_path, base_model)
         self.prefixes = nn.ModuleDict()
         self.prefix_configs: dict[str, PrefixConfig] = {}
         self.active_prefix: str | None = None
@@ -138,9 +126,12 @@ class PrefixModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's method of the same name."""
+        return sum(p.numel() for p in self.trainable_parameters()), sum(p.numel() for p in self.parameters())
+
     def print_trainable_parameters(self) -> None:
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------------- running
@@ -162,66 +153,13 @@ class PrefixModel(nn.Module):
         if len(names) != batch_size:
             raise ValueError(f"prefix: got {len(names)} names for a batch of {batch_size} rows")
         self._check_names([name for name in set(names) if name])
-        unique = [name for name in dict.fromkeys(names) if name]
-        laid_out = {name: self._model_wide(self.prefixes[name], self.prefixes[name].length) for name in unique}
-        if len(laid_out) == 1 and all(names):
-            (only,) = laid_out.values()
-            return {key: value[None].expand(batch_size, *value.shape) for key, value in only.items()}
-        return self.stack_prefix_inputs([laid_out[name] if name else None for name in names])
+        rows = {name: self.prefix_arguments.row(self.prefixes[name]) for name in dict.fromkeys(names) if name}
+        return self.prefix_arguments.batch([rows[name] if name else None for name in names])
 
-    @torch.no_grad()
-    def prefix_snapshot(self, prefix: str | Prefix) -> dict[str, Tensor]:
-        """One row's prefix arguments for a prefix (by name, or one from `read_prefix`), computed now and
-        detached: what a server admits a request with, unchanged by anything done to the prefix later
-        (`stack_prefix_inputs` batches them)."""
-        if isinstance(prefix, str):
-            self._check_names([prefix])
-            prefix = self.prefixes[prefix]
-        return {key: value.detach() for key, value in self._model_wide(prefix, prefix.length).items()}
-
-    def stack_prefix_inputs(self, rows: Sequence[dict[str, Tensor] | None]) -> dict[str, Tensor]:
-        """Per-row prefix arguments (`prefix_snapshot`, or None: no prefix) as one batch's keyword
-        arguments; shorter prefixes are padded with masked slots."""
-        longest = max((row["prefix_attention_mask"].shape[-1] for row in rows if row is not None), default=0)
-        empty = self._model_wide(None, longest) if any(row is None for row in rows) else None
-        padded = [empty if row is None else _pad_slots(row, longest) for row in rows]
-        return {key: torch.stack([row[key] for row in padded]) for key in padded[0]}
-
-    def _model_wide(self, prefix: Prefix | None, length: int) -> dict[str, Tensor]:
-        """`_model_wide_key_values` as keyword arguments, plus the linear-attention states of hybrid
-        models: conv ``[state_layers, conv_dim, K-1]`` in the model's dtype, recurrent
-        ``[state_layers, v_heads, k_head_dim, v_head_dim]`` in float32 (as the model keeps it); zeros for
-        ``prefix=None`` (the model's own start)."""
-        key_values, mask = self._model_wide_key_values(prefix, length)
-        inputs = {"prefix_key_values": key_values, "prefix_attention_mask": mask}
-        geometry = self.geometry
-        if geometry.state_layers:
-            states = None if prefix is None else prefix.states(self.kv_path)
-            if states is None:  # no prefix, or one that does not cover the decoder
-                conv = torch.zeros(geometry.state_layers, *geometry.conv_state_shape, device=self.device)
-                states = conv, torch.zeros(geometry.state_layers, *geometry.recurrent_state_shape, device=self.device)
-            inputs["prefix_conv_states"] = states[0].to(key_values.dtype)
-            inputs["prefix_recurrent_states"] = states[1].float()
-        return inputs
-
-    def _model_wide_key_values(self, prefix: Prefix | None, length: int) -> tuple[Tensor, Tensor]:
-        """A prefix's keys/values over all the model's layers ``[layers, 2, kv_heads, length, head_dim]``
-        and its mask ``[layers, length]``: zeros and False for layers it does not cover and slots past its
-        own length. ``prefix=None``: no prefix at all."""
-        geometry = self.geometry
-        dtype = self.base_model.get_input_embeddings().weight.dtype  # cast once, not per layer and step
-        mask = torch.zeros(geometry.num_layers, length, dtype=torch.bool, device=self.device)
-        if prefix is None:
-            shape = (geometry.num_layers, 2, geometry.kv_heads, length, geometry.head_dim)
-            return torch.zeros(shape, dtype=dtype, device=self.device), mask
-        key_values = prefix(self.kv_path).to(dtype)
-        layers = list(prefix.layers)
-        mask[layers, : prefix.length] = True
-        if len(layers) == geometry.num_layers and prefix.length == length:
-            return key_values, mask
-        full = key_values.new_zeros(geometry.num_layers, 2, geometry.kv_heads, length, geometry.head_dim)
-        full[layers, :, :, : prefix.length] = key_values
-        return full, mask
+    def prefix(self, name: str) -> Prefix:
+        """The prefix module added or loaded as `name`."""
+        self._check_names([name])
+        return self.prefixes[name]
 
     @staticmethod
     def _batch_size(args: tuple, kwargs: dict[str, Any]) -> int:

@@ -383,7 +383,7 @@ def train(options: TrainOptions) -> dict[str, Any]:
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "best_eval_loss": trainer.state.best_metric,
-        "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
         "seconds": seconds,
         "world_size": args.world_size,
         # one epoch's padding with random and with length-grouped batches (this run used the one

@@ -10,8 +10,10 @@ Tested range: see ``transformers`` in pyproject.toml and the README's "Supported
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +95,43 @@ def _check_output_router() -> str | None:
     if not hasattr(router, "_lock") or not isinstance(getattr(router, "result_handlers", None), dict):
         return "OutputRouter no longer has `_lock` and a `result_handlers` dict"
     return None
+
+
+def _check_request_position_offset() -> str | None:
+    from dataclasses import fields
+
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    if "position_offset" not in {field.name for field in fields(RequestState)}:
+        return "RequestState has no `position_offset` field any more"
+    return None
+
+
+def _check_assigned(target: str, attribute: str, method: str = "__init__") -> Callable[[], str | None]:
+    """A check that `target`'s `method` (``"module:Class"``) still sets this instance attribute."""
+
+    def check() -> str | None:
+        module_name, _, name = target.partition(":")
+        source = inspect.getsource(getattr(getattr(importlib.import_module(module_name), name), method))
+        assigned = re.search(rf"self\.{attribute}\s*[:=]", source)
+        return None if assigned else f"{target}.{method} no longer sets `{attribute}`"
+
+    return check
+
+
+def _check_scheduler_mapping() -> str | None:
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
+
+    if not isinstance(SCHEDULER_MAPPING, dict) or SCHEDULER_MAPPING.get("fifo") is not FIFOScheduler:
+        return "SCHEDULER_MAPPING is no longer a dict of scheduler classes by name (with 'fifo')"
+    return None
+
+
+def _check_base_streamer() -> str | None:
+    from transformers.generation.streamers import BaseStreamer
+
+    found = [list(inspect.signature(getattr(BaseStreamer, name)).parameters) for name in ("put", "end")]
+    return None if found == [["self", "value"], ["self"]] else f"BaseStreamer.put/end take {found} now"
 
 
 def _check_bart_offset() -> str | None:
@@ -231,6 +270,61 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         check=_check_output_router,
     ),
     PrivateAPI(
+        f"{_CB}.scheduler:SCHEDULER_MAPPING",
+        "the scheduler registry (`scheduler_type` names): register_scheduler adds PrefixScheduler to it",
+        check=_check_scheduler_mapping,
+    ),
+    PrivateAPI(
+        f"{_CB}.requests:RequestState.position_offset",
+        "where a request's positions start: PrefixScheduler starts them after the prefix it wrote (prefill_offset)",
+        check=_check_request_position_offset,
+    ),
+    PrivateAPI(
+        f"{_CB}.requests:GenerationOutput",
+        "what the engine's result handler receives per request (request_id, generated_tokens, status, error)",
+    ),
+    PrivateAPI(f"{_CB}.requests:RequestStatus", "FAILED tells a failed request from a finished one"),
+    PrivateAPI(
+        f"{_CB}.cache:PagedAttentionCache.cache_allocators",
+        "the paged cache's allocators, whose layers PrefixScheduler writes the prefix into (allocator_layers)",
+        check=_check_assigned(f"{_CB}.cache:PagedAttentionCache", "cache_allocators"),
+    ),
+    PrivateAPI(
+        f"{_CB}.cache_allocators.cache_allocator:CacheAllocator.layer_indices",
+        "the model layers one allocator holds (allocator_layers)",
+        check=_check_assigned(
+            f"{_CB}.cache_allocators.cache_allocator:CacheAllocator", "layer_indices", "_before_cache_tensor_init"
+        ),
+    ),
+    PrivateAPI(
+        f"{_CB}.input_outputs:ContinuousBatchingIOs.requests_in_batch",
+        "the rows of the step being run, in batch order: per-request sampling reads them, a failed step fails them",
+        check=_check_assigned(f"{_CB}.input_outputs:ContinuousBatchingIOs", "requests_in_batch"),
+    ),
+    PrivateAPI(
+        "transformers:ContinuousBatchingConfig",
+        "public, but its options are renamed between minor releases: the ones ContinuousEngine passes",
+        (
+            *("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch", "allow_block_sharing"),
+            *("use_async_batching", "use_cuda_graph", "scheduler_type", "auto_switch_to_flash", "safety_margin"),
+        ),
+    ),
+    PrivateAPI(
+        "transformers.generation.streamers:BaseStreamer",
+        "documented, but only importable from its module: the micro-batch engine's per-row streamer subclasses it",
+        check=_check_base_streamer,
+    ),
+    PrivateAPI(
+        "transformers.cache_utils:LinearAttentionCacheLayerMixin",
+        "internal: the cache layers that carry a recurrent/convolution state; find_state_layers refuses hybrid "
+        "models with such layers of a kind it has no initial-state forward for (linear_attention_layers)",
+    ),
+    PrivateAPI(
+        "transformers.trainer_pt_utils:get_length_grouped_indices",
+        "internal: the order of Trainer's group_by_length sampler, which data.padding_fractions measures",
+        ("lengths", "batch_size", "generator"),
+    ),
+    PrivateAPI(
         f"{_CB}.continuous_api:OutputRouter.fail_and_deliver",
         "delivers a failed row's error to its request alone",
         ("state", "error"),
@@ -340,3 +434,76 @@ def enable_checkpointing(model: PreTrainedModel, kwargs: dict[str, Any] | None) 
     ``gradient_checkpointing_enable`` (public on both sides, but renamed within the supported range)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable(kwargs)
+
+
+# --------------------------------------------------------------------- continuous batching accessors
+def register_scheduler(name: str, scheduler: type) -> None:
+    """Make `scheduler` available as ``ContinuousBatchingConfig(scheduler_type=name)``."""
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING
+
+    SCHEDULER_MAPPING[name] = scheduler
+
+
+def prefill_offset(state: Any) -> int:
+    """Where the request's next position starts (``RequestState.position_offset``; 0 before its first prefill)."""
+    return state.position_offset
+
+
+def set_prefill_offset(state: Any, offset: int) -> None:
+    state.position_offset = offset
+
+
+def allocator_layers(cache: Any) -> list[tuple[Any, list[int]]]:
+    """Each allocator of a ``PagedAttentionCache`` with the model layers it holds."""
+    return [(allocator, allocator.layer_indices) for allocator in cache.cache_allocators.values()]
+
+
+def batch_requests(inputs_and_outputs: Any) -> list[Any]:
+    """The ``FutureRequestState`` rows of the step being run, in batch order."""
+    return inputs_and_outputs.requests_in_batch
+
+
+def clear_batch_requests(inputs_and_outputs: Any) -> None:
+    inputs_and_outputs.requests_in_batch = []
+
+
+def add_result_handler(router: Any, request_id: str, handler: Callable, loop: Any) -> None:
+    """Route the request's results to `handler` through `loop` (``OutputRouter.result_handlers``,
+    under its ``_lock``): `register_result_handler` needs a running asyncio loop, the engine has none."""
+    with router._lock:
+        router.result_handlers[request_id] = (handler, loop)
+
+
+# ----------------------------------------------------------- internals looked up where used (not at import)
+def linear_attention_layers(layers: list[Any]) -> list[int]:
+    """Indices of the cache layers that hold a recurrent/convolution state (``LinearAttentionCacheLayerMixin``)."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    return [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+
+
+def with_accelerate_hooks(*child_module_names: str) -> Callable[[Callable], Callable]:
+    """``force_accelerate_hooks(names)``, looked up at the first call (not at import: only the
+    Gated DeltaNet path uses it, a GPT-2 user must not depend on it)."""
+
+    def decorate(function: Callable) -> Callable:
+        wrapped: list[Callable] = []
+
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not wrapped:
+                from transformers.integrations.accelerate import force_accelerate_hooks
+
+                wrapped.append(force_accelerate_hooks(list(child_module_names))(function))
+            return wrapped[0](*args, **kwargs)
+
+        return call
+
+    return decorate
+
+
+def length_grouped_indices(lengths: list[int], batch_size: int, generator: Any = None) -> list[int]:
+    """The order of ``Trainer``'s ``group_by_length`` sampler (``trainer_pt_utils.get_length_grouped_indices``)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return get_length_grouped_indices(lengths, batch_size, generator=generator)

@@ -1,6 +1,6 @@
 """Attention-level injection: how prefix keys/values get into a frozen `transformers` model.
 
-Differences from the base model, and nothing else, in four modules:
+Differences from the base model, and nothing else, in these modules:
 
 * `attention`: the model's attention implementation (``sdpa`` or ``eager``) is swapped for
   ``prefixtune_sdpa`` / ``prefixtune_eager``. When the forward call carries ``prefix_key_values``
@@ -14,9 +14,11 @@ Differences from the base model, and nothing else, in four modules:
   when the call carries ``prefix_conv_states`` / ``prefix_recurrent_states``: their prefix is an
   initial state, not keys/values (a replacement forward on those module instances).
 * `probing`: a probe forward finds the attention layers (numbered model-wide; encoder-decoders have
-  three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry` and
-  the `KeyValuePath` through a layer's frozen key/value path (its attention module, called with the
-  arguments its layer really hands it); `inject` puts it all in place.
+  three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry`;
+  `inject` puts it all in place.
+* `key_value_path`: `KeyValuePath`, hidden states through a layer's frozen key/value path (its
+  attention module, called with the arguments its layer really hands it), used at every training
+  step of the `hidden` parameterization.
 
 The prefix travels as forward keyword arguments, never through the KV cache. So the generation
 cache holds only text (greedy, beam, sampling, streaming all keep the prefix: `generate` expands
@@ -25,9 +27,18 @@ arguments.
 """
 
 from ..config import PLACES
-from .attention import PREFIX_KWARGS, SUPPORTED_IMPLEMENTATIONS, AttentionCall, Capture, UnsupportedModelError
+from .attention import (
+    PREFIX_KWARGS,
+    SUPPORTED_IMPLEMENTATIONS,
+    AttentionCall,
+    Capture,
+    UnsupportedModelError,
+    model_kind,
+    refuse_pooled_keys,
+)
+from .key_value_path import KeyValuePath, attention_input
 from .positions import prefix_lengths, text_positions
-from .probing import TAGS, Geometry, KeyValuePath, attention_input, inject, uninject
+from .probing import TAGS, Geometry, inject, uninject
 from .states import STATE_KWARGS
 
 __all__ = [
@@ -44,6 +55,8 @@ __all__ = [
     "inject",
     "uninject",
     "attention_input",
+    "model_kind",
+    "refuse_pooled_keys",
     "prefix_lengths",
     "text_positions",
 ]

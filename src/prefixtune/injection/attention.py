@@ -36,6 +36,11 @@ class UnsupportedModelError(TypeError):
     """The model's type cannot take a prefix exactly (the message names the type and the reason)."""
 
 
+def model_kind(model: nn.Module) -> str:
+    """How a refusal names a model: its class and its ``model_type``."""
+    return f"{type(model).__name__} (model_type={model.config.model_type!r})"
+
+
 @dataclass
 class AttentionCall:
     module: nn.Module
@@ -48,6 +53,16 @@ class AttentionCall:
         """Keys and values as a prefix stores them, zero-padded to `head_dim`: ``[B, 2, kv_heads, T, head_dim]``."""
         pad = [nn.functional.pad(t, (0, head_dim - t.shape[-1])) for t in (self.key, self.value)]
         return torch.stack(pad, dim=1)
+
+
+def refuse_pooled_keys(model: nn.Module, call: AttentionCall, tokens: int) -> None:
+    """A prefix slot stands for one token: refuse attention whose keys or values are fewer or more
+    than the `tokens` it was called on (compressed or pooled keys)."""
+    if not call.key.shape[2] == call.value.shape[2] == tokens:
+        raise UnsupportedModelError(
+            f"{model_kind(model)}: {type(call.module).__name__} attends to {call.key.shape[2]} keys for {tokens} "
+            "tokens (compressed or pooled keys), so a prefix slot stands for no token"
+        )
 
 
 class Capture:
@@ -103,7 +118,7 @@ def new_mask_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     """Forward pre-hook on the whole model: a fresh dict per forward call in which the layers share
     their prefix masks (it travels to the attention functions with the other keyword arguments and
     dies with the call; gradient checkpointing replays layers with the same dict)."""
-    if kwargs.get("prefix_attention_mask") is None:
+    if kwargs.get(PREFIX_KWARGS[1]) is None:
         return None
     kwargs[MASK_CACHE_KWARG] = {}
     return args, kwargs

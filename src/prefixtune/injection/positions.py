@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .attention import POSITIONS_KWARG, UnsupportedModelError
+from .attention import POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
 
 
 def text_positions(kwargs: dict) -> Tensor:
@@ -66,7 +66,7 @@ def _offset_positions(module: nn.Module, args: tuple, kwargs: dict, first: int) 
     """Shift ``position_ids`` by each row's prefix length (positions from the mask start at `first`),
     and hand each query's position counted from the prefix's first slot to the attention functions
     (sliding-window layers window the prefix columns by it)."""
-    prefix_mask = kwargs.get("prefix_attention_mask")
+    prefix_mask = kwargs.get(PREFIX_KWARGS[1])  # [B, layers, P]
     if prefix_mask is None:
         return None
     if args:
@@ -102,7 +102,7 @@ def shift_stack_positions(stack: nn.Module, layers: tuple[int, ...]) -> list[Rem
         )
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        prefix_mask = kwargs.get("prefix_attention_mask")
+        prefix_mask = kwargs.get(PREFIX_KWARGS[1])  # [B, layers, P]
         embedding.prefixtune_shift = None if prefix_mask is None else prefix_lengths(prefix_mask, layers)
 
     def forget(module: nn.Module, args: tuple, kwargs: dict, output) -> None:

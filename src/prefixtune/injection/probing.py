@@ -1,7 +1,7 @@
 """Probing: one forward on dummy tokens finds a model's attention layers, tags them, and yields
-the prefix `Geometry` and the `KeyValuePath` that sends hidden states through a layer's own frozen
-key/value path. `inject` switches a model to the prefix attention functions and installs the hooks
-(hybrid models: and the initial-state forward of their linear-attention layers, see `states`).
+the prefix `Geometry` and the layers' `KeyValuePath` (see `key_value_path`). `inject` switches a
+model to the prefix attention functions and installs the hooks (hybrid models: and the
+initial-state forward of their linear-attention layers, see `states`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ from .attention import (
     AttentionCall,
     Capture,
     UnsupportedModelError,
+    model_kind,
     new_mask_cache,
+    refuse_pooled_keys,
 )
+from .key_value_path import KeyValuePath, run_on_dummy_tokens
 from .positions import counts_own_positions, position_shifter, shift_stack_positions
-from .states import STATE_KWARGS, StatePath, find_state_layers, state_shapes
+from .states import STATE_KWARGS, find_state_layers, state_shapes
 from .states import install as install_state_layers
 from .states import remove as remove_state_layers
 
@@ -74,93 +77,6 @@ class Geometry:
         return tuple(sorted(layer for place in places for layer in self.places.get(place, ())))
 
 
-class KeyValuePath:
-    """Sends hidden states through one layer's own frozen key/value path, as real tokens at
-    positions 0..P-1 would go, and keeps the keys/values the layer hands to the attention function.
-
-    It calls the attention module itself, with the very arguments its decoder layer hands it for
-    P tokens: those are recorded from one forward of the frozen model on P dummy tokens (per prefix
-    length, kept), so each layer gets what the model really gives it: its own layer type's rotary
-    embedding or none (Gemma 3, Lara Mini's global layers), position ids, the mask its indexer
-    reads (DeepSeek-V3.2 sparse attention), extra arguments (Beam's attention scaling), positional
-    arguments (CTRL). Only the layer's input is swapped for the given states (cross-attention: the
-    encoder states it reads). ``states`` does the same for the linear-attention layers of hybrid
-    models (see `StatePath`)."""
-
-    RECORDED_LENGTHS = 8  # prefix lengths whose layer arguments are kept (training and serving use few)
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        attention_modules: list[nn.Module],
-        head_dim: int,
-        state_modules: list[nn.Module] | None = None,
-    ) -> None:
-        self.model = model
-        self.head_dim = head_dim
-        self.attention_modules = attention_modules
-        self.states = StatePath(state_modules or [])
-        self.recorded: dict[tuple, list[tuple[tuple, dict]]] = {}
-
-    def __call__(self, layer: int, hidden: Tensor) -> Tensor:
-        """hidden ``[P, d_model]`` -> keys/values ``[2, kv_heads, P, head_dim]`` (see `Geometry`)."""
-        module = self.attention_modules[layer]
-        hidden = hidden[None].to(next(module.parameters()).dtype)  # [1, P, d_model]
-        args, kwargs = self.layer_arguments(hidden.shape[1], hidden.dtype)[layer]
-        model_input = attention_input(args, kwargs)
-        args = tuple(hidden if value is model_input else value for value in args)
-        kwargs = {key: hidden if value is model_input else value for key, value in kwargs.items()}
-        capture = Capture()
-        try:
-            module(*args, **kwargs, prefixtune_capture=capture)
-        except TypeError as error:
-            raise UnsupportedModelError(
-                f"{_kind(self.model)}: {type(module).__name__} cannot be called again with its own arguments and "
-                f"other hidden states, so the `hidden` parameterization cannot follow it: {error}"
-            ) from error
-        return capture.calls[-1].key_values(self.head_dim)[0]
-
-    def layer_arguments(self, length: int, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
-        """Each attention module's (args, kwargs) in a forward of the frozen model on `length` tokens."""
-        key = (length, dtype, self.model.device)
-        if key not in self.recorded:
-            if len(self.recorded) >= self.RECORDED_LENGTHS:
-                self.recorded.clear()
-            self.recorded[key] = self._record(length)
-        return self.recorded[key]
-
-    def _record(self, length: int) -> list[tuple[tuple, dict]]:
-        calls: dict[nn.Module, tuple[tuple, dict]] = {}
-
-        def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls.setdefault(module, (args, dict(kwargs)))
-
-        hooks = [module.register_forward_pre_hook(keep, with_kwargs=True) for module in self.attention_modules]
-        modes = {module: module.training for module in self.model.modules()}  # restored as they were
-        self.model.eval()  # as the frozen model computes them (and no checkpointing of a no-grad forward)
-        try:
-            _run_on_dummy_tokens(self.model, length, length)
-        finally:
-            for module, training in modes.items():
-                module.training = training
-            for hook in hooks:
-                hook.remove()
-        missing = [type(module).__name__ for module in self.attention_modules if module not in calls]
-        if missing:
-            raise UnsupportedModelError(
-                f"{_kind(self.model)}: attention modules {missing} are not called in a forward of {length} tokens, "
-                "so the `hidden` parameterization cannot follow their key/value path"
-            )
-        return [calls[module] for module in self.attention_modules]
-
-
-def attention_input(args: tuple, kwargs: dict) -> Tensor:
-    """What an attention module makes its keys and values from, in its forward arguments: its hidden
-    states (the first argument), or in cross-attention the encoder states it is given."""
-    source = kwargs.get("key_value_states", kwargs.get("encoder_hidden_states"))
-    return source if source is not None else (args[0] if args else kwargs["hidden_states"])
-
-
 def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
     """`generate` refuses keyword arguments its forward signature does not name; ours are consumed
     by the attention function, so they are taken out of that check (on this instance only)."""
@@ -176,24 +92,8 @@ def _probe(model: PreTrainedModel) -> Capture:
     """One forward on dummy tokens, recording every attention call. Encoder-decoders get inputs of
     different lengths (3 source, 2 target tokens) so the three kinds of attention tell apart."""
     capture = Capture()
-    _run_on_dummy_tokens(model, 3, 2, prefixtune_capture=capture)
+    run_on_dummy_tokens(model, 3, 2, prefixtune_capture=capture)
     return capture
-
-
-def _run_on_dummy_tokens(model: PreTrainedModel, source: int, target: int, **kwargs) -> None:
-    """One forward without a cache on zero tokens: `target` of them (encoder-decoders: `source`
-    encoder tokens and `target` decoder tokens)."""
-    encoder_decoder = model.config.is_encoder_decoder
-    inputs = {"input_ids": torch.zeros((1, source if encoder_decoder else target), dtype=torch.long)}
-    if encoder_decoder:
-        inputs["decoder_input_ids"] = torch.zeros((1, target), dtype=torch.long)
-    try:
-        with torch.no_grad():
-            model(**{key: value.to(model.device) for key, value in inputs.items()}, use_cache=False, **kwargs)
-    except TypeError as error:
-        raise UnsupportedModelError(
-            f"{_kind(model)} does not pass attention arguments through AttentionInterface: {error}"
-        ) from error
 
 
 def _place(model: PreTrainedModel, call: AttentionCall) -> str:
@@ -203,8 +103,8 @@ def _place(model: PreTrainedModel, call: AttentionCall) -> str:
     places = {(3, 3): "encoder", (2, 2): "decoder", (2, 3): "cross"}
     if shape not in places:
         raise UnsupportedModelError(
-            f"{_kind(model)}: {type(call.module).__name__} attends {shape[0]} queries to {shape[1]} keys in the probe "
-            "(3 source and 2 target tokens), which is no encoder, decoder or cross-attention"
+            f"{model_kind(model)}: {type(call.module).__name__} attends {shape[0]} queries to {shape[1]} keys in the "
+            "probe (3 source and 2 target tokens), which is no encoder, decoder or cross-attention"
         )
     return places[shape]
 
@@ -231,7 +131,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     ordered = [module for place in PLACES for module in by_place[place]]
     if not ordered:
         raise UnsupportedModelError(
-            f"{_kind(model)} does not route attention through "
+            f"{model_kind(model)} does not route attention through "
             "transformers' AttentionInterface, so prefixtune cannot inject a prefix into it"
         )
     for index, module in enumerate(ordered):
@@ -245,15 +145,15 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         if by_place[place]:
             places[place] = tuple(range(start, start + len(by_place[place])))
             start += len(by_place[place])
-    state_modules = find_state_layers(model, _kind(model))
+    _refuse_own_attention(model, calls)  # before the cache layout: e.g. compressed keys are refused as such
+    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls)
+    state_modules = find_state_layers(model, model_kind(model))
     shapes = {state_shapes(module) for module in state_modules}
     if len(shapes) > 1:
         raise UnsupportedModelError(
-            f"{_kind(model)}: linear-attention layers disagree on state shapes {sorted(shapes)}"
+            f"{model_kind(model)}: linear-attention layers disagree on state shapes {sorted(shapes)}"
         )
     (conv_shape, recurrent_shape), *_ = shapes or {((), ())}
-    _refuse_own_attention(model, calls)
-    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not getattr(model, "_prefixtune_injected", None):
         hooks = [model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)]
@@ -305,7 +205,7 @@ def _tag_windowed_layers(model: PreTrainedModel, modules: list[nn.Module]) -> No
         if "chunked_attention" in layer_types:
             index = getattr(module, "layer_idx", None)
             if not isinstance(index, int) or not 0 <= index < len(layer_types):
-                raise UnsupportedModelError(f"{_kind(model)}: cannot tell which attention layers are chunked")
+                raise UnsupportedModelError(f"{model_kind(model)}: cannot tell which attention layers are chunked")
             module.prefixtune_chunk = chunk if layer_types[index] == "chunked_attention" else None
 
 
@@ -317,10 +217,6 @@ def _hides_first_token(mask: Tensor | None) -> bool:
     return not bool(visible.any())
 
 
-def _kind(model: PreTrainedModel) -> str:
-    return f"{type(model).__name__} (model_type={model.config.model_type!r})"
-
-
 def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) -> None:
     """Attention that does more than softmax(QK^T + mask)V over one key/value per token, which the
     prefix columns cannot follow: several calls per layer with values transformed in between
@@ -330,7 +226,7 @@ def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) ->
         name = type(call.module).__name__
         if id(call.module) in seen:
             raise UnsupportedModelError(
-                f"{_kind(model)}: {name} calls attention more than once per layer (e.g. differential attention on "
+                f"{model_kind(model)}: {name} calls attention more than once per layer (e.g. differential attention on "
                 "halves of the values), so prefix keys/values put in front of each call would not combine as its text"
             )
         seen.add(id(call.module))
@@ -339,7 +235,7 @@ def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) ->
             blocked = torch.finfo(mask.dtype).min
             if bool(((mask != 0) & (mask != blocked) & torch.isfinite(mask)).any()):
                 raise UnsupportedModelError(
-                    f"{_kind(model)}: {name} adds a content- or position-dependent bias to its attention mask, "
+                    f"{model_kind(model)}: {name} adds a content- or position-dependent bias to its attention mask, "
                     "which prefix columns would not get"
                 )
 
@@ -347,7 +243,7 @@ def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) ->
 def _key_value_shape(model: PreTrainedModel, calls: list[AttentionCall]) -> tuple[int, int, int]:
     """(kv_heads, key_head_dim, value_head_dim), the same for every layer, with one key and value
     per token (a prefix slot stands for one token)."""
-    kind = _kind(model)
+    kind = model_kind(model)
     shapes = {(call.key.shape[1], call.key.shape[3], call.value.shape[1], call.value.shape[3]) for call in calls}
     if len(shapes) != 1:
         raise UnsupportedModelError(
@@ -358,11 +254,7 @@ def _key_value_shape(model: PreTrainedModel, calls: list[AttentionCall]) -> tupl
     if value_heads != kv_heads:
         raise UnsupportedModelError(f"{kind}: {kv_heads} key heads but {value_heads} value heads")
     for call in calls:
-        if not call.key.shape[2] == call.value.shape[2] == _probe_length(model, call):
-            raise UnsupportedModelError(
-                f"{kind}: {type(call.module).__name__} attends to {call.key.shape[2]} keys for "
-                f"{_probe_length(model, call)} tokens (compressed or pooled keys), so a prefix slot stands for no token"
-            )
+        refuse_pooled_keys(model, call, _probe_length(model, call))
     return kv_heads, key_head_dim, value_head_dim
 
 

@@ -38,9 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
-from transformers.integrations.accelerate import force_accelerate_hooks
 
+from ..transformers_private import linear_attention_layers, with_accelerate_hooks
 from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
 
 STATE_KWARGS = ("prefix_conv_states", "prefix_recurrent_states")
@@ -54,9 +53,13 @@ def find_state_layers(model: PreTrainedModel, kind: str) -> list[nn.Module]:
     follows. Anything else is refused: a key/value prefix would reach only the attention layers."""
     try:
         layers = DynamicCache(config=model.config).layers
-    except (TypeError, ValueError, AttributeError, KeyError):  # configs that declare no cache layout
-        return []
-    stateful = [index for index, layer in enumerate(layers) if isinstance(layer, LinearAttentionCacheLayerMixin)]
+    except Exception as error:  # a hybrid model's cache that cannot be built: its state layers are unknown
+        raise UnsupportedModelError(
+            f"{kind}: transformers cannot build this model's cache from its config ({type(error).__name__}: "
+            f"{error}), so prefixtune cannot tell which layers carry a recurrent/convolution state; it refuses the "
+            "model rather than serve it with key/value prefixes only"
+        ) from error
+    stateful = linear_attention_layers(layers)
     found = {module.layer_idx: module for module in model.modules() if type(module).__name__ in STATE_LAYER_CLASSES}
     unknown = [index for index in stateful if index not in found]
     if unknown:
@@ -109,8 +112,8 @@ def prefixed_forward(
     **kwargs,
 ) -> Tensor:
     """The layer's forward with the prefix states as its initial state (module docstring: what differs)."""
-    conv_states = kwargs.get("prefix_conv_states")  # [B, state_layers, conv_dim, K-1]
-    recurrent_states = kwargs.get("prefix_recurrent_states")  # [B, state_layers, v_heads, k_dim, v_dim]
+    conv_states = kwargs.get(STATE_KWARGS[0])  # [B, state_layers, conv_dim, K-1]
+    recurrent_states = kwargs.get(STATE_KWARGS[1])  # [B, state_layers, v_heads, k_dim, v_dim]
     kwargs = {key: value for key, value in kwargs.items() if key not in _INJECTION_KWARGS}
     if conv_states is None or (cache is not None and cache.get_conv_state(module.layer_idx) is not None):
         return own_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
@@ -174,7 +177,7 @@ _INPUTS = {
 STATE_LAYER_CLASSES = tuple(_INPUTS)
 
 
-@force_accelerate_hooks("conv1d")  # as the model's own forward: the conv weight is used directly
+@with_accelerate_hooks("conv1d")  # as the model's own forward: the conv weight is used directly
 def mix(
     module: nn.Module,
     hidden: Tensor,  # [B, T, d_model]

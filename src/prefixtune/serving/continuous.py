@@ -36,12 +36,23 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching import continuous_api
 from transformers.generation.continuous_batching.model_runner import ModelRunner
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestState, RequestStatus
-from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
+from transformers.generation.continuous_batching.scheduler import FIFOScheduler
 
-from ..injection import UnsupportedModelError
+from ..injection import UnsupportedModelError, model_kind
 from ..injection.positions import counts_own_positions, first_position
 from ..model import PrefixModel
-from ..transformers_private import attn_implementation, supports_sdpa
+from ..prefix_arguments import KEY_VALUES
+from ..transformers_private import (
+    add_result_handler,
+    allocator_layers,
+    attn_implementation,
+    batch_requests,
+    clear_batch_requests,
+    prefill_offset,
+    register_scheduler,
+    set_prefill_offset,
+    supports_sdpa,
+)
 from .interface import EngineClosed, EngineStats, end_request, new_counts
 from .paged_attention import PAGED_ATTENTION
 from .requests import Request, Token
@@ -70,7 +81,7 @@ class PrefixScheduler(FIFOScheduler):
         room = max(self.max_requests_per_batch - len(self.active_requests), 0)
         ready = []
         for state in super()._get_waiting_candidates()[:room]:
-            if state.position_offset == 0 and not self._write_prefix(state):
+            if prefill_offset(state) == 0 and not self._write_prefix(state):
                 break  # no cache left for this prefix: keep FIFO order, try again next step
             ready.append(state)
         return ready
@@ -80,21 +91,21 @@ class PrefixScheduler(FIFOScheduler):
         inputs = None if live is None else live.request.prefix_inputs
         if inputs is None:
             return True
-        key_values = inputs["prefix_key_values"].detach()  # [layers, 2, kv_heads, P, head_dim]
+        key_values = inputs[KEY_VALUES].detach()  # [layers, 2, kv_heads, P, head_dim]
         length = key_values.shape[3]
         if not self.cache.can_store_request_tokens(state, length):  # allocates the blocks when it fits
             return False
         empty = torch.empty(0, dtype=torch.long, device=self.cache.device)
-        for allocator in self.cache.cache_allocators.values():
+        for allocator, layers in allocator_layers(self.cache):
             write = torch.tensor(allocator.get_write_indices(state.request_id, 0, length), device=self.cache.device)
-            for layer in allocator.layer_indices:
+            for layer in layers:
                 keys, values = (key_values[layer, i].transpose(0, 1).to(self.cache.dtype) for i in (0, 1))
                 allocator.update(keys, values, layer, empty, write)  # [P, kv_heads, head_dim] each
-        state.position_offset = length
+        set_prefill_offset(state, length)
         return True
 
 
-SCHEDULER_MAPPING[SCHEDULER_NAME] = PrefixScheduler
+register_scheduler(SCHEDULER_NAME, PrefixScheduler)
 
 
 class PerRequestSampling(ModelRunner):
@@ -104,7 +115,7 @@ class PerRequestSampling(ModelRunner):
     stats: dict[str, int]  # the engine's; "computed_tokens" counts every sampled token
 
     def _sample(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
-        states = [f.state for f in self.inputs_and_outputs.requests_in_batch if f.has_new_token]
+        states = [f.state for f in batch_requests(self.inputs_and_outputs) if f.has_new_token]
         logits = scores[0, : len(states)]  # [rows, vocab]
         chosen = logits.argmax(dim=-1)
         for row, state in enumerate(states):
@@ -178,11 +189,11 @@ class PrefixBatchingManager(continuous_api.ContinuousBatchingManager):
         except Exception as error:  # noqa: BLE001 - fail this step's rows, keep serving the others
             logger.exception("a generation step failed; its rows fail, the engine goes on")
             processor = self.batch_processor
-            for future_state in processor.inputs_and_outputs.requests_in_batch:
+            for future_state in batch_requests(processor.inputs_and_outputs):
                 state = future_state.state
                 processor.scheduler.finish_request(state.request_id)
                 processor.output_router.fail_and_deliver(state, error)
-            processor.inputs_and_outputs.requests_in_batch = []
+            clear_batch_requests(processor.inputs_and_outputs)
             raise _SkippedStep from error
 
     def _generation_loop_body(self, batch_processor, bootstrapping: bool) -> bool:
@@ -216,7 +227,7 @@ def continuous_refusal(model: PrefixModel) -> str | None:
     (their linear-attention layers take the prefix as an initial state, which a paged cache of keys
     and values has no place for)."""
     base, geometry = model.base_model, model.geometry
-    kind = f"{type(base).__name__} (model_type={base.config.model_type!r})"
+    kind = model_kind(base)
     if base.config.is_encoder_decoder:
         return f"{kind} is an encoder-decoder"
     if not supports_sdpa(base):
@@ -283,7 +294,7 @@ class ContinuousEngine:
             do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
         )
         self.manager: PrefixBatchingManager | None = None
-        self.original_attention = base.config._attn_implementation
+        self.original_attention = attn_implementation(base)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> ContinuousEngine:
@@ -343,8 +354,7 @@ class ContinuousEngine:
             generator.manual_seed(request.seed if request.seed is not None else torch.seed())
         request.engine_id = request_id
         self.live[request_id] = _Live(request, generator, [])
-        with self.manager.output_router._lock:
-            self.manager.output_router.result_handlers[request_id] = (self._deliver, _Inline)
+        add_result_handler(self.manager.output_router, request_id, self._deliver, _Inline)
         self.manager.add_request(
             request.prompt_ids,
             request_id=request_id,

@@ -26,7 +26,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..data import pad_batch
+from ..data import pad_batch, padding_side
 from ..model import PrefixModel
 from ..names import BASE_NAME
 from .interface import EngineClosed, EngineStats, end_request, new_counts
@@ -192,8 +192,8 @@ class BatchingEngine:
         for request in batch:
             try:
                 if request.prefix != BASE_NAME and request.prefix_inputs is None:
-                    with self.lock:  # a hidden prefix runs the base
-                        request.prefix_inputs = self.model.prefix_snapshot(request.prefix)
+                    with self.lock, torch.no_grad():  # a hidden prefix runs the base
+                        request.prefix_inputs = self.model.prefix_arguments.row(self.model.prefix(request.prefix))
                 kept.append(request)
             except Exception as error:  # noqa: BLE001 - reported to that request only
                 logger.exception("prefix %r of a request could not be prepared; that request fails", request.prefix)
@@ -201,7 +201,7 @@ class BatchingEngine:
         return kept
 
     def _run(self, batch: list[Request]) -> None:
-        side = "right" if self.encoder_decoder else "left"
+        side = padding_side(self.encoder_decoder)
         inputs = pad_batch([{"input_ids": r.prompt_ids} for r in batch], self.tokenizer.pad_token_id, side)
         inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
         first = batch[0]
@@ -218,7 +218,7 @@ class BatchingEngine:
         else:
             options["do_sample"] = False
         streamer = _RowStreamer(batch, self.tokenizer.eos_token_id, self.counts)
-        prefixes = self.model.stack_prefix_inputs([r.prefix_inputs for r in batch])  # the admitted snapshots
+        prefixes = self.model.prefix_arguments.batch([r.prefix_inputs for r in batch])  # the admitted snapshots
         with torch.no_grad():
             self.model.base_model.generate(
                 **inputs, **prefixes, streamer=streamer, stopping_criteria=StoppingCriteriaList([streamer]), **options

@@ -91,7 +91,7 @@ class Request:
     seed: int | None = None
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
     channel: EventSink | None = None  # receives each Token, then one Finished or Failed
-    prefix_inputs: Any = None  # the prefix snapshot taken at admission (`PrefixModel.prefix_snapshot`)
+    prefix_inputs: Any = None  # the prefix snapshot taken at admission (`PrefixArguments.row`)
     future: Future[Completion] = field(default_factory=Future)  # resolved with the same end as the channel
     submitted: float = field(default_factory=time.perf_counter)
     engine_id: str | None = None  # the engine's own id for it, set by the engine that admitted it

@@ -4,7 +4,7 @@
 Start-up only lists the folder, so a store of thousands of prefixes serves at once. A prefix is
 loaded on its first request (fingerprint and tensors checked then, by `PrefixModel.read_prefix`),
 turned into plain keys/values (and hybrid models' states: no MLP or projection at serving time,
-`PrefixModel.prefix_snapshot`) and kept under an LRU byte budget; one evicted and asked for again
+`PrefixArguments.row`) and kept under an LRU byte budget; one evicted and asked for again
 is loaded again. A request takes that snapshot when admitted and both engines serve from it:
 replacing, deleting or evicting the prefix later never touches it, since a replacement is a new
 tensor and nothing writes a served prefix in place.
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..data import PromptFormatter
@@ -38,6 +39,7 @@ from ..files import CONFIG_NAME, WEIGHTS_NAME, PrefixFileError, read_meta
 from ..injection import STATE_KWARGS
 from ..model import PrefixModel
 from ..names import BASE_NAME, PrefixNameError, check_prefix_name, is_prefix_name
+from ..prefix_arguments import KEY_VALUES, MASK
 
 
 class StoreError(ValueError):
@@ -66,7 +68,7 @@ def check_name(name: str) -> str:
 @dataclass
 class Loaded:
     formatter: PromptFormatter
-    inputs: dict[str, Tensor] | None  # one row's prefix arguments (`PrefixModel.prefix_snapshot`); None: bare model
+    inputs: dict[str, Tensor] | None  # one row's prefix arguments (`PrefixArguments.row`); None: bare model
     nbytes: int
 
 
@@ -142,12 +144,12 @@ class PrefixStore:
         formatter = PromptFormatter.from_saved(self.model.tokenizer, meta.get("prompt_format"), self.encoder_decoder)
         _, prefix, _ = self.model.read_prefix(folder)
         # A hidden prefix runs the base's key/value path once, here, with the engine paused.
-        with self.exclusive() if prefix.runs_base_model else nullcontext():
-            inputs = self.model.prefix_snapshot(prefix)
-        if not bool(inputs["prefix_attention_mask"].all()):
+        with self.exclusive() if prefix.runs_base_model else nullcontext(), torch.no_grad():
+            inputs = self.model.prefix_arguments.row(prefix)
+        if not bool(inputs[MASK].all()):
             raise StoreError(f"prefix {name!r} covers only some layers; the server needs them on every layer")
         # what the prefix holds: its keys/values and, in hybrid models, its linear-attention states
-        nbytes = sum(inputs[key].nbytes for key in ("prefix_key_values", *STATE_KWARGS) if key in inputs)
+        nbytes = sum(inputs[key].nbytes for key in (KEY_VALUES, *STATE_KWARGS) if key in inputs)
         entry = Loaded(formatter, inputs, nbytes)
         self.loaded[name] = entry
         self.stats["loads"] += 1
