@@ -2,8 +2,9 @@
 
 Every command takes ``--config FILE.yaml`` whose keys are the command's option names (``prefix_length``
 or ``prefix-length``); flags given on the command line win over the file. ``train``'s options are
-generated from `TrainOptions` (with `PrefixConfig` nested) by `options_command`, which can host any
-other command whose options are a dataclass.
+generated from `TrainOptions` (its groups `DataArgs`, `TrainArgs`, `EvalArgs`, `LogArgs` and
+`PrefixConfig` unnested) by `options_command`, which can host any other command whose options are a
+dataclass.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .config import ConfigError
+from .config import ConfigError, from_flat
 from .data import DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
@@ -86,7 +87,8 @@ DEVICE = typer.Option("auto", help="Where the base runs: a GPU when there is one
 
 def _dataclass_parameters(cls: type) -> list[inspect.Parameter]:
     """One keyword parameter with a `typer.Option` per field of `cls`, nested dataclasses unnested
-    (``TrainOptions.prefix.prefix_length`` is ``--prefix-length``): name, default and help come
+    (``TrainOptions.prefix.prefix_length`` is ``--prefix-length``, ``TrainOptions.train.steps`` is
+    ``--steps``): name, default and help come
     from the field (`prefixtune.config.option`)."""
     hints = get_type_hints(cls)
     parameters = []
@@ -109,17 +111,6 @@ def _dataclass_parameters(cls: type) -> list[inspect.Parameter]:
     return parameters
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    """`cls` from the flat option values (the inverse of `_dataclass_parameters`)."""
-    hints = get_type_hints(cls)
-    return cls(
-        **{
-            f.name: _build(hints[f.name], values) if is_dataclass(hints[f.name]) else values[f.name]
-            for f in fields(cls)
-        }
-    )
-
-
 def options_command(cls: type) -> Callable[[Callable], Callable]:
     """Make ``function(options: cls)`` a command whose options (and ``--config`` YAML keys) are
     `cls`'s fields, as litgpt builds its CLI from config objects; one dataclass, no repeated list."""
@@ -128,7 +119,7 @@ def options_command(cls: type) -> Callable[[Callable], Callable]:
         def command(**values: Any) -> Any:
             values.pop("config", None)
             try:
-                options = _build(cls, values)
+                options = from_flat(cls, values, source=cls.__name__)
             except USER_ERRORS as error:
                 _fail(error)
             return function(options)

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-from .config import ConfigError, PrefixConfig, option
+from .config import ConfigError, PrefixConfig, from_flat, option
 from .data import (
     DEFAULT_TEMPLATE,
     DataError,
@@ -72,23 +72,25 @@ def prefix_folder(folder: str | Path, name: str, multi_task: bool, checkpoint: b
 
 
 @dataclass
-class TrainOptions:
-    """Everything `prefixtune train` takes; the CLI flags and YAML keys are these fields' names
-    (`prefix`'s fields included, unnested: ``--prefix-length``), with these defaults and help."""
+class DataArgs:
+    """What the run trains and validates on, and how rows become tokens."""
 
     data: str = option(..., "Training data (.jsonl prompt/completion or .csv).")
-    output: str = option(..., "Output folder (prefix, checkpoints, plots).")
-    model: str = option("smollm2-135m", "Base model: local folder, hub id, or 'smollm2-135m'.")
     validation: str | None = option(None, "Validation data, same format.")
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    dtype: str = option("float32", "Precision of the frozen base (prefixes stay float32).", choices=tuple(DTYPES))
-    bf16: bool = option(False, "Mixed precision: bfloat16 autocast through Trainer/Accelerate.", "--bf16")
-    fp16: bool = option(False, "Mixed precision: float16 autocast, loss-scaled (implied by --dtype float16).", "--fp16")
-    device: str = option("auto", "Where to train: a GPU when there is one (auto), cpu or cuda.", choices=DEVICES)
-    group_by_length: bool = option(
-        False, "Batch rows of similar length together (less padding; same rows per epoch).", "--group-by-length"
+    max_length: int = option(256, "Longest tokenized example (prompt + completion); longer ones are cut.")
+    template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
+    chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
+    prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
+    completion_field: str | None = option(None, "Completion field/column (default: completion, or ref).")
+    task_field: str | None = option(
+        None, "Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
     )
-    fsdp: bool = option(False, "Under torchrun: shard the frozen base with FSDP (Accelerate) instead of DDP.", "--fsdp")
+
+
+@dataclass
+class TrainArgs:
+    """The optimization: steps, batches, AdamW and its schedule, data order."""
+
     steps: int = option(200, "Optimizer steps.")
     batch_size: int = option(8, "Per-process batch size.")
     lr: float = option(5e-3, "Peak learning rate (AdamW, linear warmup and decay).")
@@ -99,28 +101,64 @@ class TrainOptions:
     gradient_checkpointing: bool = option(
         False, "Recompute the base's activations in backward (less memory).", "--gradient-checkpointing"
     )
+    group_by_length: bool = option(
+        False, "Batch rows of similar length together (less padding; same rows per epoch).", "--group-by-length"
+    )
+    seed: int = option(0, "Seed for initialization and data order.")
+    resume: bool = option(False, "Continue from the newest complete checkpoint.", "--resume")
+
+
+@dataclass
+class EvalArgs:
+    """Validation: how often, when to stop early, whether to generate too."""
+
     eval_every: int = option(50, "Validate and checkpoint every N steps.")
     early_stopping_patience: int | None = option(None, "Stop after N validations without improvement.")
     eval_generate: int = option(0, "Also generate on N validation prompts at each validation (BLEU).")
+
+
+@dataclass
+class LogArgs:
+    """What the run reports, and where."""
+
     logging_steps: int = option(5, "Log the training loss every N steps.")
-    seed: int = option(0, "Seed for initialization and data order.")
-    resume: bool = option(False, "Continue from the newest complete checkpoint.", "--resume")
-    max_length: int = option(256, "Longest tokenized example (prompt + completion); longer ones are cut.")
-    template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
-    chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
-    prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
-    completion_field: str | None = option(None, "Completion field/column (default: completion, or ref).")
+
+
+@dataclass
+class TrainOptions:
+    """Everything `prefixtune train` takes, in litgpt-style groups (`DataArgs`, `TrainArgs`, `EvalArgs`,
+    `LogArgs`, `PrefixConfig`). The CLI flags and YAML keys are the fields' names, groups unnested
+    (``--prefix-length``, ``--steps``), with these defaults and help; `from_flat` builds one from such
+    flat names, as the CLI does."""
+
+    output: str = option(..., "Output folder (prefix, checkpoints, plots).")
+    dataset: DataArgs
+    model: str = option("smollm2-135m", "Base model: local folder, hub id, or 'smollm2-135m'.")
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
     prefix_name: str = option("default", "Name of the trained prefix.")
-    task_field: str | None = option(
-        None, "Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
-    )
+    dtype: str = option("float32", "Precision of the frozen base (prefixes stay float32).", choices=tuple(DTYPES))
+    bf16: bool = option(False, "Mixed precision: bfloat16 autocast through Trainer/Accelerate.", "--bf16")
+    fp16: bool = option(False, "Mixed precision: float16 autocast, loss-scaled (implied by --dtype float16).", "--fp16")
+    device: str = option("auto", "Where to train: a GPU when there is one (auto), cpu or cuda.", choices=DEVICES)
+    fsdp: bool = option(False, "Under torchrun: shard the frozen base with FSDP (Accelerate) instead of DDP.", "--fsdp")
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    log: LogArgs = field(default_factory=LogArgs)
 
     def __post_init__(self) -> None:
-        if isinstance(self.prefix, dict):  # from YAML/JSON
-            self.prefix = PrefixConfig.from_dict(self.prefix, source="TrainOptions.prefix")
+        groups = {"dataset": DataArgs, "prefix": PrefixConfig, "train": TrainArgs, "eval": EvalArgs, "log": LogArgs}
+        for name, cls in groups.items():  # from YAML/JSON: a group may come as a mapping
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, from_flat(cls, getattr(self, name), source=f"TrainOptions.{name}"))
         autocast = "bfloat16" if self.bf16 else "float16" if self.fp16 else None
         if (self.bf16 and self.fp16) or (autocast and self.dtype not in ("float32", autocast)):
             raise ConfigError(f"--dtype {self.dtype} --bf16={self.bf16} --fp16={self.fp16}: pick one precision")
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> TrainOptions:
+        """Options from flat names (``data=..., steps=..., prefix_length=...``; a group may also be given
+        whole: ``prefix=PrefixConfig(...)``); unknown names are a `ConfigError`."""
+        return from_flat(cls, values, source="TrainOptions")
 
 
 class TokenizedExamples(Dataset):
@@ -244,7 +282,7 @@ def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
 
 def _check_output(options: TrainOptions) -> None:
     output = Path(options.output)
-    if options.resume or not output.exists():
+    if options.train.resume or not output.exists():
         return
     finished = (output / PREFIX_DIR).exists() or (output / TASKS_DIR).exists()
     if finished or any(CHECKPOINT_PATTERN.match(p.name) for p in output.iterdir()):
@@ -277,81 +315,102 @@ def _collate(rows: list[dict[str, Any]], pad_token_id: int, side: str) -> dict[s
     return batch
 
 
-def train(options: TrainOptions) -> dict[str, Any]:
-    """Train a prefix as `options` say; returns a summary (also written to ``train_summary.json``)."""
-    # Read and check all input before creating or touching the output folder.
-    fields = (options.prompt_field, options.completion_field, options.task_field)
-    train_examples = read_examples(options.data, *fields)
-    validation_examples = read_examples(options.validation, *fields) if options.validation else None
-    multi_task = options.task_field is not None
-    names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
-    _check_output(options)
-    device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
-    if options.fsdp and device == "cpu":
-        raise ConfigError(FSDP_ON_CPU)
+@dataclass
+class Run:
+    """A training run set up and ready to fit: what `setup` builds, `fit` runs and `summarize` reads."""
 
-    torch.manual_seed(options.seed)
-    base, tokenizer = load_base_model(options.model, dtype=options.dtype)
-    formatter = PromptFormatter(tokenizer, options.template, options.chat_template, base.config.is_encoder_decoder)
-    train_set = _tokenize(train_examples, formatter, options.max_length)
-    validation_set = _tokenize(validation_examples, formatter, options.max_length) if validation_examples else None
+    options: TrainOptions
+    trainer: PrefixTrainer
+    train_set: TokenizedExamples
+    checkpoint: Path | None  # the complete checkpoint --resume continues from
 
-    model = PrefixModel(base, name=None, tokenizer=tokenizer)
-    for name in names:  # multi-task: one prefix per task, trained together in mixed batches
-        model.add_prefix(name, options.prefix)  # float32 master parameters, cast where they meet the base
-    if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
 
-    generation_eval = None
-    if validation_examples and options.eval_generate > 0:
-        groups = group_references(validation_examples)[: options.eval_generate]
+def _generation_eval(model: PrefixModel, formatter: PromptFormatter, examples, count: int, names: list[str]):
+    """BLEU of generations on the first `count` validation prompts, for `PrefixTrainer.evaluate`."""
+    if not examples or count <= 0:
+        return None
+    groups = group_references(examples)[:count]
 
-        def generation_eval() -> dict[str, float]:
-            prefixes = [group.task or names[0] for group in groups]
-            hypotheses = generate_completions(model, formatter, [group.prompt for group in groups], prefix=prefixes)
-            return score(hypotheses, [group.references for group in groups], metrics=("bleu",))
+    def generation_eval() -> dict[str, float]:
+        prefixes = [group.task or names[0] for group in groups]
+        hypotheses = generate_completions(model, formatter, [group.prompt for group in groups], prefix=prefixes)
+        return score(hypotheses, [group.references for group in groups], metrics=("bleu",))
 
-    has_validation = validation_set is not None
-    args = TrainingArguments(
+    return generation_eval
+
+
+def _training_arguments(options: TrainOptions, device: str, has_validation: bool, base: Any) -> TrainingArguments:
+    """`Trainer`'s arguments for these options: schedule, evaluation and checkpoints, precision, DDP/FSDP."""
+    train, evaluation = options.train, options.eval
+    return TrainingArguments(
         output_dir=options.output,
-        max_steps=options.steps,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        learning_rate=options.lr,
-        weight_decay=options.weight_decay,
-        max_grad_norm=options.max_grad_norm,
-        warmup_steps=options.warmup_steps,
+        max_steps=train.steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        warmup_steps=train.warmup_steps,
         lr_scheduler_type="linear",
         optim="adamw_torch",
-        logging_steps=options.logging_steps,
+        logging_steps=options.log.logging_steps,
         eval_strategy="steps" if has_validation else "no",
-        eval_steps=options.eval_every if has_validation else None,
+        eval_steps=evaluation.eval_every if has_validation else None,
         save_strategy="steps",
-        save_steps=options.eval_every,
+        save_steps=evaluation.eval_every,
         save_total_limit=2,  # the latest and, with validation, the best
         load_best_model_at_end=has_validation,
         metric_for_best_model="eval_loss" if has_validation else None,
         greater_is_better=False if has_validation else None,
-        seed=options.seed,
-        data_seed=options.seed,
+        seed=train.seed,
+        data_seed=train.seed,
         remove_unused_columns=False,
         label_names=["labels"],  # PrefixModel.forward takes **kwargs, so Trainer cannot find it by itself
         report_to="none",
         use_cpu=device == "cpu",
         bf16=options.bf16,
         fp16=options.fp16 or options.dtype == "float16",  # a float16 base needs loss scaling
-        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         ddp_backend=_ddp_backend(),
         dataloader_num_workers=0,
         **_fsdp_arguments(options.fsdp, base),
     )
+
+
+def setup(options: TrainOptions) -> Run:
+    """Read and check the data, then (only then) the output folder; load the base, add the prefixes and
+    build the `PrefixTrainer`."""
+    data = options.dataset
+    fields = (data.prompt_field, data.completion_field, data.task_field)
+    train_examples = read_examples(data.data, *fields)
+    validation_examples = read_examples(data.validation, *fields) if data.validation else None
+    multi_task = data.task_field is not None
+    names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
+    _check_output(options)
+    device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
+    if options.fsdp and device == "cpu":
+        raise ConfigError(FSDP_ON_CPU)
+
+    torch.manual_seed(options.train.seed)
+    base, tokenizer = load_base_model(options.model, dtype=options.dtype)
+    formatter = PromptFormatter(tokenizer, data.template, data.chat_template, base.config.is_encoder_decoder)
+    train_set = _tokenize(train_examples, formatter, data.max_length)
+    validation_set = _tokenize(validation_examples, formatter, data.max_length) if validation_examples else None
+
+    model = PrefixModel(base, name=None, tokenizer=tokenizer)
+    for name in names:  # multi-task: one prefix per task, trained together in mixed batches
+        model.add_prefix(name, options.prefix)  # float32 master parameters, cast where they meet the base
+    if options.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    has_validation = validation_set is not None
     callbacks = []
-    if has_validation and options.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+    if has_validation and options.eval.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=options.eval.early_stopping_patience))
     trainer = PrefixTrainer(
         model=model,
-        args=args,
+        args=_training_arguments(options, device, has_validation, base),
         train_dataset=train_set,
         eval_dataset=validation_set,
         data_collator=lambda rows: _collate(rows, tokenizer.pad_token_id, formatter.padding_side),
@@ -359,30 +418,44 @@ def train(options: TrainOptions) -> dict[str, Any]:
         prefix_names=names,
         multi_task=multi_task,
         prompt_format=formatter.saved,
-        generation_eval=generation_eval,
+        generation_eval=_generation_eval(model, formatter, validation_examples, options.eval.eval_generate, names),
     )
     if options.fsdp and not trainer.is_fsdp_enabled:  # never fall back to DDP silently
         raise ConfigError(FSDP_ON_CPU)
-    checkpoint = latest_complete_checkpoint(options.output) if options.resume else None
-    if options.resume and checkpoint is None:
+    checkpoint = latest_complete_checkpoint(options.output) if options.train.resume else None
+    if options.train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", options.output)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
+    return Run(options, trainer, train_set, checkpoint)
 
+
+def fit(run: Run) -> tuple[Any, float]:
+    """Train (from the checkpoint `run` resumes, if any); `Trainer`'s result and the seconds it took."""
+    started = time.perf_counter()
+    result = run.trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    return result, time.perf_counter() - started
+
+
+def summarize(run: Run, result: Any, seconds: float) -> dict[str, Any]:
+    """The run's summary; rank 0 also saves the prefixes, the log history, its plots and
+    ``train_summary.json``."""
+    options, trainer = run.options, run.trainer
+    args = trainer.args
     summary = {
         "options": asdict(options),
-        "resumed_from": str(checkpoint) if checkpoint else None,
+        "resumed_from": str(run.checkpoint) if run.checkpoint else None,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "best_eval_loss": trainer.state.best_metric,
-        "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.trainable_parameters()),
         "seconds": seconds,
         "world_size": args.world_size,
         # one epoch's padding with random and with length-grouped batches (this run used the one
         # --group-by-length says)
         "padding_fraction": padding_fractions(
-            train_set.lengths(), args.train_batch_size, options.seed, args.train_batch_size * options.grad_accum
+            run.train_set.lengths(),
+            args.train_batch_size,
+            options.train.seed,
+            args.train_batch_size * options.train.grad_accum,
         ),
     }
     if trainer.is_world_process_zero():
@@ -395,3 +468,10 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
+
+
+def train(options: TrainOptions) -> dict[str, Any]:
+    """Train a prefix as `options` say; returns a summary (also written to ``train_summary.json``)."""
+    run = setup(options)
+    result, seconds = fit(run)
+    return summarize(run, result, seconds)
