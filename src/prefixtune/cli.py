@@ -83,6 +83,8 @@ Dtype = Literal[tuple(DTYPES)]  # the CLI offers exactly these choices
 Device = Literal[DEVICES]
 DTYPE = typer.Option("float32", help="Precision of the frozen base.")
 DEVICE = typer.Option("auto", help="Where the base runs: a GPU when there is one (auto), cpu or cuda.")
+MESSAGES_FIELD = typer.Option(None, help="Conversation field (default: messages, when there is no prompt field).")
+SPLIT = typer.Option(None, help="Split of a folder or hub dataset (default train); files: a slice, train[:100].")
 
 
 def _dataclass_parameters(cls: type) -> list[inspect.Parameter]:
@@ -176,6 +178,11 @@ def _formatter(base, tokenizer, stored: dict[str, Any], template: str | None, ch
     return PromptFormatter.from_saved(tokenizer, stored, base.config.is_encoder_decoder, template, chat_template)
 
 
+def _chat_for_conversations(groups, chat_template: bool | None) -> bool | None:
+    """Conversations go through the chat template unless ``--no-chat-template`` says otherwise."""
+    return True if chat_template is None and any(group.conversation for group in groups) else chat_template
+
+
 def _prefix_name(item: str) -> tuple[str, str]:
     """``name=folder``, or a folder named after itself (its parent's name for a run's ``prefix/``)."""
     if "=" in item:
@@ -187,7 +194,9 @@ def _prefix_name(item: str) -> tuple[str, str]:
 
 @app.command("eval")
 def evaluate(
-    data: str = typer.Option(..., help="Evaluation data; rows sharing a prompt are its references."),
+    data: str = typer.Option(
+        ..., help="Evaluation data (any --data of train); rows sharing a prompt are its references."
+    ),
     prefix: str | None = typer.Option(None, help="Prefix folder; omit to evaluate the bare base model."),
     model: str = MODEL,
     metrics: str = typer.Option("bleu,chrf,rouge", help="Comma-separated: bleu, sacrebleu, chrf, rouge, e2e."),
@@ -200,20 +209,24 @@ def evaluate(
     chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template"),
     prompt_field: str | None = typer.Option(None),
     completion_field: str | None = typer.Option(None),
+    messages_field: str | None = MESSAGES_FIELD,
+    split: str | None = SPLIT,
     dtype: Dtype = DTYPE,
     device: Device = DEVICE,
     config: Path | None = CONFIG,
 ) -> None:
-    """Generate for every distinct prompt and score against all its references."""
+    """Generate for every distinct prompt (a conversation's turns before its last assistant turn) and
+    score against all its references."""
     from .evaluation import generate_completions, score
     from .loading import load_base_model
     from .model import PrefixModel
 
     try:
-        wanted, groups = _metrics_and_references(metrics, data, prompt_field, completion_field)
+        wanted, groups = _metrics_and_references(metrics, data, prompt_field, completion_field, messages_field, split)
         groups = groups[:limit]
         stored = _prompt_format(prefix)
         base, tokenizer = load_base_model(model, dtype=dtype, device=device)
+        chat_template = _chat_for_conversations(groups, chat_template)
         formatter = _formatter(base, tokenizer, stored, template, chat_template)
         prefixed = (
             PrefixModel.from_pretrained(base, prefix, tokenizer)
@@ -224,7 +237,7 @@ def evaluate(
         hypotheses = generate_completions(
             prefixed,
             formatter,
-            prompts,
+            [g.model_input for g in groups],
             prefix=None if prefix else "",
             batch_size=batch_size,
             num_beams=num_beams,
@@ -256,14 +269,22 @@ def evaluate(
     console.print(f"wrote {folder / 'metrics.json'} and {folder / 'generations.jsonl'}")
 
 
-def _metrics_and_references(metrics: str, data: str, prompt_field: str | None, completion_field: str | None):
+def _metrics_and_references(
+    metrics: str,
+    data: str,
+    prompt_field: str | None,
+    completion_field: str | None,
+    messages_field: str | None = None,
+    split: str | None = None,
+):
     """The checked metric names of ``--metrics`` and the data's reference groups (one per distinct prompt)."""
     from .data import group_references, read_examples
     from .evaluation import check_metrics
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     check_metrics(wanted)
-    return wanted, group_references(read_examples(data, prompt_field, completion_field))
+    examples = read_examples(data, prompt_field, completion_field, split=split, messages_field=messages_field)
+    return wanted, group_references(examples)
 
 
 def _unavailable(results: dict[str, float | None]) -> dict[str, Any]:
@@ -348,7 +369,13 @@ def convert(
 
 @app.command()
 def generate(
-    prompt: list[str] = typer.Option(..., help="Prompt text (repeatable)."),
+    prompt: list[str] = typer.Option([], help="Prompt text (repeatable)."),
+    data: str | None = typer.Option(
+        None, help="Also prompts from data (any --data of train; conversations: the turns before the last answer)."
+    ),
+    messages_field: str | None = MESSAGES_FIELD,
+    split: str | None = SPLIT,
+    limit: int = typer.Option(8, help="With --data: its first N distinct prompts."),
     prefix: list[str] = typer.Option([], help="Prefix folder, or name=folder (repeatable, compared side by side)."),
     model: str = MODEL,
     bare: bool = typer.Option(True, "--bare/--no-bare", help="Also show the bare base model."),
@@ -366,6 +393,15 @@ def generate(
     from .model import PrefixModel
 
     try:
+        inputs: list = list(prompt)
+        if data:
+            from .data import group_references, read_examples
+
+            groups = group_references(read_examples(data, split=split, messages_field=messages_field))[:limit]
+            inputs += [group.model_input for group in groups]
+            chat_template = _chat_for_conversations(groups, chat_template)
+        if not inputs:
+            raise ConfigError("give --prompt (repeatable) or --data")
         named = [_prefix_name(item) for item in prefix]
         repeated = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
         if repeated:
@@ -377,7 +413,7 @@ def generate(
             prefixed.load_prefix(folder, name=name)
         columns = ([("bare", "")] if bare or not named else []) + [(name, name) for name, _ in named]
         formatter = _formatter(base, tokenizer, stored, template, chat_template)
-        rows = [(p, choice) for p in prompt for _, choice in columns]
+        rows = [(p, choice) for p in inputs for _, choice in columns]
         texts = generate_completions(
             prefixed,
             formatter,
@@ -389,8 +425,9 @@ def generate(
     except USER_ERRORS as error:
         _fail(error)
     table = Table("prompt", *[label for label, _ in columns], show_lines=True)
-    for i, text in enumerate(prompt):
-        table.add_row(Text(text), *[Text(t) for t in texts[i * len(columns) : (i + 1) * len(columns)]])
+    for i, given in enumerate(inputs):
+        shown = given if isinstance(given, str) else "\n".join(f"{m['role']}: {m['content']}" for m in given)
+        table.add_row(Text(shown), *[Text(t) for t in texts[i * len(columns) : (i + 1) * len(columns)]])
     console.print(table)
 
 

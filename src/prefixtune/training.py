@@ -25,30 +25,39 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from torch.utils.data import Dataset
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from .config import ConfigError, PrefixConfig, from_flat, option
+from .conversations import TooLongError
 from .data import (
     DEFAULT_TEMPLATE,
     DataError,
+    Fields,
     PromptFormatter,
+    example_from_record,
     group_references,
+    located,
     pad_batch,
     padding_fractions,
     read_examples,
+    read_source,
 )
 from .evaluation import generate_completions, score
 from .files import atomic_write_text
 from .loading import DEVICES, DTYPES, load_base_model, resolve_device
 from .model import PrefixModel
 from .plots import plot_history
+from .sources import Source, quiet
 from .transformers_private import no_split_modules
 
 logger = logging.getLogger(__name__)
@@ -75,13 +84,22 @@ def prefix_folder(folder: str | Path, name: str, multi_task: bool, checkpoint: b
 class DataArgs:
     """What the run trains and validates on, and how rows become tokens."""
 
-    data: str = option(..., "Training data (.jsonl prompt/completion or .csv).")
-    validation: str | None = option(None, "Validation data, same format.")
-    max_length: int = option(256, "Longest tokenized example (prompt + completion); longer ones are cut.")
+    data: str = option(
+        ..., "Training data: a save_to_disk folder, .parquet/.arrow/.jsonl/.json/.csv files or a glob, or a hub id."
+    )
+    validation: str | None = option(None, "Validation data, same kinds.")
+    split: str | None = option(None, "Split of a folder or hub dataset (default train); files: a slice, train[:100].")
+    max_length: int = option(
+        256, "Longest tokenized example: prompt + completion is cut to it, a longer conversation refused."
+    )
+    drop_long: bool = option(False, "Leave out (and count) rows longer than --max-length instead.", "--drop-long")
     template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
     chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
     prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
     completion_field: str | None = option(None, "Completion field/column (default: completion, or ref).")
+    messages_field: str | None = option(
+        None, "Conversation field/column of role/content turns (default: messages, when there is no prompt)."
+    )
     task_field: str | None = option(
         None, "Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
     )
@@ -159,20 +177,6 @@ class TrainOptions:
         """Options from flat names (``data=..., steps=..., prefix_length=...``; a group may also be given
         whole: ``prefix=PrefixConfig(...)``); unknown names are a `ConfigError`."""
         return from_flat(cls, values, source="TrainOptions")
-
-
-class TokenizedExamples(Dataset):
-    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.rows[index]
-
-    def lengths(self) -> list[int]:
-        return [len(row["input_ids"]) for row in self.rows]
 
 
 class PrefixTrainer(Trainer):
@@ -291,20 +295,54 @@ def _check_output(options: TrainOptions) -> None:
         )
 
 
-def _tokenize(examples, formatter: PromptFormatter, max_length: int) -> TokenizedExamples:
-    """Features per example; multi-task rows also carry the name of the prefix they train."""
-    rows = []
-    for example in examples:
-        features = formatter.training_features(example, max_length)
-        rows.append(features | {"prefix": example.task} if example.task else features)
-    return TokenizedExamples(rows)
+def _source(spec: str, data: DataArgs) -> tuple[Source, Fields]:
+    return read_source(spec, data.prompt_field, data.completion_field, data.task_field, data.split, data.messages_field)
 
 
-def _tasks(train_examples, validation_examples) -> list[str]:
-    tasks = sorted({example.task for example in train_examples})
-    for example in validation_examples or []:
-        if example.task not in tasks:
-            raise DataError(f"{example.where}: task {example.task!r} has no training rows (tasks: {tasks})")
+def _check_rows(spec: str, data: DataArgs) -> Fields:
+    """Read every row of `spec` once (streaming from the memory-mapped table), before the model loads:
+    a bad row is a `DataError` naming file, line and field."""
+    source, fields = _source(spec, data)
+    for index, record in enumerate(source.dataset):
+        with located(source, index) as where:
+            example_from_record(record, fields, where)
+    return fields
+
+
+def _tokenize(spec: str, data: DataArgs, formatter: PromptFormatter, workdir: Path) -> tuple[datasets.Dataset, int]:
+    """`spec`'s rows as features (input_ids, labels, length; multi-task: the prefix each trains),
+    memory-mapped in `workdir`, and how many rows ``--drop-long`` left out. Bad rows are `DataError`s
+    naming file, line and field."""
+    source, fields = _source(spec, data)
+
+    def features(record: dict[str, Any], index: int) -> dict[str, Any]:
+        with located(source, index) as where:
+            example = example_from_record(record, fields, where)
+            try:
+                row = formatter.training_features(example, data.max_length, fields.messages or "messages")
+            except TooLongError:
+                if not data.drop_long:
+                    raise
+                row = {"input_ids": [], "labels": []}  # dropped below
+        return row | {"length": len(row["input_ids"])} | ({"prefix": example.task} if example.task else {})
+
+    with quiet():
+        rows = source.dataset.map(
+            features,
+            with_indices=True,
+            remove_columns=source.dataset.column_names,
+            cache_file_name=str(workdir / f"{uuid.uuid4().hex}.arrow"),  # never into the user's dataset folder
+            new_fingerprint=uuid.uuid4().hex,  # fresh: the tokenizer is not part of datasets' cache key
+        )
+        kept = rows.filter(lambda row: row["length"] > 0, cache_file_name=str(workdir / f"{uuid.uuid4().hex}.arrow"))
+    return kept, len(rows) - len(kept)
+
+
+def _tasks(train_set: datasets.Dataset, validation_set: datasets.Dataset | None, validation: str | None) -> list[str]:
+    tasks = sorted(set(train_set["prefix"]))
+    unknown = sorted(set(validation_set["prefix"]) - set(tasks)) if validation_set is not None else []
+    if unknown:
+        raise DataError(f"{validation}: task(s) {unknown} have no training rows (tasks: {tasks})")
     return tasks
 
 
@@ -321,8 +359,9 @@ class Run:
 
     options: TrainOptions
     trainer: PrefixTrainer
-    train_set: TokenizedExamples
+    train_set: datasets.Dataset
     checkpoint: Path | None  # the complete checkpoint --resume continues from
+    dropped: dict[str, int]  # rows --drop-long left out, per data source
 
 
 def _generation_eval(model: PrefixModel, formatter: PromptFormatter, examples, count: int, names: list[str]):
@@ -333,7 +372,8 @@ def _generation_eval(model: PrefixModel, formatter: PromptFormatter, examples, c
 
     def generation_eval() -> dict[str, float]:
         prefixes = [group.task or names[0] for group in groups]
-        hypotheses = generate_completions(model, formatter, [group.prompt for group in groups], prefix=prefixes)
+        prompts = [group.model_input for group in groups]
+        hypotheses = generate_completions(model, formatter, prompts, prefix=prefixes)
         return score(hypotheses, [group.references for group in groups], metrics=("bleu",))
 
     return generation_eval
@@ -378,25 +418,29 @@ def _training_arguments(options: TrainOptions, device: str, has_validation: bool
     )
 
 
-def setup(options: TrainOptions) -> Run:
-    """Read and check the data, then (only then) the output folder; load the base, add the prefixes and
-    build the `PrefixTrainer`."""
+def setup(options: TrainOptions, workdir: Path) -> Run:
+    """Check the data, load the base, tokenize the data (memory-mapped in `workdir`), check the output
+    folder (a data error leaves it untouched), add the prefixes and build the `PrefixTrainer`."""
     data = options.dataset
-    fields = (data.prompt_field, data.completion_field, data.task_field)
-    train_examples = read_examples(data.data, *fields)
-    validation_examples = read_examples(data.validation, *fields) if data.validation else None
-    multi_task = data.task_field is not None
-    names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
-    _check_output(options)
     device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
     if options.fsdp and device == "cpu":
         raise ConfigError(FSDP_ON_CPU)
-
+    fields = _check_rows(data.data, data)  # bad data fails before the model loads
+    if data.validation:
+        _check_rows(data.validation, data)
     torch.manual_seed(options.train.seed)
     base, tokenizer = load_base_model(options.model, dtype=options.dtype)
-    formatter = PromptFormatter(tokenizer, data.template, data.chat_template, base.config.is_encoder_decoder)
-    train_set = _tokenize(train_examples, formatter, data.max_length)
-    validation_set = _tokenize(validation_examples, formatter, data.max_length) if validation_examples else None
+    chat = data.chat_template or fields.messages is not None  # conversations always go through the chat template
+    formatter = PromptFormatter(tokenizer, data.template, chat, base.config.is_encoder_decoder)
+    train_set, dropped = _tokenize(data.data, data, formatter, workdir)
+    validation_set, validation_dropped = (None, 0)
+    if data.validation:
+        validation_set, validation_dropped = _tokenize(data.validation, data, formatter, workdir)
+    if not len(train_set):
+        raise DataError(f"{data.data}: --drop-long left no rows (all {dropped} are longer than --max-length)")
+    multi_task = data.task_field is not None
+    names = _tasks(train_set, validation_set, data.validation) if multi_task else [options.prefix_name]
+    _check_output(options)
 
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     for name in names:  # multi-task: one prefix per task, trained together in mixed batches
@@ -408,6 +452,7 @@ def setup(options: TrainOptions) -> Run:
     callbacks = []
     if has_validation and options.eval.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=options.eval.early_stopping_patience))
+    generation_examples = _generation_examples(data) if has_validation and options.eval.eval_generate > 0 else None
     trainer = PrefixTrainer(
         model=model,
         args=_training_arguments(options, device, has_validation, base),
@@ -418,14 +463,19 @@ def setup(options: TrainOptions) -> Run:
         prefix_names=names,
         multi_task=multi_task,
         prompt_format=formatter.saved,
-        generation_eval=_generation_eval(model, formatter, validation_examples, options.eval.eval_generate, names),
+        generation_eval=_generation_eval(model, formatter, generation_examples, options.eval.eval_generate, names),
     )
     if options.fsdp and not trainer.is_fsdp_enabled:  # never fall back to DDP silently
         raise ConfigError(FSDP_ON_CPU)
     checkpoint = latest_complete_checkpoint(options.output) if options.train.resume else None
     if options.train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", options.output)
-    return Run(options, trainer, train_set, checkpoint)
+    return Run(options, trainer, train_set, checkpoint, {"train": dropped, "validation": validation_dropped})
+
+
+def _generation_examples(data: DataArgs) -> list:
+    fields = (data.prompt_field, data.completion_field, data.task_field, data.split, data.messages_field)
+    return read_examples(data.validation, *fields)
 
 
 def fit(run: Run) -> tuple[Any, float]:
@@ -449,10 +499,11 @@ def summarize(run: Run, result: Any, seconds: float) -> dict[str, Any]:
         "trainable_parameters": sum(p.numel() for p in trainer.model.trainable_parameters()),
         "seconds": seconds,
         "world_size": args.world_size,
+        "dropped_long_rows": run.dropped,
         # one epoch's padding with random and with length-grouped batches (this run used the one
         # --group-by-length says)
         "padding_fraction": padding_fractions(
-            run.train_set.lengths(),
+            run.train_set["length"],
             args.train_batch_size,
             options.train.seed,
             args.train_batch_size * options.train.grad_accum,
@@ -472,6 +523,11 @@ def summarize(run: Run, result: Any, seconds: float) -> dict[str, Any]:
 
 def train(options: TrainOptions) -> dict[str, Any]:
     """Train a prefix as `options` say; returns a summary (also written to ``train_summary.json``)."""
-    run = setup(options)
-    result, seconds = fit(run)
-    return summarize(run, result, seconds)
+    Path(datasets.config.HF_DATASETS_CACHE).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="prefixtune-", dir=datasets.config.HF_DATASETS_CACHE))
+    try:  # the tokenized data lives (memory-mapped) in workdir for the run, then goes
+        run = setup(options, workdir)
+        result, seconds = fit(run)
+        return summarize(run, result, seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
