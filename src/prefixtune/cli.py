@@ -159,6 +159,9 @@ def train(options: TrainOptions) -> None:
     padding = summary["padding_fraction"]
     table.add_row("padding (random / grouped batches)", f"{padding['random']:.1%} / {padding['grouped']:.1%}")
     console.print(table)
+    for split, count in summary.get("dropped_long_rows", {}).items():
+        if count:
+            console.print(f"--drop-long: dropped {count} {split} rows longer than --max-length")
     for path in summary.get("prefixes", []):  # where this run's prefixes actually went
         console.print(Text(f"wrote {path}"), soft_wrap=True)
 
