@@ -35,7 +35,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
 from .config import ConfigError, PrefixConfig, from_flat, option
 from .conversations import TooLongError
@@ -57,6 +57,7 @@ from .files import atomic_write_text
 from .loading import DEVICES, DTYPES, load_base_model, resolve_device
 from .model import PrefixModel
 from .plots import plot_history
+from .progress import RichProgress
 from .sources import Source, quiet
 from .transformers_private import no_split_modules
 
@@ -140,6 +141,32 @@ class LogArgs:
     """What the run reports, and where."""
 
     logging_steps: int = option(5, "Log the training loss every N steps.")
+    report_to: str = option(
+        "none",
+        "Where Trainer also reports: none, or comma-separated integrations (tensorboard, wandb, mlflow, ...; "
+        "tensorboard logs to <output>/runs; offline modes by their own variables, e.g. WANDB_MODE=offline).",
+    )
+
+    def __post_init__(self) -> None:
+        self.integrations()  # checked when the options are made, before anything runs
+
+    def integrations(self) -> list[str]:
+        """``--report-to`` as `TrainingArguments.report_to`; unknown or uninstalled ones are a `ConfigError`."""
+        from transformers.integrations import get_available_reporting_integrations
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if names == ["none"] or names == ["all"]:
+            return names
+        unknown = sorted(set(names) - set(INTEGRATION_TO_CALLBACK))
+        if unknown or not names:
+            raise ConfigError(
+                f"--report-to {self.report_to!r}: expected none, all or some of {sorted(INTEGRATION_TO_CALLBACK)}"
+            )
+        missing = sorted(set(names) - set(get_available_reporting_integrations()))
+        if missing:
+            raise ConfigError(f"--report-to: {missing} not installed here (pip install {' '.join(missing)})")
+        return names
 
 
 @dataclass
@@ -407,7 +434,9 @@ def _training_arguments(options: TrainOptions, device: str, has_validation: bool
         data_seed=train.seed,
         remove_unused_columns=False,
         label_names=["labels"],  # PrefixModel.forward takes **kwargs, so Trainer cannot find it by itself
-        report_to="none",
+        report_to=options.log.integrations(),
+        disable_tqdm=True,  # RichProgress shows the run instead of tqdm and printed log dicts
+        include_num_input_tokens_seen="non_padding",  # for its tokens/s
         use_cpu=device == "cpu",
         bf16=options.bf16,
         fp16=options.fp16 or options.dtype == "float16",  # a float16 base needs loss scaling
@@ -465,6 +494,8 @@ def setup(options: TrainOptions, workdir: Path) -> Run:
         prompt_format=formatter.saved,
         generation_eval=_generation_eval(model, formatter, generation_examples, options.eval.eval_generate, names),
     )
+    trainer.remove_callback(PrinterCallback)  # Trainer's print(logs) under disable_tqdm
+    trainer.add_callback(RichProgress())
     if options.fsdp and not trainer.is_fsdp_enabled:  # never fall back to DDP silently
         raise ConfigError(FSDP_ON_CPU)
     checkpoint = latest_complete_checkpoint(options.output) if options.train.resume else None
