@@ -56,6 +56,7 @@ from .evaluation import generate_completions, score
 from .files import atomic_write_text
 from .loading import DEVICES, DTYPES, load_base_model, resolve_device
 from .model import PrefixModel
+from .packing import PackedCollator, check_packing
 from .plots import plot_history
 from .progress import RichProgress
 from .sources import Source, quiet
@@ -94,6 +95,9 @@ class DataArgs:
         256, "Longest tokenized example: prompt + completion is cut to it, a longer conversation refused."
     )
     drop_long: bool = option(False, "Leave out (and count) rows longer than --max-length instead.", "--drop-long")
+    packing: bool = option(
+        False, "Pack each batch's rows into one row without padding (per-sequence masks and positions).", "--packing"
+    )
     template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
     chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
     prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
@@ -487,7 +491,7 @@ def setup(options: TrainOptions, workdir: Path) -> Run:
         args=_training_arguments(options, device, has_validation, base),
         train_dataset=train_set,
         eval_dataset=validation_set,
-        data_collator=lambda rows: _collate(rows, tokenizer.pad_token_id, formatter.padding_side),
+        data_collator=_collator(options, model, formatter, train_set, names),
         callbacks=callbacks,
         prefix_names=names,
         multi_task=multi_task,
@@ -502,6 +506,21 @@ def setup(options: TrainOptions, workdir: Path) -> Run:
     if options.train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", options.output)
     return Run(options, trainer, train_set, checkpoint, {"train": dropped, "validation": validation_dropped})
+
+
+def _collator(
+    options: TrainOptions, model: PrefixModel, formatter: PromptFormatter, train_set: datasets.Dataset, names: list[str]
+):
+    """Padded batches, or with ``--packing`` packed ones (checked exact on this model first)."""
+    tokenizer = formatter.tokenizer
+    if not options.dataset.packing:
+        return lambda rows: _collate(rows, tokenizer.pad_token_id, formatter.padding_side)
+    if model.base_model.config.is_encoder_decoder:
+        raise ConfigError("--packing packs decoder-only sequences; this model is encoder-decoder")
+    if options.dataset.task_field is not None:
+        raise ConfigError("--packing with --task-field: a packed row holds several rows but takes one prefix")
+    check_packing(model, [train_set[i] for i in range(min(4, len(train_set)))], names[0], tokenizer.pad_token_id)
+    return PackedCollator()
 
 
 def _generation_examples(data: DataArgs) -> list:
