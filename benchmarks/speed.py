@@ -365,6 +365,23 @@ def packing_steps(quick: bool, rounds: int, data: str, batches: int = 8) -> dict
     }
 
 
+def packing_only(args: argparse.Namespace, rounds: int) -> int:
+    """``--only packing``: the packing section alone, written to ``speed-packing.json``."""
+    report = {
+        "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "note": "2 CPU cores shared with other jobs while this ran (nice -n 10); the ratio is side by side",
+        "packing": packing_steps(args.quick, rounds, args.data),
+    }
+    print_packing(report)
+    path = Path(args.json or f"benchmarks/results/speed-packing{'-quick' if args.quick else ''}.json")
+    path.write_text(json.dumps(report, indent=2))
+    ok = report["packing"]["max_batch_loss_difference"] < 1e-3
+    print("packed and padded losses agree" if ok else "FAILED: packed and padded losses differ")
+    return 0 if ok else 1
+
+
 def print_packing(report: dict) -> None:
     row = report["packing"]
     print(f"\n--packing, train step on {row['source']}, B=8 (padding {row['padding_fraction_padded']:.1%} when padded)")
@@ -408,19 +425,7 @@ def main() -> int:
     rounds = args.rounds or (3 if args.quick else 5)
     torch.manual_seed(0)
     if args.only == "packing":
-        report = {
-            "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-            "note": "2 CPU cores shared with other jobs while this ran (nice -n 10); the ratio is side by side",
-            "packing": packing_steps(args.quick, rounds, args.data),
-        }
-        print_packing(report)
-        path = Path(args.json or f"benchmarks/results/speed-packing{'-quick' if args.quick else ''}.json")
-        path.write_text(json.dumps(report, indent=2))
-        ok = report["packing"]["max_batch_loss_difference"] < 1e-3
-        print("packed and padded losses agree" if ok else "FAILED: packed and padded losses differ")
-        return 0 if ok else 1
+        return packing_only(args, rounds)
     precision = {
         "train_step": precision_steps(args.quick, rounds),
         "generation": precision_generation(args.quick, rounds),

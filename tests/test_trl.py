@@ -96,3 +96,25 @@ def test_sft_trainer_trains_a_prefix_like_prefixtune_train_and_saves_one_prefixt
     for key in cli_prefix:
         assert (sft_prefix_file[key] - initial[key]).abs().max() > 1e-2  # training moved it
         torch.testing.assert_close(sft_prefix_file[key], cli_prefix[key], rtol=1e-3, atol=1e-4)
+
+
+def test_the_trl_example_trains_and_saves_a_prefix_prefixtune_loads(workspace, tmp_path):
+    import subprocess
+    import sys
+
+    example = Path(__file__).parents[1] / "examples" / "trl_sft.py"
+    command = [
+        sys.executable,
+        str(example),
+        "--data",
+        str(workspace / "train.jsonl"),
+        "--model",
+        str(workspace / "tiny"),
+    ]
+    result = subprocess.run([*command, "--steps", "2", "--output", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {tmp_path / 'prefix'}" in result.stdout
+    base, tokenizer = load_base_model(str(workspace / "tiny"))
+    assert PrefixModel.from_pretrained(base, tmp_path / "prefix", tokenizer=tokenizer).prefix_names == ["default"]
+    saved = json.loads((tmp_path / "prefix" / "prefix_config.json").read_text())
+    assert saved["prompt_format"] == {"template": "{prompt}\n", "chat_template": False}
