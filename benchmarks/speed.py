@@ -20,6 +20,7 @@ Timings interleave the variants round by round and report medians, so machine no
     .venv/bin/python benchmarks/speed.py            # SmolLM2-135M (the numbers in BENCHMARKS.md)
     .venv/bin/python benchmarks/speed.py --quick    # tiny random Llama: checks it runs and outputs agree
     .venv/bin/python benchmarks/speed.py --only precision   # just section 6
+    .venv/bin/python benchmarks/speed.py --only packing     # --packing against padded batches (E2E rows)
 """
 
 from __future__ import annotations
@@ -307,6 +308,90 @@ def padding(quick: bool, data: str) -> dict:
     return {"source": source, "batch_size": 8, **padding_fractions(lengths, 8, seed=0)}
 
 
+def packing_steps(quick: bool, rounds: int, data: str, batches: int = 8) -> dict:
+    """Train step tokens/s on real training batches (B=8, random rows of `data`, kv prefix P=10):
+    padded (left-padded to the longest row) against `--packing` (one packed row, no padding), the
+    same rows in both, alternating batch by batch; the batch losses must agree."""
+    from prefixtune.data import Example
+    from prefixtune.packing import PackedCollator
+    from prefixtune.training import _collate
+
+    if quick or not Path(data).is_file():
+        torch.manual_seed(0)
+        base, vocab = base_model(True).train(), 1000
+        lengths = torch.randint(8, 64, (8 * batches,), generator=torch.Generator().manual_seed(0)).tolist()
+        rows = [{"input_ids": batch(vocab, 1, n, seed=n)[0].tolist()} for n in lengths]
+        rows = [row | {"labels": [-100] * 4 + row["input_ids"][4:]} for row in rows]  # a 4-token "prompt"
+        source, pad_id = f"{8 * batches} random rows of 8..63 tokens", 0
+    else:
+        base, tokenizer = load_base_model("smollm2-135m")
+        formatter, examples = PromptFormatter(tokenizer), read_examples(data)
+        chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))[: 8 * batches].tolist()
+        rows = [formatter.training_features(Example(**vars(examples[i])), 256) for i in chosen]
+        source, pad_id = f"{8 * batches} random rows of {data} (SmolLM2 tokens)", tokenizer.pad_token_id
+    base.train().requires_grad_(False)
+    model = PrefixModel(base, PrefixConfig(prefix_length=10)).train()
+    groups = [rows[i : i + 8] for i in range(0, len(rows), 8)]
+    padded = [_collate(group, pad_id, "left") for group in groups]
+    packed = [PackedCollator()(group) for group in groups]
+    losses: dict[str, list[float]] = {"padded": [], "packed": []}
+
+    def step(name: str, inputs: dict) -> None:
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        losses[name].append(loss.item())
+
+    step("padded", padded[0]), step("packed", packed[0])  # warm-up
+    times = {"padded": 0.0, "packed": 0.0}
+    for _ in range(rounds):
+        for index in range(len(groups)):
+            for name, inputs in (("padded", padded[index]), ("packed", packed[index])):
+                started = time.perf_counter()
+                step(name, inputs)
+                times[name] += time.perf_counter() - started
+    real_tokens = rounds * sum(len(row["input_ids"]) for row in rows)
+    slots = rounds * sum(int(b["input_ids"].numel()) for b in padded)
+    difference = max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"], strict=True))
+    return {
+        "source": source,
+        "batch_size": 8,
+        "batches": len(groups),
+        "rounds": rounds,
+        "padding_fraction_padded": 1 - real_tokens / slots,
+        "padded_tokens_per_second": real_tokens / times["padded"],
+        "packed_tokens_per_second": real_tokens / times["packed"],
+        "speedup": times["padded"] / times["packed"],
+        "max_batch_loss_difference": difference,
+    }
+
+
+def packing_only(args: argparse.Namespace, rounds: int) -> int:
+    """``--only packing``: the packing section alone, written to ``speed-packing.json``."""
+    report = {
+        "model": "tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct (fp32)",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "note": "2 CPU cores shared with other jobs while this ran (nice -n 10); the ratio is side by side",
+        "packing": packing_steps(args.quick, rounds, args.data),
+    }
+    print_packing(report)
+    path = Path(args.json or f"benchmarks/results/speed-packing{'-quick' if args.quick else ''}.json")
+    path.write_text(json.dumps(report, indent=2))
+    ok = report["packing"]["max_batch_loss_difference"] < 1e-3
+    print("packed and padded losses agree" if ok else "FAILED: packed and padded losses differ")
+    return 0 if ok else 1
+
+
+def print_packing(report: dict) -> None:
+    row = report["packing"]
+    print(f"\n--packing, train step on {row['source']}, B=8 (padding {row['padding_fraction_padded']:.1%} when padded)")
+    print(f"{'':10} {'real tokens/s':>14}")
+    print(f"{'padded':10} {row['padded_tokens_per_second']:14.1f}")
+    print(f"{'packed':10} {row['packed_tokens_per_second']:14.1f}   {row['speedup']:.2f}x")
+    print(f"largest batch-loss difference packed vs padded: {row['max_batch_loss_difference']:.2e}")
+
+
 def print_precision(report: dict) -> None:
     print(f"\n{'train step by precision (B=8, T=64, P=10)':44} {'median s':>9} {'vs fp32':>8}")
     for name, row in report["precision"]["train_step"].items():
@@ -330,7 +415,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--memory-length", type=int, default=512)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", choices=["precision"], help="run only this section")
+    parser.add_argument("--only", choices=["precision", "packing"], help="run only this section")
     parser.add_argument("--data", default="../shared/data/e2e/train.csv", help="training data for the padding figures")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=512, help=argparse.SUPPRESS)
@@ -340,6 +425,8 @@ def main() -> int:
         return 0
     rounds = args.rounds or (3 if args.quick else 5)
     torch.manual_seed(0)
+    if args.only == "packing":
+        return packing_only(args, rounds)
     precision = {
         "train_step": precision_steps(args.quick, rounds),
         "generation": precision_generation(args.quick, rounds),

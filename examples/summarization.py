@@ -140,7 +140,7 @@ def main() -> None:
     model_path = args.model or str(pretrain_denoiser(train_path, output / "denoiser", args.pretrain_steps, args.seed))
 
     summary = train(
-        TrainOptions(
+        TrainOptions.from_flat(
             data=str(train_path),
             validation=str(validation_path),
             output=str(output / "prefix-run"),

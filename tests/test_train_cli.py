@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -467,15 +466,6 @@ def test_length_grouping_lowers_padding_and_is_what_trainer_samples_with(workspa
     assert padding["grouped"] < padding["random"] / 2, padding
 
 
-def flat_fields(cls) -> dict[str, Any]:
-    """Every option `prefixtune train` has: TrainOptions' fields, PrefixConfig's unnested."""
-    hints = typing.get_type_hints(cls)
-    found = {}
-    for item in dataclasses.fields(cls):
-        found |= flat_fields(hints[item.name]) if dataclasses.is_dataclass(hints[item.name]) else {item.name: item}
-    return found
-
-
 def other_value(item) -> Any:
     """A valid value that is not the field's default."""
     choices, default = item.metadata.get("choices"), item.default
@@ -502,22 +492,31 @@ def captured_options(monkeypatch, *args: str):
 
 
 def flat_values(options) -> dict[str, Any]:
-    values = dataclasses.asdict(options)
-    return values | values.pop("prefix")
+    """The options' values by flat name, each group unnested."""
+    values = {}
+    for name, value in dataclasses.asdict(options).items():
+        values |= value if isinstance(value, dict) else {name: value}
+    return values
 
 
 def test_every_train_option_is_a_flag_and_a_yaml_key_with_the_dataclass_default(monkeypatch, tmp_path):
-    from prefixtune.training import TrainOptions
+    from prefixtune.config import flat_fields
+    from prefixtune.training import DataArgs, EvalArgs, LogArgs, TrainArgs, TrainOptions
 
     fields = flat_fields(TrainOptions)
     assert {"init_std", "dtype", "bf16", "fp16", "device", "group_by_length", "fsdp", "prefix_length"} <= set(fields)
     assert all(item.metadata.get("help") for item in fields.values()), "every option has help"
 
     defaults = captured_options(monkeypatch, "--data", "d.jsonl", "--output", "out")
-    assert defaults == TrainOptions(data="d.jsonl", output="out")
+    assert defaults == TrainOptions(output="out", dataset=DataArgs(data="d.jsonl"))
+    assert defaults == TrainOptions.from_flat(data="d.jsonl", output="out")
+    groups = {name: type(getattr(defaults, name)) for name in ("dataset", "train", "eval", "log")}
+    assert groups == {"dataset": DataArgs, "train": TrainArgs, "eval": EvalArgs, "log": LogArgs}
+    assert defaults.train.steps == 200 and defaults.dataset.max_length == 256 and defaults.log.logging_steps == 5
 
     wanted = {name: other_value(item) for name, item in fields.items()}
     wanted |= {"bf16": False, "dtype": "float16"}  # --fp16 and bfloat16 contradict; --bf16 is checked below
+    wanted |= {"report_to": "tensorboard"}  # an integration installed here
     args = []
     for name, value in wanted.items():
         flags = fields[name].metadata.get("flags") or ()
@@ -547,3 +546,16 @@ def test_a_bug_keeps_its_traceback_while_bad_input_gets_one_line(monkeypatch, wo
     monkeypatch.undo()
     result = run_cli("train", *train_args(workspace, tmp_path / "out", "--init", "vocab"))
     assert result.exit_code == 2 and "error: PrefixConfig.init='vocab' needs a non-empty init_text" in result.output
+
+
+def test_options_from_flat_names_fill_groups_and_refuse_unknown_names():
+    from prefixtune.config import ConfigError, PrefixConfig
+    from prefixtune.training import TrainOptions
+
+    options = TrainOptions.from_flat(data="d.jsonl", output="o", steps=7, eval_every=3, prefix=PrefixConfig(9))
+    assert (options.train.steps, options.eval.eval_every, options.prefix.prefix_length) == (7, 3, 9)
+    assert options.dataset.data == "d.jsonl" and options.train.batch_size == 8
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['stpes'\]"):
+        TrainOptions.from_flat(data="d.jsonl", output="o", stpes=7)
+    with pytest.raises(ConfigError, match="missing the required option 'data'"):
+        TrainOptions.from_flat(output="o")

@@ -2,8 +2,9 @@
 
 Every command takes ``--config FILE.yaml`` whose keys are the command's option names (``prefix_length``
 or ``prefix-length``); flags given on the command line win over the file. ``train``'s options are
-generated from `TrainOptions` (with `PrefixConfig` nested) by `options_command`, which can host any
-other command whose options are a dataclass.
+generated from `TrainOptions` (its groups `DataArgs`, `TrainArgs`, `EvalArgs`, `LogArgs` and
+`PrefixConfig` unnested) by `options_command`, which can host any other command whose options are a
+dataclass.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .config import ConfigError
+from .config import ConfigError, from_flat
 from .data import DataError
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
@@ -83,11 +84,14 @@ Dtype = Literal[DTYPE_CHOICES]  # the CLI offers exactly these choices
 Device = Literal[DEVICES]
 DTYPE = typer.Option("auto", help="Precision of the frozen base (auto: bfloat16 where it is native, else float32).")
 DEVICE = typer.Option("auto", help="Where the base runs: a GPU when there is one (auto), cpu or cuda.")
+MESSAGES_FIELD = typer.Option(None, help="Conversation field (default: messages, when there is no prompt field).")
+SPLIT = typer.Option(None, help="Split of a folder or hub dataset (default train); files: a slice, train[:100].")
 
 
 def _dataclass_parameters(cls: type) -> list[inspect.Parameter]:
     """One keyword parameter with a `typer.Option` per field of `cls`, nested dataclasses unnested
-    (``TrainOptions.prefix.prefix_length`` is ``--prefix-length``): name, default and help come
+    (``TrainOptions.prefix.prefix_length`` is ``--prefix-length``, ``TrainOptions.train.steps`` is
+    ``--steps``): name, default and help come
     from the field (`prefixtune.config.option`)."""
     hints = get_type_hints(cls)
     parameters = []
@@ -110,17 +114,6 @@ def _dataclass_parameters(cls: type) -> list[inspect.Parameter]:
     return parameters
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    """`cls` from the flat option values (the inverse of `_dataclass_parameters`)."""
-    hints = get_type_hints(cls)
-    return cls(
-        **{
-            f.name: _build(hints[f.name], values) if is_dataclass(hints[f.name]) else values[f.name]
-            for f in fields(cls)
-        }
-    )
-
-
 def options_command(cls: type) -> Callable[[Callable], Callable]:
     """Make ``function(options: cls)`` a command whose options (and ``--config`` YAML keys) are
     `cls`'s fields, as litgpt builds its CLI from config objects; one dataclass, no repeated list."""
@@ -129,7 +122,7 @@ def options_command(cls: type) -> Callable[[Callable], Callable]:
         def command(**values: Any) -> Any:
             values.pop("config", None)
             try:
-                options = _build(cls, values)
+                options = from_flat(cls, values, source=cls.__name__)
             except USER_ERRORS as error:
                 _fail(error)
             return function(options)
@@ -167,6 +160,9 @@ def train(options: TrainOptions) -> None:
     padding = summary["padding_fraction"]
     table.add_row("padding (random / grouped batches)", f"{padding['random']:.1%} / {padding['grouped']:.1%}")
     console.print(table)
+    for split, count in summary.get("dropped_long_rows", {}).items():
+        if count:
+            console.print(f"--drop-long: dropped {count} {split} rows longer than --max-length")
     for path in summary.get("prefixes", []):  # where this run's prefixes actually went
         console.print(Text(f"wrote {path}"), soft_wrap=True)
 
@@ -186,6 +182,11 @@ def _formatter(base, tokenizer, stored: dict[str, Any], template: str | None, ch
     return PromptFormatter.from_saved(tokenizer, stored, base.config.is_encoder_decoder, template, chat_template)
 
 
+def _chat_for_conversations(groups, chat_template: bool | None) -> bool | None:
+    """Conversations go through the chat template unless ``--no-chat-template`` says otherwise."""
+    return True if chat_template is None and any(group.conversation for group in groups) else chat_template
+
+
 def _prefix_name(item: str) -> tuple[str, str]:
     """``name=folder``, or a folder named after itself (its parent's name for a run's ``prefix/``)."""
     if "=" in item:
@@ -197,7 +198,9 @@ def _prefix_name(item: str) -> tuple[str, str]:
 
 @app.command("eval")
 def evaluate(
-    data: str = typer.Option(..., help="Evaluation data; rows sharing a prompt are its references."),
+    data: str = typer.Option(
+        ..., help="Evaluation data (any --data of train); rows sharing a prompt are its references."
+    ),
     prefix: str | None = typer.Option(None, help="Prefix folder; omit to evaluate the bare base model."),
     model: str = MODEL,
     metrics: str = typer.Option("bleu,chrf,rouge", help="Comma-separated: bleu, sacrebleu, chrf, rouge, e2e."),
@@ -210,20 +213,24 @@ def evaluate(
     chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template"),
     prompt_field: str | None = typer.Option(None),
     completion_field: str | None = typer.Option(None),
+    messages_field: str | None = MESSAGES_FIELD,
+    split: str | None = SPLIT,
     dtype: Dtype = DTYPE,
     device: Device = DEVICE,
     config: Path | None = CONFIG,
 ) -> None:
-    """Generate for every distinct prompt and score against all its references."""
+    """Generate for every distinct prompt (a conversation's turns before its last assistant turn) and
+    score against all its references."""
     from .evaluation import generate_completions, score
     from .loading import load_base_model
     from .model import PrefixModel
 
     try:
-        wanted, groups = _metrics_and_references(metrics, data, prompt_field, completion_field)
+        wanted, groups = _metrics_and_references(metrics, data, prompt_field, completion_field, messages_field, split)
         groups = groups[:limit]
         stored = _prompt_format(prefix)
         base, tokenizer = load_base_model(model, dtype=dtype, device=device)
+        chat_template = _chat_for_conversations(groups, chat_template)
         formatter = _formatter(base, tokenizer, stored, template, chat_template)
         prefixed = (
             PrefixModel.from_pretrained(base, prefix, tokenizer)
@@ -234,7 +241,7 @@ def evaluate(
         hypotheses = generate_completions(
             prefixed,
             formatter,
-            prompts,
+            [g.model_input for g in groups],
             prefix=None if prefix else "",
             batch_size=batch_size,
             num_beams=num_beams,
@@ -266,14 +273,22 @@ def evaluate(
     console.print(f"wrote {folder / 'metrics.json'} and {folder / 'generations.jsonl'}")
 
 
-def _metrics_and_references(metrics: str, data: str, prompt_field: str | None, completion_field: str | None):
+def _metrics_and_references(
+    metrics: str,
+    data: str,
+    prompt_field: str | None,
+    completion_field: str | None,
+    messages_field: str | None = None,
+    split: str | None = None,
+):
     """The checked metric names of ``--metrics`` and the data's reference groups (one per distinct prompt)."""
     from .data import group_references, read_examples
     from .evaluation import check_metrics
 
     wanted = [m.strip() for m in metrics.split(",") if m.strip()]
     check_metrics(wanted)
-    return wanted, group_references(read_examples(data, prompt_field, completion_field))
+    examples = read_examples(data, prompt_field, completion_field, split=split, messages_field=messages_field)
+    return wanted, group_references(examples)
 
 
 def _unavailable(results: dict[str, float | None]) -> dict[str, Any]:
@@ -358,7 +373,13 @@ def convert(
 
 @app.command()
 def generate(
-    prompt: list[str] = typer.Option(..., help="Prompt text (repeatable)."),
+    prompt: list[str] = typer.Option([], help="Prompt text (repeatable)."),
+    data: str | None = typer.Option(
+        None, help="Also prompts from data (any --data of train; conversations: the turns before the last answer)."
+    ),
+    messages_field: str | None = MESSAGES_FIELD,
+    split: str | None = SPLIT,
+    limit: int = typer.Option(8, help="With --data: its first N distinct prompts."),
     prefix: list[str] = typer.Option([], help="Prefix folder, or name=folder (repeatable, compared side by side)."),
     model: str = MODEL,
     bare: bool = typer.Option(True, "--bare/--no-bare", help="Also show the bare base model."),
@@ -376,6 +397,15 @@ def generate(
     from .model import PrefixModel
 
     try:
+        inputs: list = list(prompt)
+        if data:
+            from .data import group_references, read_examples
+
+            groups = group_references(read_examples(data, split=split, messages_field=messages_field))[:limit]
+            inputs += [group.model_input for group in groups]
+            chat_template = _chat_for_conversations(groups, chat_template)
+        if not inputs:
+            raise ConfigError("give --prompt (repeatable) or --data")
         named = [_prefix_name(item) for item in prefix]
         repeated = sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1})
         if repeated:
@@ -387,7 +417,7 @@ def generate(
             prefixed.load_prefix(folder, name=name)
         columns = ([("bare", "")] if bare or not named else []) + [(name, name) for name, _ in named]
         formatter = _formatter(base, tokenizer, stored, template, chat_template)
-        rows = [(p, choice) for p in prompt for _, choice in columns]
+        rows = [(p, choice) for p in inputs for _, choice in columns]
         texts = generate_completions(
             prefixed,
             formatter,
@@ -399,8 +429,9 @@ def generate(
     except USER_ERRORS as error:
         _fail(error)
     table = Table("prompt", *[label for label, _ in columns], show_lines=True)
-    for i, text in enumerate(prompt):
-        table.add_row(Text(text), *[Text(t) for t in texts[i * len(columns) : (i + 1) * len(columns)]])
+    for i, given in enumerate(inputs):
+        shown = given if isinstance(given, str) else "\n".join(f"{m['role']}: {m['content']}" for m in given)
+        table.add_row(Text(shown), *[Text(t) for t in texts[i * len(columns) : (i + 1) * len(columns)]])
     console.print(table)
 
 

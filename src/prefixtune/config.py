@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
 
 PARAMETERIZATIONS = ("kv", "mlp", "hidden")
 PLACES = ("encoder", "decoder", "cross")  # encoder self-, decoder self-, decoder cross-attention
@@ -22,6 +22,34 @@ def option(default: Any, help: str, *flags: str, choices: tuple[str, ...] | None
     (e.g. ``"--encoder/--no-encoder"``), `choices` restricts the value. ``default=...``: required."""
     metadata = {"help": help, "flags": flags, "choices": choices}
     return field(metadata=metadata) if default is ... else field(default=default, metadata=metadata)
+
+
+def flat_fields(cls: type) -> dict[str, Any]:
+    """Every field of `cls`, the fields of nested dataclass groups unnested (name -> `Field`): the
+    names the CLI flags and YAML keys use."""
+    hints = get_type_hints(cls)
+    found: dict[str, Any] = {}
+    for item in fields(cls):
+        found |= flat_fields(hints[item.name]) if is_dataclass(hints[item.name]) else {item.name: item}
+    return found
+
+
+def from_flat(cls: type, values: dict[str, Any], source: str = "options") -> Any:
+    """`cls` from flat field names (groups unnested, as `flat_fields` lists them); a group may also be
+    given whole, by its own name, as an instance or a mapping. Missing fields take their defaults."""
+    unknown = sorted(set(values) - set(flat_fields(cls)) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {unknown}; expected some of {sorted(flat_fields(cls))}")
+    hints, kwargs = get_type_hints(cls), {}
+    for item in fields(cls):
+        if item.name in values:
+            kwargs[item.name] = values[item.name]
+        elif is_dataclass(hints[item.name]):
+            group = {key: value for key, value in values.items() if key in flat_fields(hints[item.name])}
+            kwargs[item.name] = from_flat(hints[item.name], group, f"{source}.{item.name}")
+        elif item.default is MISSING and item.default_factory is MISSING:
+            raise ConfigError(f"{source}: missing the required option {item.name!r}")
+    return cls(**kwargs)
 
 
 @dataclass

@@ -1,17 +1,21 @@
-"""Data: prompt/completion examples from JSONL or CSV, prompt formatting, tokenization with the
-loss only on the completion (+ EOS), padding, and grouping references for evaluation.
+"""Data: prompt/completion examples and conversations from any data `datasets` loads (`sources.py`),
+prompt formatting, tokenization with the loss only on the completion (+ EOS) or on a conversation's
+assistant turns (`conversations.py`), padding, and grouping references for evaluation.
 
-Formats:
-* JSONL: one object per line with a prompt and a completion field (``prompt`` / ``completion``).
-* CSV: a header row; prompt and completion columns (E2E's ``mr`` / ``ref`` by default).
-Every bad row is reported with file, line and field.
+Rows:
+* prompt/completion: two string fields (``prompt`` / ``completion``; E2E's ``mr`` / ``ref`` for CSV),
+  renamed with ``--prompt-field`` / ``--completion-field``;
+* conversations: a ``messages`` field (``--messages-field``), a list of ``{"role", "content"}`` turns
+  (system, user, assistant) as TRL's `SFTTrainer` takes; its last assistant turn is the reference
+  for evaluation, the turns before it the prompt.
+Every bad row is reported with file, line (or row) and field.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,21 +25,27 @@ from torch import Tensor
 
 from .config import ConfigError
 from .names import RULE, is_prefix_name
+from .sources import DataError, Source, jsonl_records, load_source
+
+__all__ = ["DataError", "jsonl_records"]  # re-exported: where the rest of prefixtune has always found them
 
 DEFAULT_TEMPLATE = "{prompt}\n"
-FIELDS_BY_SUFFIX = {".jsonl": ("prompt", "completion"), ".csv": ("mr", "ref")}
-
-
-class DataError(ValueError):
-    """A data file is missing, empty or malformed (the message names file, line and field)."""
+FIELDS_BY_SUFFIX = {".csv": ("mr", "ref")}  # every other format: prompt / completion
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    completion: str
-    where: str  # "file:line", for error messages
+    prompt: str  # a conversation's: its turns before the last assistant turn, as JSON
+    completion: str  # a conversation's: its last assistant turn
+    where: str  # "file:line" or "file row N", for error messages
     task: str | None = None  # multi-task training: the name of the prefix this row trains
+    messages: tuple[dict[str, str], ...] | None = None  # a conversation: all its turns
+
+    @property
+    def model_input(self) -> str | list[dict[str, str]]:
+        """What generation continues: the prompt text, or the turns before the last assistant turn."""
+        return json.loads(self.prompt) if self.messages is not None else self.prompt
 
 
 @dataclass(frozen=True)
@@ -45,51 +55,112 @@ class ReferenceGroup:
     prompt: str
     references: list[str]
     task: str | None = None
+    conversation: bool = False  # the prompt is a conversation's turns as JSON
+
+    @property
+    def model_input(self) -> str | list[dict[str, str]]:
+        return json.loads(self.prompt) if self.conversation else self.prompt
 
 
-def default_fields(path: str | Path) -> tuple[str, str]:
-    suffix = Path(path).suffix.lower()
-    if suffix not in FIELDS_BY_SUFFIX:
-        raise DataError(f"{path}: unsupported data format {suffix!r}; expected .jsonl or .csv")
-    return FIELDS_BY_SUFFIX[suffix]
+@dataclass(frozen=True)
+class Fields:
+    """Which fields of a row hold what (``messages`` set: conversations; else prompt and completion)."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    messages: str | None = None
+    task: str | None = None
+
+
+def resolve_fields(
+    source: Source,
+    prompt: str | None = None,
+    completion: str | None = None,
+    messages: str | None = None,
+    task: str | None = None,
+) -> Fields:
+    """The fields to read: those given; else a ``messages`` column when there is one and no ``prompt``;
+    else prompt/completion (``mr``/``ref`` in CSV files)."""
+    columns = source.dataset.column_names
+    if messages or (not prompt and not completion and "messages" in columns and "prompt" not in columns):
+        if prompt or completion:
+            raise ConfigError("--messages-field: conversations have no prompt/completion fields; give one or the other")
+        return Fields(messages=messages or "messages", task=task)
+    suffix = Path(source.files[0]).suffix.lower()
+    default_prompt, default_completion = FIELDS_BY_SUFFIX.get(suffix, ("prompt", "completion"))
+    return Fields(prompt or default_prompt, completion or default_completion, None, task)
+
+
+def _missing(record: dict[str, Any], name: str, where: str) -> DataError:
+    present = sorted(key for key, value in record.items() if value is not None)  # Arrow gives absent fields None
+    return DataError(f"{where}: missing field {name!r} (has {present})")
 
 
 def _field(record: dict[str, Any], name: str, where: str) -> str:
-    if name not in record:
-        raise DataError(f"{where}: missing field {name!r} (has {sorted(record)})")
+    if record.get(name) is None:
+        raise _missing(record, name, where)
     value = record[name]
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
     return value.strip()
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Each non-blank line as ``("file:line", object)``; anything but a JSON object is a `DataError` naming the line."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+def _messages(record: dict[str, Any], name: str, where: str) -> list[dict[str, str]]:
+    """A conversation's turns, checked: roles known, contents non-empty, at least one assistant turn."""
+    turns = record.get(name)
+    if turns is None:
+        raise _missing(record, name, where)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of turns, got {turns!r}")
+    checked = []
+    for index, turn in enumerate(turns):
+        at = f"{where}: field {name!r} turn {index}"
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            raise DataError(f"{at}: expected {{'role': one of {list(ROLES)}, 'content': text}}, got {turn!r}")
+        content = turn.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{at}: empty {turn['role']} turn (content {content!r})")
+        checked.append({"role": turn["role"], "content": content})
+    if not any(turn["role"] == "assistant" for turn in checked):
+        raise DataError(f"{where}: field {name!r} has no assistant turn to learn or score")
+    return checked
 
 
-def _csv_records(path: Path):
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, strict=True)
-        try:
-            for record in reader:
-                where = f"{path}:{reader.line_num}"
-                if None in record:
-                    raise DataError(f"{where}: more values than the {len(reader.fieldnames)} header columns")
-                yield where, record
-        except csv.Error as error:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({error})") from error
+def example_from_record(record: dict[str, Any], fields: Fields, where: str) -> Example:
+    """One row as an `Example`; a `DataError` names the row and field of anything wrong."""
+    task = _task(record, fields.task, where) if fields.task else None
+    if fields.messages is None:
+        return Example(_field(record, fields.prompt, where), _field(record, fields.completion, where), where, task)
+    turns = _messages(record, fields.messages, where)
+    last = max(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
+    context = json.dumps(turns[:last], ensure_ascii=False)
+    return Example(context, turns[last]["content"].strip(), where, task, tuple(turns))
+
+
+@contextmanager
+def located(source: Source, index: int) -> Iterator[str]:
+    """A stand-in location for row `index` (``row N``) whose `DataError`s are re-raised naming the real
+    file and line: finding a line in a text file means reading up to it, done only for a bad row."""
+    stand_in = f"row {index + 1}"
+    try:
+        yield stand_in
+    except DataError as error:
+        raise type(error)(str(error).replace(stand_in, source.where(index), 1)) from error
+
+
+def read_source(
+    path: str | Path,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    task_field: str | None = None,
+    split: str | None = None,
+    messages_field: str | None = None,
+) -> tuple[Source, Fields]:
+    """The data `path` names (memory-mapped) and the fields its rows are read from."""
+    source = load_source(path, split)
+    if len(source.dataset) == 0:
+        raise DataError(f"{path}: no examples (empty file?)")
+    return source, resolve_fields(source, prompt_field, completion_field, messages_field, task_field)
 
 
 def read_examples(
@@ -97,28 +168,16 @@ def read_examples(
     prompt_field: str | None = None,
     completion_field: str | None = None,
     task_field: str | None = None,
+    split: str | None = None,
+    messages_field: str | None = None,
 ) -> list[Example]:
-    """Examples from JSONL or CSV; with `task_field`, each row also names the prefix it trains."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    default_prompt, default_completion = default_fields(path)
-    prompt_field, completion_field = prompt_field or default_prompt, completion_field or default_completion
-    records = jsonl_records(path) if path.suffix.lower() == ".jsonl" else _csv_records(path)
-    try:
-        examples = [
-            Example(
-                _field(record, prompt_field, where),
-                _field(record, completion_field, where),
-                where,
-                _task(record, task_field, where) if task_field else None,
-            )
-            for where, record in records
-        ]
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from error
-    if not examples:
-        raise DataError(f"{path}: no examples (empty file?)")
+    """Every row of `path` as an `Example`, in memory (evaluation, scoring); with `task_field`, each row
+    also names the prefix it trains. Training reads rows memory-mapped instead (`training.py`)."""
+    source, fields = read_source(path, prompt_field, completion_field, task_field, split, messages_field)
+    examples = []
+    for index, record in enumerate(source.dataset):
+        with located(source, index) as where:
+            examples.append(example_from_record(record, fields, where))
     return examples
 
 
@@ -131,10 +190,11 @@ def _task(record: dict[str, Any], name: str, where: str) -> str:
 
 def group_references(examples: list[Example]) -> list[ReferenceGroup]:
     """One group per distinct (task, prompt) with all its completions, in order of first appearance."""
-    groups: dict[tuple[str | None, str], list[str]] = {}
+    groups: dict[tuple[str | None, str, bool], list[str]] = {}
     for example in examples:
-        groups.setdefault((example.task, example.prompt), []).append(example.completion)
-    return [ReferenceGroup(prompt, references, task) for (task, prompt), references in groups.items()]
+        key = (example.task, example.prompt, example.messages is not None)
+        groups.setdefault(key, []).append(example.completion)
+    return [ReferenceGroup(prompt, refs, task, conversation) for (task, prompt, conversation), refs in groups.items()]
 
 
 @dataclass
@@ -184,19 +244,25 @@ class PromptFormatter:
             encoder_decoder,
         )
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return self.messages_ids([{"role": "user", "content": prompt}])
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """The ids generation continues from: a prompt text, or a conversation's turns."""
+        return self.messages_ids(prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
+
+    def turns(self, messages: list[dict[str, str]] | tuple[dict[str, str], ...]) -> list[dict[str, str]]:
+        """The turns as the model reads them: user turns through the template (stripped, with the chat
+        template); training on conversations renders these too, so prompts match what was trained."""
+        turns = [
+            {**m, "content": self.template.replace("{prompt}", m["content"])} if m["role"] == "user" else m
+            for m in messages
+        ]
+        return [{**m, "content": m["content"].strip()} for m in turns] if self.chat_template else turns
 
     def messages_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation's ids: each user turn goes through the template; with the chat template the
         turns keep their roles, without it the turns' texts are joined by newlines. One user message
         gives exactly `prompt_ids` of its text."""
-        turns = [
-            {**m, "content": self.template.replace("{prompt}", m["content"])} if m["role"] == "user" else m
-            for m in messages
-        ]
+        turns = self.turns(messages)
         if self.chat_template:
-            turns = [{**m, "content": m["content"].strip()} for m in turns]
             return list(
                 self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)[
                     "input_ids"
@@ -205,8 +271,15 @@ class PromptFormatter:
         text = "\n".join(m["content"] for m in turns)
         return self.tokenizer(text, add_special_tokens=self.encoder_decoder)["input_ids"]
 
-    def training_features(self, example: Example, max_length: int) -> dict[str, list[int]]:
-        """input_ids = prompt + completion + EOS; labels mask the prompt with -100."""
+    def training_features(
+        self, example: Example, max_length: int, messages_field: str = "messages"
+    ) -> dict[str, list[int]]:
+        """input_ids = prompt + completion + EOS; labels mask the prompt with -100. A conversation:
+        its chat-template rendering, labels on the assistant turns only (`conversations.py`)."""
+        if example.messages is not None:
+            from .conversations import conversation_features
+
+            return conversation_features(self, example, max_length, messages_field)
         prompt = self.prompt_ids(example.prompt)
         completion = self.tokenizer(example.completion, add_special_tokens=False)["input_ids"]
         completion = completion + [self.tokenizer.eos_token_id]

@@ -100,7 +100,7 @@ def run_demo(
     train_path, validation_path = make_dataset(output / "data")
     console.print(f"[bold]1/3[/] data: {train_path} and {validation_path} (generated, seeded)")
     console.print(f"[bold]2/3[/] training a {steps}-step prefix on {model} (frozen) ...")
-    options = TrainOptions(
+    options = TrainOptions.from_flat(
         data=str(train_path),
         validation=str(validation_path),
         output=str(output / "run"),

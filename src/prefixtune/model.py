@@ -67,6 +67,20 @@ class PrefixModel(nn.Module):
     def device(self) -> torch.device:
         return self.base_model.get_input_embeddings().weight.device
 
+    @property
+    def config(self) -> Any:
+        """The base model's config (as PEFT's wrapper shows it): trainers such as TRL's `SFTTrainer` read
+        and set token ids there. A prefix's own settings are in `prefixes[name].config`."""
+        return self.base_model.config
+
+    @property
+    def generation_config(self) -> Any:
+        return self.base_model.generation_config
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the base's model card (TRL's trainers tag the model they train)."""
+        self.base_model.add_model_tags(tags)
+
     # ----------------------------------------------------------------------------- prefixes by name
     @property
     def prefix_names(self) -> list[str]:

@@ -25,31 +25,42 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from torch.utils.data import Dataset
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-from .config import ConfigError, PrefixConfig, option
+from .config import ConfigError, PrefixConfig, from_flat, option
+from .conversations import TooLongError
 from .data import (
     DEFAULT_TEMPLATE,
     DataError,
+    Fields,
     PromptFormatter,
+    example_from_record,
     group_references,
+    located,
     pad_batch,
     padding_fractions,
     read_examples,
+    read_source,
 )
 from .evaluation import generate_completions, score
 from .files import atomic_write_text
 from .loading import DEVICES, load_base_model, resolve_device
 from .model import PrefixModel
+from .packing import PackedCollator, check_packing
 from .plots import plot_history
 from .precision import DTYPE_CHOICES, dtype_name, resolve_dtype
+from .progress import RichProgress
+from .sources import Source, quiet
 from .transformers_private import no_split_modules
 
 logger = logging.getLogger(__name__)
@@ -73,25 +84,37 @@ def prefix_folder(folder: str | Path, name: str, multi_task: bool, checkpoint: b
 
 
 @dataclass
-class TrainOptions:
-    """Everything `prefixtune train` takes; the CLI flags and YAML keys are these fields' names
-    (`prefix`'s fields included, unnested: ``--prefix-length``), with these defaults and help."""
+class DataArgs:
+    """What the run trains and validates on, and how rows become tokens."""
 
-    data: str = option(..., "Training data (.jsonl prompt/completion or .csv).")
-    output: str = option(..., "Output folder (prefix, checkpoints, plots).")
-    model: str = option("smollm2-135m", "Base model: local folder, hub id, or 'smollm2-135m'.")
-    validation: str | None = option(None, "Validation data, same format.")
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    dtype: str = option(
-        "auto", "Precision of the frozen base (auto: bfloat16 where native, else float32).", choices=DTYPE_CHOICES
+    data: str = option(
+        ..., "Training data: a save_to_disk folder, .parquet/.arrow/.jsonl/.json/.csv files or a glob, or a hub id."
     )
-    bf16: bool = option(False, "Mixed precision: bfloat16 autocast through Trainer/Accelerate.", "--bf16")
-    fp16: bool = option(False, "Mixed precision: float16 autocast, loss-scaled (implied by --dtype float16).", "--fp16")
-    device: str = option("auto", "Where to train: a GPU when there is one (auto), cpu or cuda.", choices=DEVICES)
-    group_by_length: bool = option(
-        False, "Batch rows of similar length together (less padding; same rows per epoch).", "--group-by-length"
+    validation: str | None = option(None, "Validation data, same kinds.")
+    split: str | None = option(None, "Split of a folder or hub dataset (default train); files: a slice, train[:100].")
+    max_length: int = option(
+        256, "Longest tokenized example: prompt + completion is cut to it, a longer conversation refused."
     )
-    fsdp: bool = option(False, "Under torchrun: shard the frozen base with FSDP (Accelerate) instead of DDP.", "--fsdp")
+    drop_long: bool = option(False, "Leave out (and count) rows longer than --max-length instead.", "--drop-long")
+    packing: bool = option(
+        False, "Pack each batch's rows into one row without padding (per-sequence masks and positions).", "--packing"
+    )
+    template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
+    chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
+    prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
+    completion_field: str | None = option(None, "Completion field/column (default: completion, or ref).")
+    messages_field: str | None = option(
+        None, "Conversation field/column of role/content turns (default: messages, when there is no prompt)."
+    )
+    task_field: str | None = option(
+        None, "Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
+    )
+
+
+@dataclass
+class TrainArgs:
+    """The optimization: steps, batches, AdamW and its schedule, data order."""
+
     steps: int = option(200, "Optimizer steps.")
     batch_size: int = option(8, "Per-process batch size.")
     lr: float = option(5e-3, "Peak learning rate (AdamW, linear warmup and decay).")
@@ -102,42 +125,92 @@ class TrainOptions:
     gradient_checkpointing: bool = option(
         False, "Recompute the base's activations in backward (less memory).", "--gradient-checkpointing"
     )
+    group_by_length: bool = option(
+        False, "Batch rows of similar length together (less padding; same rows per epoch).", "--group-by-length"
+    )
+    seed: int = option(0, "Seed for initialization and data order.")
+    resume: bool = option(False, "Continue from the newest complete checkpoint.", "--resume")
+
+
+@dataclass
+class EvalArgs:
+    """Validation: how often, when to stop early, whether to generate too."""
+
     eval_every: int = option(50, "Validate and checkpoint every N steps.")
     early_stopping_patience: int | None = option(None, "Stop after N validations without improvement.")
     eval_generate: int = option(0, "Also generate on N validation prompts at each validation (BLEU).")
+
+
+@dataclass
+class LogArgs:
+    """What the run reports, and where."""
+
     logging_steps: int = option(5, "Log the training loss every N steps.")
-    seed: int = option(0, "Seed for initialization and data order.")
-    resume: bool = option(False, "Continue from the newest complete checkpoint.", "--resume")
-    max_length: int = option(256, "Longest tokenized example (prompt + completion); longer ones are cut.")
-    template: str = option(DEFAULT_TEMPLATE, "Prompt template with {prompt}.")
-    chat_template: bool = option(False, "Wrap prompts in the tokenizer's chat template.", "--chat-template")
-    prompt_field: str | None = option(None, "Prompt field/column (default: prompt, or mr for CSV).")
-    completion_field: str | None = option(None, "Completion field/column (default: completion, or ref).")
-    prefix_name: str = option("default", "Name of the trained prefix.")
-    task_field: str | None = option(
-        None, "Multi-task: this field names each row's prefix; all are trained together, saved to prefixes/."
+    report_to: str = option(
+        "none",
+        "Where Trainer also reports: none, or comma-separated integrations (tensorboard, wandb, mlflow, ...; "
+        "tensorboard logs to <output>/runs; offline modes by their own variables, e.g. WANDB_MODE=offline).",
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.prefix, dict):  # from YAML/JSON
-            self.prefix = PrefixConfig.from_dict(self.prefix, source="TrainOptions.prefix")
+        self.integrations()  # checked when the options are made, before anything runs
+
+    def integrations(self) -> list[str]:
+        """``--report-to`` as `TrainingArguments.report_to`; unknown or uninstalled ones are a `ConfigError`."""
+        from transformers.integrations import get_available_reporting_integrations
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if names == ["none"] or names == ["all"]:
+            return names
+        unknown = sorted(set(names) - set(INTEGRATION_TO_CALLBACK))
+        if unknown or not names:
+            raise ConfigError(
+                f"--report-to {self.report_to!r}: expected none, all or some of {sorted(INTEGRATION_TO_CALLBACK)}"
+            )
+        missing = sorted(set(names) - set(get_available_reporting_integrations()))
+        if missing:
+            raise ConfigError(f"--report-to: {missing} not installed here (pip install {' '.join(missing)})")
+        return names
+
+
+@dataclass
+class TrainOptions:
+    """Everything `prefixtune train` takes, in litgpt-style groups (`DataArgs`, `TrainArgs`, `EvalArgs`,
+    `LogArgs`, `PrefixConfig`). The CLI flags and YAML keys are the fields' names, groups unnested
+    (``--prefix-length``, ``--steps``), with these defaults and help; `from_flat` builds one from such
+    flat names, as the CLI does."""
+
+    output: str = option(..., "Output folder (prefix, checkpoints, plots).")
+    dataset: DataArgs
+    model: str = option("smollm2-135m", "Base model: local folder, hub id, or 'smollm2-135m'.")
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    prefix_name: str = option("default", "Name of the trained prefix.")
+    dtype: str = option(
+        "auto", "Precision of the frozen base (auto: bfloat16 where native, else float32).", choices=DTYPE_CHOICES
+    )
+    bf16: bool = option(False, "Mixed precision: bfloat16 autocast through Trainer/Accelerate.", "--bf16")
+    fp16: bool = option(False, "Mixed precision: float16 autocast, loss-scaled (implied by --dtype float16).", "--fp16")
+    device: str = option("auto", "Where to train: a GPU when there is one (auto), cpu or cuda.", choices=DEVICES)
+    fsdp: bool = option(False, "Under torchrun: shard the frozen base with FSDP (Accelerate) instead of DDP.", "--fsdp")
+    train: TrainArgs = field(default_factory=TrainArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+
+    def __post_init__(self) -> None:
+        groups = {"dataset": DataArgs, "prefix": PrefixConfig, "train": TrainArgs, "eval": EvalArgs, "log": LogArgs}
+        for name, cls in groups.items():  # from YAML/JSON: a group may come as a mapping
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, from_flat(cls, getattr(self, name), source=f"TrainOptions.{name}"))
         autocast = "bfloat16" if self.bf16 else "float16" if self.fp16 else None
         if (self.bf16 and self.fp16) or (autocast and self.dtype not in ("auto", "float32", autocast)):
             raise ConfigError(f"--dtype {self.dtype} --bf16={self.bf16} --fp16={self.fp16}: pick one precision")
 
-
-class TokenizedExamples(Dataset):
-    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.rows[index]
-
-    def lengths(self) -> list[int]:
-        return [len(row["input_ids"]) for row in self.rows]
+    @classmethod
+    def from_flat(cls, **values: Any) -> TrainOptions:
+        """Options from flat names (``data=..., steps=..., prefix_length=...``; a group may also be given
+        whole: ``prefix=PrefixConfig(...)``); unknown names are a `ConfigError`."""
+        return from_flat(cls, values, source="TrainOptions")
 
 
 class PrefixTrainer(Trainer):
@@ -247,7 +320,7 @@ def _fsdp_arguments(fsdp: bool, base: Any) -> dict[str, Any]:
 
 def _check_output(options: TrainOptions) -> None:
     output = Path(options.output)
-    if options.resume or not output.exists():
+    if options.train.resume or not output.exists():
         return
     finished = (output / PREFIX_DIR).exists() or (output / TASKS_DIR).exists()
     if finished or any(CHECKPOINT_PATTERN.match(p.name) for p in output.iterdir()):
@@ -256,20 +329,54 @@ def _check_output(options: TrainOptions) -> None:
         )
 
 
-def _tokenize(examples, formatter: PromptFormatter, max_length: int) -> TokenizedExamples:
-    """Features per example; multi-task rows also carry the name of the prefix they train."""
-    rows = []
-    for example in examples:
-        features = formatter.training_features(example, max_length)
-        rows.append(features | {"prefix": example.task} if example.task else features)
-    return TokenizedExamples(rows)
+def _source(spec: str, data: DataArgs) -> tuple[Source, Fields]:
+    return read_source(spec, data.prompt_field, data.completion_field, data.task_field, data.split, data.messages_field)
 
 
-def _tasks(train_examples, validation_examples) -> list[str]:
-    tasks = sorted({example.task for example in train_examples})
-    for example in validation_examples or []:
-        if example.task not in tasks:
-            raise DataError(f"{example.where}: task {example.task!r} has no training rows (tasks: {tasks})")
+def _check_rows(spec: str, data: DataArgs) -> Fields:
+    """Read every row of `spec` once (streaming from the memory-mapped table), before the model loads:
+    a bad row is a `DataError` naming file, line and field."""
+    source, fields = _source(spec, data)
+    for index, record in enumerate(source.dataset):
+        with located(source, index) as where:
+            example_from_record(record, fields, where)
+    return fields
+
+
+def _tokenize(spec: str, data: DataArgs, formatter: PromptFormatter, workdir: Path) -> tuple[datasets.Dataset, int]:
+    """`spec`'s rows as features (input_ids, labels, length; multi-task: the prefix each trains),
+    memory-mapped in `workdir`, and how many rows ``--drop-long`` left out. Bad rows are `DataError`s
+    naming file, line and field."""
+    source, fields = _source(spec, data)
+
+    def features(record: dict[str, Any], index: int) -> dict[str, Any]:
+        with located(source, index) as where:
+            example = example_from_record(record, fields, where)
+            try:
+                row = formatter.training_features(example, data.max_length, fields.messages or "messages")
+            except TooLongError:
+                if not data.drop_long:
+                    raise
+                row = {"input_ids": [], "labels": []}  # dropped below
+        return row | {"length": len(row["input_ids"])} | ({"prefix": example.task} if example.task else {})
+
+    with quiet():
+        rows = source.dataset.map(
+            features,
+            with_indices=True,
+            remove_columns=source.dataset.column_names,
+            cache_file_name=str(workdir / f"{uuid.uuid4().hex}.arrow"),  # never into the user's dataset folder
+            new_fingerprint=uuid.uuid4().hex,  # fresh: the tokenizer is not part of datasets' cache key
+        )
+        kept = rows.filter(lambda row: row["length"] > 0, cache_file_name=str(workdir / f"{uuid.uuid4().hex}.arrow"))
+    return kept, len(rows) - len(kept)
+
+
+def _tasks(train_set: datasets.Dataset, validation_set: datasets.Dataset | None, validation: str | None) -> list[str]:
+    tasks = sorted(set(train_set["prefix"]))
+    unknown = sorted(set(validation_set["prefix"]) - set(tasks)) if validation_set is not None else []
+    if unknown:
+        raise DataError(f"{validation}: task(s) {unknown} have no training rows (tasks: {tasks})")
     return tasks
 
 
@@ -280,116 +387,185 @@ def _collate(rows: list[dict[str, Any]], pad_token_id: int, side: str) -> dict[s
     return batch
 
 
-def train(options: TrainOptions) -> dict[str, Any]:
-    """Train a prefix as `options` say; returns a summary (also written to ``train_summary.json``)."""
-    # Read and check all input before creating or touching the output folder.
-    fields = (options.prompt_field, options.completion_field, options.task_field)
-    train_examples = read_examples(options.data, *fields)
-    validation_examples = read_examples(options.validation, *fields) if options.validation else None
-    multi_task = options.task_field is not None
-    names = _tasks(train_examples, validation_examples) if multi_task else [options.prefix_name]
-    _check_output(options)
-    device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
-    if options.fsdp and device == "cpu":
-        raise ConfigError(FSDP_ON_CPU)
+@dataclass
+class Run:
+    """A training run set up and ready to fit: what `setup` builds, `fit` runs and `summarize` reads."""
 
-    dtype, dtype_reason = resolve_dtype(options.dtype, device, autocast=options.bf16 or options.fp16)
+    options: TrainOptions
+    trainer: PrefixTrainer
+    train_set: datasets.Dataset
+    checkpoint: Path | None  # the complete checkpoint --resume continues from
+    dropped: dict[str, int]  # rows --drop-long left out, per data source
+    dtype: str  # what --dtype (auto by default) resolved to on this device
+    dtype_reason: str  # and why
 
-    torch.manual_seed(options.seed)
-    base, tokenizer = load_base_model(options.model, dtype=dtype)
-    formatter = PromptFormatter(tokenizer, options.template, options.chat_template, base.config.is_encoder_decoder)
-    train_set = _tokenize(train_examples, formatter, options.max_length)
-    validation_set = _tokenize(validation_examples, formatter, options.max_length) if validation_examples else None
 
-    model = PrefixModel(base, name=None, tokenizer=tokenizer)
-    for name in names:  # multi-task: one prefix per task, trained together in mixed batches
-        model.add_prefix(name, options.prefix)  # float32 master parameters, cast where they meet the base
-    if options.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+def _generation_eval(model: PrefixModel, formatter: PromptFormatter, examples, count: int, names: list[str]):
+    """BLEU of generations on the first `count` validation prompts, for `PrefixTrainer.evaluate`."""
+    if not examples or count <= 0:
+        return None
+    groups = group_references(examples)[:count]
 
-    generation_eval = None
-    if validation_examples and options.eval_generate > 0:
-        groups = group_references(validation_examples)[: options.eval_generate]
+    def generation_eval() -> dict[str, float]:
+        prefixes = [group.task or names[0] for group in groups]
+        prompts = [group.model_input for group in groups]
+        hypotheses = generate_completions(model, formatter, prompts, prefix=prefixes)
+        return score(hypotheses, [group.references for group in groups], metrics=("bleu",))
 
-        def generation_eval() -> dict[str, float]:
-            prefixes = [group.task or names[0] for group in groups]
-            hypotheses = generate_completions(model, formatter, [group.prompt for group in groups], prefix=prefixes)
-            return score(hypotheses, [group.references for group in groups], metrics=("bleu",))
+    return generation_eval
 
-    has_validation = validation_set is not None
-    args = TrainingArguments(
+
+def _training_arguments(options: TrainOptions, device: str, has_validation: bool, base: Any) -> TrainingArguments:
+    """`Trainer`'s arguments for these options: schedule, evaluation and checkpoints, precision, DDP/FSDP."""
+    train, evaluation = options.train, options.eval
+    return TrainingArguments(
         output_dir=options.output,
-        max_steps=options.steps,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        learning_rate=options.lr,
-        weight_decay=options.weight_decay,
-        max_grad_norm=options.max_grad_norm,
-        warmup_steps=options.warmup_steps,
+        max_steps=train.steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        warmup_steps=train.warmup_steps,
         lr_scheduler_type="linear",
         optim="adamw_torch",
-        logging_steps=options.logging_steps,
+        logging_steps=options.log.logging_steps,
         eval_strategy="steps" if has_validation else "no",
-        eval_steps=options.eval_every if has_validation else None,
+        eval_steps=evaluation.eval_every if has_validation else None,
         save_strategy="steps",
-        save_steps=options.eval_every,
+        save_steps=evaluation.eval_every,
         save_total_limit=2,  # the latest and, with validation, the best
         load_best_model_at_end=has_validation,
         metric_for_best_model="eval_loss" if has_validation else None,
         greater_is_better=False if has_validation else None,
-        seed=options.seed,
-        data_seed=options.seed,
+        seed=train.seed,
+        data_seed=train.seed,
         remove_unused_columns=False,
         label_names=["labels"],  # PrefixModel.forward takes **kwargs, so Trainer cannot find it by itself
-        report_to="none",
+        report_to=options.log.integrations(),
+        disable_tqdm=True,  # RichProgress shows the run instead of tqdm and printed log dicts
+        include_num_input_tokens_seen="non_padding",  # for its tokens/s
         use_cpu=device == "cpu",
         bf16=options.bf16,
-        fp16=options.fp16 or dtype == torch.float16,  # a float16 base needs loss scaling
-        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
+        fp16=options.fp16 or base.dtype == torch.float16,  # a float16 base needs loss scaling
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         ddp_backend=_ddp_backend(),
         dataloader_num_workers=0,
         **_fsdp_arguments(options.fsdp, base),
     )
+
+
+def setup(options: TrainOptions, workdir: Path) -> Run:
+    """Check the data, load the base, tokenize the data (memory-mapped in `workdir`), check the output
+    folder (a data error leaves it untouched), add the prefixes and build the `PrefixTrainer`."""
+    data = options.dataset
+    device = resolve_device(options.device)  # Trainer places the model (on each rank's own GPU)
+    if options.fsdp and device == "cpu":
+        raise ConfigError(FSDP_ON_CPU)
+    fields = _check_rows(data.data, data)  # bad data fails before the model loads
+    if data.validation:
+        _check_rows(data.validation, data)
+    dtype, dtype_reason = resolve_dtype(options.dtype, device, autocast=options.bf16 or options.fp16)
+    torch.manual_seed(options.train.seed)
+    base, tokenizer = load_base_model(options.model, dtype=dtype)
+    chat = data.chat_template or fields.messages is not None  # conversations always go through the chat template
+    formatter = PromptFormatter(tokenizer, data.template, chat, base.config.is_encoder_decoder)
+    train_set, dropped = _tokenize(data.data, data, formatter, workdir)
+    validation_set, validation_dropped = (None, 0)
+    if data.validation:
+        validation_set, validation_dropped = _tokenize(data.validation, data, formatter, workdir)
+    if not len(train_set):
+        raise DataError(f"{data.data}: --drop-long left no rows (all {dropped} are longer than --max-length)")
+    multi_task = data.task_field is not None
+    names = _tasks(train_set, validation_set, data.validation) if multi_task else [options.prefix_name]
+    _check_output(options)
+
+    model = PrefixModel(base, name=None, tokenizer=tokenizer)
+    for name in names:  # multi-task: one prefix per task, trained together in mixed batches
+        model.add_prefix(name, options.prefix)  # float32 master parameters, cast where they meet the base
+    if options.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    has_validation = validation_set is not None
     callbacks = []
-    if has_validation and options.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+    if has_validation and options.eval.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=options.eval.early_stopping_patience))
+    generation_examples = _generation_examples(data) if has_validation and options.eval.eval_generate > 0 else None
     trainer = PrefixTrainer(
         model=model,
-        args=args,
+        args=_training_arguments(options, device, has_validation, base),
         train_dataset=train_set,
         eval_dataset=validation_set,
-        data_collator=lambda rows: _collate(rows, tokenizer.pad_token_id, formatter.padding_side),
+        data_collator=_collator(options, model, formatter, train_set, names),
         callbacks=callbacks,
         prefix_names=names,
         multi_task=multi_task,
         prompt_format=formatter.saved,
-        generation_eval=generation_eval,
+        generation_eval=_generation_eval(model, formatter, generation_examples, options.eval.eval_generate, names),
     )
+    trainer.remove_callback(PrinterCallback)  # Trainer's print(logs) under disable_tqdm
+    trainer.add_callback(RichProgress())
     if options.fsdp and not trainer.is_fsdp_enabled:  # never fall back to DDP silently
         raise ConfigError(FSDP_ON_CPU)
-    checkpoint = latest_complete_checkpoint(options.output) if options.resume else None
-    if options.resume and checkpoint is None:
+    checkpoint = latest_complete_checkpoint(options.output) if options.train.resume else None
+    if options.train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch", options.output)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - started
+    dropped_rows = {"train": dropped, "validation": validation_dropped}
+    return Run(options, trainer, train_set, checkpoint, dropped_rows, dtype_name(dtype), dtype_reason)
 
+
+def _collator(
+    options: TrainOptions, model: PrefixModel, formatter: PromptFormatter, train_set: datasets.Dataset, names: list[str]
+):
+    """Padded batches, or with ``--packing`` packed ones (checked exact on this model first)."""
+    tokenizer = formatter.tokenizer
+    if not options.dataset.packing:
+        return lambda rows: _collate(rows, tokenizer.pad_token_id, formatter.padding_side)
+    if model.base_model.config.is_encoder_decoder:
+        raise ConfigError("--packing packs decoder-only sequences; this model is encoder-decoder")
+    if options.dataset.task_field is not None:
+        raise ConfigError("--packing with --task-field: a packed row holds several rows but takes one prefix")
+    check_packing(model, [train_set[i] for i in range(min(4, len(train_set)))], names[0], tokenizer.pad_token_id)
+    return PackedCollator()
+
+
+def _generation_examples(data: DataArgs) -> list:
+    fields = (data.prompt_field, data.completion_field, data.task_field, data.split, data.messages_field)
+    return read_examples(data.validation, *fields)
+
+
+def fit(run: Run) -> tuple[Any, float]:
+    """Train (from the checkpoint `run` resumes, if any); `Trainer`'s result and the seconds it took."""
+    started = time.perf_counter()
+    result = run.trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    return result, time.perf_counter() - started
+
+
+def summarize(run: Run, result: Any, seconds: float) -> dict[str, Any]:
+    """The run's summary; rank 0 also saves the prefixes, the log history, its plots and
+    ``train_summary.json``."""
+    options, trainer = run.options, run.trainer
+    args = trainer.args
     summary = {
         "options": asdict(options),
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "dtype": dtype_name(dtype),  # what --dtype (auto by default) resolved to on this device, and why
-        "dtype_reason": dtype_reason,
+        "resumed_from": str(run.checkpoint) if run.checkpoint else None,
+        "dtype": run.dtype,  # what --dtype (auto by default) resolved to on this device, and why
+        "dtype_reason": run.dtype_reason,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "best_eval_loss": trainer.state.best_metric,
-        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+        "trainable_parameters": sum(p.numel() for p in trainer.model.trainable_parameters()),
         "seconds": seconds,
         "world_size": args.world_size,
+        "dropped_long_rows": run.dropped,
         # one epoch's padding with random and with length-grouped batches (this run used the one
         # --group-by-length says)
         "padding_fraction": padding_fractions(
-            train_set.lengths(), args.train_batch_size, options.seed, args.train_batch_size * options.grad_accum
+            run.train_set["length"],
+            args.train_batch_size,
+            options.train.seed,
+            args.train_batch_size * options.train.grad_accum,
         ),
     }
     if trainer.is_world_process_zero():
@@ -402,3 +578,15 @@ def train(options: TrainOptions) -> dict[str, Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
+
+
+def train(options: TrainOptions) -> dict[str, Any]:
+    """Train a prefix as `options` say; returns a summary (also written to ``train_summary.json``)."""
+    Path(datasets.config.HF_DATASETS_CACHE).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="prefixtune-", dir=datasets.config.HF_DATASETS_CACHE))
+    try:  # the tokenized data lives (memory-mapped) in workdir for the run, then goes
+        run = setup(options, workdir)
+        result, seconds = fit(run)
+        return summarize(run, result, seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
