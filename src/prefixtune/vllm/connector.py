@@ -111,6 +111,7 @@ class PrefixKVConnector(KVConnectorBase_V1):
         self._pending: list[PrefixLoad] = []  # scheduler side: loads for the next step
         self._prefixes: OrderedDict[str, Tensor] = OrderedDict()  # worker side: hash -> [layers, 2, P, heads, hd]
         self._failed_blocks: set[int] = set()
+        self.stats = {"loads": 0, "loaded_tokens": 0, "failed_loads": 0}  # worker side, for tests and metrics
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -137,8 +138,11 @@ class PrefixKVConnector(KVConnectorBase_V1):
         for load in metadata.loads:
             try:
                 self._load(load, layers)
+                self.stats["loads"] += 1
+                self.stats["loaded_tokens"] += load.length - load.start
             except (KVFileError, ValueError, OSError) as error:
                 logger.error("request %s: prefix %s not loaded, failing it: %s", load.request_id, load.prefix, error)
+                self.stats["failed_loads"] += 1
                 first, last = load.start // self.block_size, (load.length - 1) // self.block_size
                 self._failed_blocks.update(load.block_ids[first : last + 1])
 

@@ -97,7 +97,7 @@ class VLLMPrefixes:
         self.max_model_len = max_model_len
         self.placeholder_id = placeholder_id
         self.kv_folder = Path(store.folder) / KV_FOLDER
-        self._hashes: weakref.WeakKeyDictionary[Tensor, str] = weakref.WeakKeyDictionary()
+        self._hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot tensor) -> (the tensor, its hash)
         self._lock = threading.Lock()
 
     def prepare(self, name: str | None, prompt_ids: Sequence[int], max_tokens: int = 0) -> PrefixedPrompt:
@@ -124,12 +124,21 @@ class VLLMPrefixes:
             )
         if key_values is None:
             return prefixed_prompt(None, prompt_ids, self.kv_folder)
-        with self._lock:  # a snapshot never changes, so its file is written and hashed once
-            prompt = prefixed_prompt(
-                key_values, prompt_ids, self.kv_folder, self.placeholder_id, self._hashes.get(key_values)
-            )
-            self._hashes[key_values] = prompt.kv_transfer_params[PARAMS_KEY]["prefix"]
+        with self._lock:
+            known = self._known(key_values)
+            prompt = prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, known)
+            self._remember(key_values, prompt.kv_transfer_params[PARAMS_KEY]["prefix"])
         return prompt
+
+    def _known(self, key_values: Tensor) -> str | None:
+        """The hash of a snapshot seen before (snapshots never change, so each is written and hashed once)."""
+        tensor, prefix_hash = self._hashes.get(id(key_values), (lambda: None, None))
+        return prefix_hash if tensor() is key_values else None
+
+    def _remember(self, key_values: Tensor, prefix_hash: str) -> None:
+        if len(self._hashes) > 4096:  # drop snapshots that are gone
+            self._hashes = {key: entry for key, entry in self._hashes.items() if entry[0]() is not None}
+        self._hashes[id(key_values)] = (weakref.ref(key_values), prefix_hash)
 
 
 def kv_transfer_config(kv_folder: str | Path) -> Any:

@@ -34,6 +34,7 @@ __all__ = [
     "model_dtype",
     "request_block_ids",
     "tensor_parallel",
+    "worker_connector",
     "write_layer",
 ]
 
@@ -119,3 +120,11 @@ def tensor_parallel() -> tuple[int, int]:
 def model_dtype(vllm_config: Any) -> torch.dtype:
     """The dtype vLLM runs the model in (``ModelConfig.dtype``): the keys/values handed to the writer."""
     return vllm_config.model_config.dtype
+
+
+def worker_connector() -> Any:
+    """This process's worker-side connector (``vllm.distributed.kv_transfer.get_kv_transfer_group``): in-process
+    engines only (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), e.g. to read `PrefixKVConnector.stats` in tests."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()
