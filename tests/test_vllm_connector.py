@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.serving import PrefixStore  # noqa: E402
-from prefixtune.vllm import VLLMPrefixes, prefixed_prompt  # noqa: E402
+from prefixtune.vllm import VLLMPrefixError, VLLMPrefixes, prefixed_prompt  # noqa: E402
 from prefixtune.vllm.connector import kv_head_slice, prefix_params  # noqa: E402
 from prefixtune.vllm.vllm_private import cache_refusal, worker_connector  # noqa: E402
 from vllm_tiny import generate, reference, tiny_llama, vllm_engine  # noqa: E402
@@ -113,6 +113,17 @@ def test_requests_preempted_and_resumed_keep_their_prefixes(served):
     assert preemptions > 0
     for (name, ids), output in zip(rows, outputs, strict=True):
         assert list(output.token_ids) == reference(prefixed, name, ids, 120), name
+
+
+def test_sampling_options_that_would_compute_the_placeholders_are_refused(served):
+    _, prefixes, _ = served
+    prompt = prefixes.prepare("kv10", [5, 6], 4)
+    for option in ({"prompt_logprobs": 1}, {"repetition_penalty": 1.2}, {"skip_reading_prefix_cache": True}):
+        with pytest.raises(VLLMPrefixError, match=f"{next(iter(option))}=.* not supported with a prefix"):
+            prompt.sampling_params(max_tokens=4, **option)
+    params = prompt.sampling_params(max_tokens=4, repetition_penalty=1.0, extra_args={"mine": 1})
+    assert params.extra_args == {"mine": 1, "kv_transfer_params": prompt.kv_transfer_params}
+    assert prefixes.prepare(None, [5, 6], 4).sampling_params(prompt_logprobs=1).prompt_logprobs == 1  # no prefix: fine
 
 
 def test_kv_heads_are_split_across_tensor_parallel_ranks_as_vllm_splits_them():

@@ -47,12 +47,16 @@ def tiny_llama(folder: Path) -> Any:
 @contextmanager
 def vllm_engine(model_folder: str | Path, kv_folder: str | Path, **options: Any) -> Iterator[Any]:
     """An in-process ``vllm.LLM`` (float32, eager) with prefixtune's connector, shut down afterwards so
-    the next one can start in this process."""
+    the next one can start in this process. ``PREFIXTUNE_VLLM_DTYPE`` / ``PREFIXTUNE_VLLM_ATTENTION_BACKEND``
+    override the dtype and pick vLLM's attention backend (scripts/gpu_check.sh)."""
     from vllm import LLM
     from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    settings = {"dtype": "float32", "enforce_eager": True, "seed": 0, "disable_log_stats": False} | options
+    settings = {"dtype": os.environ.get("PREFIXTUNE_VLLM_DTYPE", "float32"), "enforce_eager": True, "seed": 0}
+    settings |= {"disable_log_stats": False} | options
+    if os.environ.get("PREFIXTUNE_VLLM_ATTENTION_BACKEND"):  # scripts/gpu_check.sh: each GPU backend in turn
+        settings["attention_config"] = {"backend": os.environ["PREFIXTUNE_VLLM_ATTENTION_BACKEND"]}
     llm = LLM(model=str(model_folder), kv_transfer_config=kv_transfer_config(kv_folder), **settings)
     try:
         yield llm
@@ -65,9 +69,7 @@ def vllm_engine(model_folder: str | Path, kv_folder: str | Path, **options: Any)
 
 def generate(llm: Any, prompts: Sequence[PrefixedPrompt], max_tokens: int) -> list[Any]:
     """Greedy vLLM outputs (``CompletionOutput``) for prepared prompts, all submitted together (one batch)."""
-    from vllm import SamplingParams
-
-    params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=p.extra_args()) for p in prompts]
+    params = [p.sampling_params(temperature=0, max_tokens=max_tokens) for p in prompts]
     return [output.outputs[0] for output in llm.generate([p.prompt() for p in prompts], params, use_tqdm=False)]
 
 

@@ -30,6 +30,13 @@ PARAMS_KEY = "prefixtune"  # kv_transfer_params = {"prefixtune": {"prefix": <has
 KV_FOLDER = ".vllm-kv"  # inside the store folder; hidden, so the store never lists it as a prefix
 CONNECTOR_CLASS = "PrefixKVConnector"
 CONNECTOR_MODULE = "prefixtune.vllm.connector"
+# SamplingParams options a prefixed prompt must leave unset or at these values (PrefixedPrompt.sampling_params)
+NEUTRAL_WITH_PREFIX = {
+    "prompt_logprobs": None,
+    "prompt_logprob_token_ids": None,
+    "skip_reading_prefix_cache": False,
+    "repetition_penalty": 1.0,
+}
 
 
 class VLLMPrefixError(ValueError):
@@ -55,6 +62,20 @@ class PrefixedPrompt:
     def extra_args(self) -> dict[str, Any] | None:
         """``SamplingParams(extra_args=...)``: vLLM hands ``kv_transfer_params`` to the connector."""
         return None if self.kv_transfer_params is None else {"kv_transfer_params": self.kv_transfer_params}
+
+    def sampling_params(self, **options: Any) -> Any:
+        """``vllm.SamplingParams(**options)`` carrying this prompt's `extra_args`, refusing what would read
+        the placeholders as text: ``prompt_logprobs`` (vLLM then skips the prefix cache, the connector's
+        load included, and computes the placeholders) and ``repetition_penalty`` (vLLM counts prompt
+        tokens, placeholders included; `PrefixModel` counts only the text)."""
+        from vllm import SamplingParams
+
+        if self.prefix_length:
+            refused = [key for key, neutral in NEUTRAL_WITH_PREFIX.items() if options.get(key) not in (None, neutral)]
+            if refused:
+                raise VLLMPrefixError(f"{refused[0]}={options[refused[0]]!r} is not supported with a prefix on vLLM")
+        extra = (options.pop("extra_args", None) or {}) | (self.extra_args() or {})
+        return SamplingParams(**options, extra_args=extra or None)
 
 
 def vllm_refusal(model: PrefixModel) -> str | None:
