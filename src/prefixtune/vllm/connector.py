@@ -51,7 +51,7 @@ from .vllm_private import (
 )
 
 logger = init_logger("vllm.prefixtune.connector")  # vLLM shows only loggers under "vllm."
-CACHED_PREFIXES = 64  # compiled prefixes a worker keeps in memory (least recently used dropped)
+CACHED_PREFIXES = 64  # compiled prefixes a worker keeps on its device (LRU), unless kv_connector_extra_config says
 
 
 @dataclass
@@ -111,6 +111,7 @@ class PrefixKVConnector(KVConnectorBase_V1):
         self.block_size = cache_block_size(kv_cache_config)
         self.geometry = model_geometry(vllm_config)  # every prefix is [layers, 2, kv_heads, P, head_dim] of these
         self.dtype = model_dtype(vllm_config)
+        self.cached_prefixes = int(connector_option(self, "cached_prefixes") or CACHED_PREFIXES)
         self._pending: list[PrefixLoad] = []  # scheduler side: loads for the next step
         self._prefixes: OrderedDict[str, Tensor] = OrderedDict()  # worker side: hash -> [layers, 2, P, heads, hd]
         self._failed_blocks: set[int] = set()
@@ -155,20 +156,24 @@ class PrefixKVConnector(KVConnectorBase_V1):
     def _load(self, load: PrefixLoad, layers: dict[str, torch.nn.Module]) -> None:
         if load.error:
             raise ValueError(load.error)
-        key_values = self._prefix(load.prefix, load.length)  # [layers, 2, P, heads, head_dim]
         device = layer_device(next(iter(layers.values())))
+        key_values = self._prefix(load.prefix, load.length, device)  # [layers, 2, P, heads, head_dim]
         positions = torch.arange(load.start, load.length)
         blocks = torch.tensor(load.block_ids)[positions // self.block_size]
         slots = (blocks * self.block_size + positions % self.block_size).to(device)  # [n]
         for name, layer in layers.items():
-            layer_kv = key_values[layer_index(name), :, load.start : load.length].to(device)  # [2, n, heads, hd]
+            layer_kv = key_values[layer_index(name), :, load.start : load.length]  # [2, n, heads, hd]
             write_layer(layer, layer_kv[0], layer_kv[1], slots)
 
-    def _prefix(self, prefix_hash: str, length: int) -> Tensor:
-        """This worker's slice of the prefix ``[layers, 2, P, local kv_heads, head_dim]`` in the model's dtype."""
+    def _prefix(self, prefix_hash: str, length: int, device: torch.device) -> Tensor:
+        """This worker's slice of the prefix ``[layers, 2, P, local kv_heads, head_dim]`` in the model's dtype,
+        on the cache's device (kept for the next request that misses vLLM's prefix cache)."""
         if prefix_hash in self._prefixes:
             self._prefixes.move_to_end(prefix_hash)
-            return self._prefixes[prefix_hash]
+            local = self._prefixes[prefix_hash]
+            if local.shape[2] != length:
+                raise KVFileError(f"prefix {prefix_hash} has {local.shape[2]} positions, the request says {length}")
+            return local
         key_values = read_kv(self.kv_folder, prefix_hash)  # [layers, 2, kv_heads, P, head_dim]
         layers, heads, head_dim = self.geometry
         expected = (layers, 2, heads, length, head_dim)
@@ -179,9 +184,9 @@ class PrefixKVConnector(KVConnectorBase_V1):
             )
         rank, world_size = tensor_parallel()
         local = key_values[:, :, kv_head_slice(heads, rank, world_size)]
-        local = local.to(self.dtype).transpose(2, 3).contiguous()  # the writer takes [tokens, heads, head_dim]
+        local = local.to(device, self.dtype).transpose(2, 3).contiguous()  # the writer takes [tokens, heads, hd]
         self._prefixes[prefix_hash] = local
-        while len(self._prefixes) > CACHED_PREFIXES:
+        while len(self._prefixes) > self.cached_prefixes:
             self._prefixes.popitem(last=False)
         return local
 

@@ -162,10 +162,12 @@ class VLLMPrefixes:
         self._hashes[id(key_values)] = (weakref.ref(key_values), prefix_hash)
 
 
-def kv_transfer_config(kv_folder: str | Path) -> Any:
+def kv_transfer_config(kv_folder: str | Path, cached_prefixes: int = 64) -> Any:
     """The ``KVTransferConfig`` that loads prefixtune's connector into vLLM (``LLM(kv_transfer_config=...)``,
     ``AsyncEngineArgs(kv_transfer_config=...)``), reading compiled prefixes from `kv_folder`. A failed load
-    fails its request (``kv_load_failure_policy="fail"``): placeholders are never computed as text."""
+    fails its request (``kv_load_failure_policy="fail"``): placeholders are never computed as text.
+    `cached_prefixes`: compiled prefixes each worker keeps on its device for requests that miss vLLM's
+    prefix cache (least recently used dropped)."""
     from .vllm_private import KVTransferConfig
 
     return KVTransferConfig(
@@ -173,5 +175,5 @@ def kv_transfer_config(kv_folder: str | Path) -> Any:
         kv_connector_module_path=CONNECTOR_MODULE,
         kv_role="kv_both",
         kv_load_failure_policy="fail",
-        kv_connector_extra_config={"kv_folder": str(kv_folder)},
+        kv_connector_extra_config={"kv_folder": str(kv_folder), "cached_prefixes": cached_prefixes},
     )
