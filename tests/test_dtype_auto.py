@@ -144,7 +144,7 @@ def test_the_capability_query_is_torchs_own_and_the_benchmark_record_uses_it():
 def test_every_command_and_load_base_model_default_to_auto():
     for command in (cli.evaluate, cli.generate, cli.serve, cli.demo):
         assert inspect.signature(command).parameters["dtype"].default.default == "auto", command.__name__
-    assert TrainOptions(data="d.jsonl", output="out").dtype == "auto"
+    assert TrainOptions.from_flat(data="d.jsonl", output="out").dtype == "auto"
     assert inspect.signature(load_base_model).parameters["dtype"].default == "auto"
 
 
