@@ -29,6 +29,7 @@ from .attention import (
     UnsupportedModelError,
     new_mask_cache,
 )
+from .mamba_states import carry_state_kwargs
 from .positions import counts_own_positions, position_shifter, shift_stack_positions
 from .states import STATE_KWARGS, StatePath, find_state_layers, state_shapes
 from .states import install as install_state_layers
@@ -108,6 +109,12 @@ class KeyValuePath:
         hidden = hidden[None].to(next(module.parameters()).dtype)  # [1, P, d_model]
         args, kwargs = self.layer_arguments(hidden.shape[1], hidden.dtype)[layer]
         model_input = attention_input(args, kwargs)
+        if model_input.shape[-1] != hidden.shape[-1]:
+            raise UnsupportedModelError(
+                f"{_kind(self.model)}: {type(module).__name__} reads {model_input.shape[-1]}-wide inputs, not the "
+                f"model's hidden size {hidden.shape[-1]} (e.g. Zamba 2's shared attention reads the hidden states "
+                "concatenated with the embeddings), so the `hidden` parameterization cannot follow it; use 'kv'"
+            )
         args = tuple(hidden if value is model_input else value for value in args)
         kwargs = {key: hidden if value is model_input else value for key, value in kwargs.items()}
         capture = Capture()
@@ -229,7 +236,8 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         if all(call.module is not seen for seen in modules):
             modules.append(call.module)
     ordered = [module for place in PLACES for module in by_place[place]]
-    if not ordered:
+    state_modules = find_state_layers(model, _kind(model))
+    if not ordered and not state_modules:  # pure state-space models (Mamba-2) have state layers only
         raise UnsupportedModelError(
             f"{_kind(model)} does not route attention through "
             "transformers' AttentionInterface, so prefixtune cannot inject a prefix into it"
@@ -245,7 +253,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         if by_place[place]:
             places[place] = tuple(range(start, start + len(by_place[place])))
             start += len(by_place[place])
-    state_modules = find_state_layers(model, _kind(model))
+    places = places or {"decoder": ()}  # pure state-space models: only the decoder's state layers
     shapes = {state_shapes(module) for module in state_modules}
     if len(shapes) > 1:
         raise UnsupportedModelError(
@@ -253,19 +261,22 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         )
     (conv_shape, recurrent_shape), *_ = shapes or {((), ())}
     _refuse_own_attention(model, calls)
-    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls)
+    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls) if calls else (0, 0, 0)
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not getattr(model, "_prefixtune_injected", None):
         hooks = [model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)]
         # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
         # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
         decoder = model.get_decoder()
-        if model.config.is_encoder_decoder or counts_own_positions(decoder):
+        if not ordered:  # pure state-space models: no positions to shift
+            pass
+        elif model.config.is_encoder_decoder or counts_own_positions(decoder):
             hooks += shift_stack_positions(decoder, places["decoder"])
         else:
             hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
         _accept_prefix_in_generate(model)
         install_state_layers(state_modules)
+        hooks += carry_state_kwargs(model) if state_modules else []
         model._prefixtune_injected = Injected(original, hooks)
     head_dim = max(key_head_dim, value_head_dim)
     geometry = Geometry(
