@@ -91,6 +91,8 @@ LAYOUTS = {
     "falcon_h1": {"mamba_d_head": 16},
     "mamba2": {"head_dim": 16},
     "xmod": {"default_language": "en_XX"},
+    # LFM2-MoE's default config names no layer kinds: a convolution layer, then attention (both dense)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 2},
 }
 
 

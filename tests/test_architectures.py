@@ -17,11 +17,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MLA = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "minicpm3", "longcat_flash", "sarvam_mla"]
 OWN_POSITIONS = ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"]
 DECODER_ONLY_SEQ2SEQ = ["bart", "mbart", "marian", "pegasus", "blenderbot-small"]
-# Gated DeltaNet hybrids (tests/test_hybrid_states.py) and Mamba-2 models (tests/test_mamba_states.py) take an
-# initial-state prefix; other hybrids are refused.
+# Gated DeltaNet hybrids (tests/test_hybrid_states.py), Mamba-2 models (tests/test_mamba_states.py) and LFM2's
+# short convolutions (tests/test_conv_states.py) take an initial-state prefix; other hybrids are refused.
 STATE_PREFIX_HYBRID = [
     *("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lara_mini"),
-    *("mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1"),
+    *("mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "lfm2", "lfm2_moe"),
 ]
 HYBRID = ["lfm3", "minimax", "zaya", "jamba"]
 # Types whose `hidden` prefix needs the layer's own arguments, as its decoder layer hands them: a

@@ -42,6 +42,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from transformers.integrations.accelerate import force_accelerate_hooks
 
 from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
+from .conv_states import STATE_KINDS as SHORT_CONV_KINDS
 from .mamba_states import STATE_KINDS as MAMBA2_KINDS
 from .state_kinds import STATE_KWARGS, Shapes, StateKind
 
@@ -236,6 +237,7 @@ def mix(
 STATE_KINDS: dict[str, StateKind] = {
     **dict.fromkeys(_INPUTS, StateKind(_gated_deltanet_shapes, mix)),
     **MAMBA2_KINDS,
+    **SHORT_CONV_KINDS,
 }
 STATE_LAYER_CLASSES = tuple(STATE_KINDS)
 
