@@ -91,6 +91,7 @@ LAYOUTS = {
     "falcon_h1": {"mamba_d_head": 16},
     "mamba2": {"head_dim": 16},
     "xmod": {"default_language": "en_XX"},
+    "rwkv": {"attention_hidden_size": 32},  # its default (4096) is not derived from hidden_size
     # LFM2-MoE's default config names no layer kinds: a convolution layer, then attention (both dense)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 2},
 }

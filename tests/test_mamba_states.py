@@ -13,7 +13,7 @@ from architecture_walk import build, relative_error
 from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.mamba_states import CLASSES, mix
-from prefixtune.serving import BASE_NAME, BatchingEngine, PrefixStore, Request, make_engine
+from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
 from test_hybrid_states import ROW_PREFIXES, ROWS, TEXTS, TOLERANCE, left_padded, text_ids
 from tiny import SPECIAL, tiny_tokenizer
 
@@ -177,6 +177,8 @@ def test_mamba2_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_
     for name in ("mid", "short"):
         source.save_prefix(tmp_path / "store" / name, name=name)
     model = PrefixModel(mamba("bamba"), name=None, tokenizer=tiny_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="not exact here: .*initial state"):  # a paged KV cache only
+        ContinuousEngine(model, tiny_tokenizer())
     engine = make_engine(model, tiny_tokenizer(), PrefixStore(model, tmp_path / "store"), "auto")
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
