@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -47,3 +50,15 @@ def test_load_test_quick_has_no_errors_or_mismatches(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     phases = json.loads((tmp_path / "load.json").read_text())["phases"]
     assert all(phase["errors"] == 0 and phase["mismatches"] == 0 for phase in phases.values())
+
+
+@pytest.mark.slow
+def test_speed_hybrid_section_reports_state_prefixed_train_steps_against_the_floor(tmp_path):
+    result = run("speed.py", "--only", "hybrid", "--rounds", "1", "--json", str(tmp_path / "hybrid.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "hybrid.json").read_text())
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    for model_type in ("bamba", "lfm2"):
+        rows = report["hybrid_train_step"][model_type]
+        assert "4 state" in rows["layers"] and rows["floor"]["vs_floor"] == 1.0
+        assert rows["kv"]["seconds"] > 0 and rows["hidden"]["seconds"] > 0
