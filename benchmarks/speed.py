@@ -14,6 +14,11 @@
    base weights, for prefixtune kv and PEFT prefix tuning in the same rounds (goal: bf16 <= 0.55x
    fp32); greedy generation tokens/s with a bfloat16 base against float32; and the padding
    fraction of one epoch of E2E training batches (B=8) with random and length-grouped batches.
+7. Hybrids with state prefixes: the train step (B=8, T=64, P=10) of a Mamba-2 hybrid (Bamba layout)
+   and a short-convolution hybrid (LFM2 layout), random weights at SmolLM2-135M's width, `kv` and
+   `hidden` prefixes (keys/values for the attention layers, initial states for the others) against
+   the floor (frozen forward + backward to the input embeddings), in CPU seconds on one thread.
+   Goal: <= 1.10x the floor.
 
 Timings interleave the variants round by round and report medians, so machine noise hits all alike.
 
@@ -21,6 +26,7 @@ Timings interleave the variants round by round and report medians, so machine no
     .venv/bin/python benchmarks/speed.py --quick    # tiny random Llama: checks it runs and outputs agree
     .venv/bin/python benchmarks/speed.py --only precision   # just section 6
     .venv/bin/python benchmarks/speed.py --only packing     # --packing against padded batches (E2E rows)
+    .venv/bin/python benchmarks/speed.py --only hybrid      # just section 7
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.data import PromptFormatter, padding_fractions, read_examples
@@ -68,16 +74,16 @@ def batch(vocab: int, size: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(10, vocab, (size, length), generator=generator)
 
 
-def interleaved(steps: dict, rounds: int) -> dict[str, float]:
+def interleaved(steps: dict, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per variant; each round runs every variant once, in turn."""
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            started = time.perf_counter()
+            started = clock()
             step()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(clock() - started)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -120,6 +126,86 @@ def train_steps(quick: bool, rounds: int) -> dict:
         name: {"seconds": value, "vs_floor": value / floor_time, "vs_peft": value / peft_time}
         for name, value in seconds.items()
     }
+
+
+# Section 7's hybrids: SmolLM2-135M's width (576, 9 query / 3 key-value heads, MLP 1536, its vocabulary),
+# 6 layers of which 2 attention; --quick: width 64. Bamba: Mamba-2 mixers of 18 heads x 64, state 64.
+HYBRID_WIDTH = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+HYBRID_LAYOUTS = {
+    "bamba": {"attn_layer_indices": [2, 5], "mamba_n_heads": 18, "mamba_d_head": 64, "mamba_d_state": 64}
+    | {"mamba_chunk_size": 64, "mamba_n_groups": 1},
+    "lfm2": {"layer_types": ["conv", "conv", "full_attention", "conv", "conv", "full_attention"]}
+    | {"block_auto_adjust_ff_dim": False},
+}
+
+
+HYBRID_GOAL = 1.10  # a state-prefixed train step against its floor
+
+
+def hybrid_base(model_type: str, quick: bool):
+    width = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+    sizes = width if quick else HYBRID_WIDTH
+    layout = HYBRID_LAYOUTS[model_type] | (
+        {"mamba_n_heads": 4, "mamba_d_head": 32} if quick and model_type == "bamba" else {}
+    )
+    config = AutoConfig.for_model(
+        model_type, vocab_size=1000 if quick else 49152, num_hidden_layers=6, **sizes, **layout
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def hybrid_train_steps(quick: bool, rounds: int) -> dict:
+    """Section 7: per hybrid, median seconds and ratio to the floor of `kv` and `hidden` train steps."""
+    ids = batch(1000 if quick else 49152, 8, 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # timed in CPU seconds of one thread: steadier than wall time on shared cores
+    try:
+        return {model_type: hybrid_train_step(model_type, quick, ids, rounds) for model_type in HYBRID_LAYOUTS}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def hybrid_train_step(model_type: str, quick: bool, ids: torch.Tensor, rounds: int) -> dict:
+    base = hybrid_base(model_type, quick).train()
+    base.requires_grad_(False)
+    model = PrefixModel(base, name=None).train()
+    for name in ("kv", "hidden"):
+        model.add_prefix(name, PrefixConfig(prefix_length=10, parameterization=name))
+
+    def floor() -> None:
+        embeddings = base.get_input_embeddings()(ids).detach().requires_grad_()
+        base(inputs_embeds=embeddings, labels=ids).loss.backward()
+
+    def ours(name: str):
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, prefix=name).loss.backward()
+
+        return step
+
+    steps = {"floor": floor, "kv": ours("kv"), "hidden": ours("hidden")}
+    seconds = interleaved(steps, rounds, clock=time.process_time)
+    geometry = model.geometry
+    return {
+        "layers": f"{geometry.num_layers} attention, {geometry.state_layers} state "
+        f"(conv {list(geometry.conv_state_shape)}, recurrent {list(geometry.recurrent_state_shape)})",
+        **{name: {"seconds": value, "vs_floor": value / seconds["floor"]} for name, value in seconds.items()},
+    }
+
+
+def print_hybrid(report: dict) -> None:
+    print(f"\n{'hybrid train step (B=8, T=64, P=10)':36} {'CPU s':>9} {'vs floor':>9}  goal <= {HYBRID_GOAL:.2f}x")
+    for model_type, rows in report.items():
+        print(f"{model_type} ({rows['layers']})")
+        for name in ("floor", "kv", "hidden"):
+            met = "met" if rows[name]["vs_floor"] <= HYBRID_GOAL else "MISSED"
+            print(f"  {name:34} {rows[name]['seconds']:9.3f} {rows[name]['vs_floor']:8.2f}x  {met}")
+
+
+def machine() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{platform.machine()} ({capability}), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def memory_child(quick: bool, variant: str, length: int) -> None:
@@ -415,7 +501,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--memory-length", type=int, default=512)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", choices=["precision", "packing"], help="run only this section")
+    parser.add_argument("--only", choices=["precision", "packing", "hybrid"], help="run only this section")
+    parser.add_argument("--note", default="", help="recorded in the JSON (e.g. that the cores were shared)")
     parser.add_argument("--data", default="../shared/data/e2e/train.csv", help="training data for the padding figures")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=512, help=argparse.SUPPRESS)
@@ -427,6 +514,20 @@ def main() -> int:
     torch.manual_seed(0)
     if args.only == "packing":
         return packing_only(args, rounds)
+    if args.only == "hybrid":
+        report = {
+            "machine": machine(),
+            "cpu": cpu_record(),
+            "timing": "CPU seconds (time.process_time) on 1 torch thread, variants interleaved, median of rounds",
+            "rounds": rounds,
+            "note": args.note,
+            "hybrid_train_step": hybrid_train_steps(args.quick, rounds),
+        }
+        print(f"\nrandom-weight hybrids{' (--quick)' if args.quick else ''} on {report['machine']}")
+        print_hybrid(report["hybrid_train_step"])
+        path = Path(args.json or f"benchmarks/results/speed-hybrid{'-quick' if args.quick else ''}.json")
+        path.write_text(json.dumps(report, indent=2))
+        return 0
     precision = {
         "train_step": precision_steps(args.quick, rounds),
         "generation": precision_generation(args.quick, rounds),

@@ -85,10 +85,15 @@ TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_toke
 LAYOUTS = {
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
-    "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]},
+    # Zamba 2's shared attention reads hidden states and embeddings concatenated (2 x 32 wide); 4 heads of 16
+    "zamba2": {"hybrid_layer_ids": [1], "layers_block_type": ["mamba", "hybrid"]}
+    | {"attention_hidden_size": 64, "attention_head_dim": 16, "adapter_rank": 8},
     "falcon_h1": {"mamba_d_head": 16},
     "mamba2": {"head_dim": 16},
     "xmod": {"default_language": "en_XX"},
+    "rwkv": {"attention_hidden_size": 32},  # its default (4096) is not derived from hidden_size
+    # LFM2-MoE's default config names no layer kinds: a convolution layer, then attention (both dense)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 2},
 }
 
 

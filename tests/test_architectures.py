@@ -17,11 +17,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MLA = ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "minicpm3", "longcat_flash", "sarvam_mla"]
 OWN_POSITIONS = ["roberta", "xlm-roberta", "camembert", "data2vec-text", "roberta-prelayernorm"]
 DECODER_ONLY_SEQ2SEQ = ["bart", "mbart", "marian", "pegasus", "blenderbot-small"]
-# Gated DeltaNet hybrids take an initial-state prefix (tests/test_hybrid_states.py); other hybrids are refused.
+# Gated DeltaNet hybrids (tests/test_hybrid_states.py), Mamba-2 models (tests/test_mamba_states.py) and LFM2's
+# short convolutions (tests/test_conv_states.py) take an initial-state prefix; other hybrids are refused.
 STATE_PREFIX_HYBRID = [
-    *("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lara_mini")
+    *("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lara_mini"),
+    *("mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "lfm2", "lfm2_moe"),
 ]
-HYBRID = ["lfm3", "minimax", "zaya", "jamba", "bamba", "falcon_h1", "nemotron_h"]
+HYBRID = ["lfm3", "minimax", "zaya", "jamba"]
 # Types whose `hidden` prefix needs the layer's own arguments, as its decoder layer hands them: a
 # rotary embedding per layer type (Gemma 3 style), the mask a sparse-attention indexer reads
 # (DeepSeek-V3.2 style), attention scaling instead of rotary (Beam), positional arguments (CTRL).
@@ -48,6 +50,8 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
         assert by_type[model_type].outcome == "exact", by_type[model_type]
     for model_type in HYBRID + ["diffllama", "doge", "deepseek_v4"]:
         assert by_type[model_type].outcome == "refused", by_type[model_type]
+    # Zamba 2's shared attention reads the hidden states concatenated with the embeddings: `hidden` cannot follow it
+    assert by_type["zamba2"].outcome == "kv exact, hidden refused", by_type["zamba2"]
     for outcome in outcomes:  # a refusal names the model type (or its class) and a reason
         if "refused" in outcome.outcome:
             assert re.search(r"\w+(ForCausalLM|Model|ForConditionalGeneration)\b", outcome.detail), outcome

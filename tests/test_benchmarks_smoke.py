@@ -72,3 +72,15 @@ def test_mlp_fit_quick_records_its_cpu(tmp_path):
     report = json.loads((tmp_path / "mlp_fit.json").read_text())
     assert_cpu_recorded(report)
     assert report["fits"]
+
+
+@pytest.mark.slow
+def test_speed_hybrid_section_reports_state_prefixed_train_steps_against_the_floor(tmp_path):
+    result = run("speed.py", "--only", "hybrid", "--rounds", "1", "--json", str(tmp_path / "hybrid.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "hybrid.json").read_text())
+    assert_cpu_recorded(report)
+    for model_type in ("bamba", "lfm2"):
+        rows = report["hybrid_train_step"][model_type]
+        assert "4 state" in rows["layers"] and rows["floor"]["vs_floor"] == 1.0
+        assert rows["kv"]["seconds"] > 0 and rows["hidden"]["seconds"] > 0

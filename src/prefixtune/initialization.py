@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
 from .injection import Capture, attention_input, refuse_pooled_keys
+from .injection.states import state_shapes
 
 
 @dataclass
@@ -78,25 +79,32 @@ def text_activations(
     ids = token_ids[None].to(model.device)
     extra = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
     cache = DynamicCache(config=model.config) if state_modules else None  # where the states are read
-    # ``cache`` is what transformers 5.24 calls past_key_values (that name goes in 5.40)
-    cached = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+    if cache is not None:  # transformers 5 names it `cache` (`past_key_values` is a deprecated alias, not in Mamba-2)
+        extra["cache"] = cache
     try:
-        model(input_ids=ids, prefixtune_capture=capture, **cached, **extra)
+        model(input_ids=ids, use_cache=cache is not None, prefixtune_capture=capture, **extra)
     finally:
         for hook in hooks:
             hook.remove()
     for call in capture.calls:
         refuse_pooled_keys(model, call, len(token_ids))
     by_module = {call.module: call.key_values(head_dim)[0] for call in capture.calls}
-    activations = TextActivations(
-        key_values=torch.stack([by_module[module] for module in attention_modules]).float(),
-        attention_inputs=torch.stack([inputs[module][0] for module in attention_modules]).float(),
-    )
+    if attention_modules:
+        key_values = torch.stack([by_module[module] for module in attention_modules])
+        attention_inputs = torch.stack([inputs[module][0] for module in attention_modules])
+    else:  # pure state-space models: no attention layer, only states
+        key_values = torch.zeros(0, 2, 0, len(token_ids), 0, device=model.device)
+        attention_inputs = torch.zeros(0, len(token_ids), model.get_input_embeddings().weight.shape[1])
+    activations = TextActivations(key_values=key_values.float(), attention_inputs=attention_inputs.float())
     if state_modules:
         # The cache keeps the last K inputs of each convolution; the conv state is the last K-1.
         conv = [cache.get_conv_state(module.layer_idx)[0, :, 1:] for module in state_modules]
         activations.conv_states = torch.stack(conv).float()
-        activations.recurrent_states = torch.stack([cache.get_recurrent_state(m.layer_idx)[0] for m in state_modules])
-        activations.recurrent_states = activations.recurrent_states.float()
+        recurrent = []
+        for module in state_modules:  # short convolutions have no recurrent state: shape (0,)
+            state = cache.get_recurrent_state(module.layer_idx)
+            empty = activations.conv_states.new_zeros(state_shapes(module)[1])
+            recurrent.append(empty if state is None else state[0].float())
+        activations.recurrent_states = torch.stack(recurrent)
         activations.state_inputs = torch.stack([inputs[module][0] for module in state_modules]).float()
     return activations

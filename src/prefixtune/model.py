@@ -97,11 +97,11 @@ class PrefixModel(nn.Module):
         length = config.prefix_length or len(token_ids)
         prefix = PARAMETERIZATION_CLASSES[config.parameterization](config, length, self.geometry)
         prefix.to(self.device)
-        if token_ids is not None:
-            self._init_from_text(prefix, config.init, token_ids)
         if prefix.runs_base_model:  # tried once now: layers its path cannot follow are refused here, not mid-training
             with torch.no_grad():
                 prefix.key_values(self.kv_path)
+        if token_ids is not None:
+            self._init_from_text(prefix, config.init, token_ids)
         self.prefixes[name] = prefix
         self.prefix_configs[name] = config
         self.active_prefix = name

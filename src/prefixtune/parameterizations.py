@@ -49,6 +49,8 @@ MLP_FIT_LR = 3e-3
 
 def _layer_key_values(kv_path: KeyValuePath, layers: tuple[int, ...], hidden: Tensor) -> Tensor:
     """Per-layer hidden states ``[layers, P, d]`` (or one ``[P, d]`` for all) -> ``[layers, 2, kv, P, hd]``."""
+    if not layers:  # pure state-space models: no attention layer
+        return hidden.new_zeros(0, 2, 0, hidden.shape[-2], 0)
     return torch.stack([kv_path(layer, hidden[i] if hidden.ndim == 3 else hidden) for i, layer in enumerate(layers)])
 
 
@@ -73,9 +75,9 @@ class Prefix(nn.Module):
         self.geometry = geometry
         self.layers = geometry.layers_for(config.places)
         self.state_layers = geometry.state_layers if "decoder" in config.places else 0
-        if not self.layers:
+        if not self.layers and not self.state_layers:
             raise ValueError(
-                f"prefix covers no attention layer: places {config.places}, model has {list(geometry.places)}"
+                f"prefix covers no attention or state layer: places {config.places}, model has {list(geometry.places)}"
             )
         self.dropout = nn.Dropout(config.dropout)
         # Keys and values of different head sizes (MLA): what lies past each one's size is zeroed, so

@@ -50,6 +50,12 @@ class KeyValuePath:
         hidden = hidden[None].to(next(module.parameters()).dtype)  # [1, P, d_model]
         args, kwargs = self.layer_arguments(hidden.shape[1], hidden.dtype)[layer]
         model_input = attention_input(args, kwargs)
+        if model_input.shape[-1] != hidden.shape[-1]:
+            raise UnsupportedModelError(
+                f"{model_kind(self.model)}: {type(module).__name__} reads {model_input.shape[-1]}-wide inputs, not "
+                f"the model's hidden size {hidden.shape[-1]} (e.g. Zamba 2's shared attention reads the hidden "
+                "states concatenated with the embeddings), so the `hidden` parameterization cannot follow it; use 'kv'"
+            )
         args = tuple(hidden if value is model_input else value for value in args)
         kwargs = {key: hidden if value is model_input else value for key, value in kwargs.items()}
         capture = Capture()

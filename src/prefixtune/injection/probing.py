@@ -32,6 +32,7 @@ from .attention import (
     refuse_pooled_keys,
 )
 from .key_value_path import KeyValuePath, run_on_dummy_tokens
+from .mamba_states import carry_state_kwargs
 from .positions import counts_own_positions, position_shifter, shift_stack_positions
 from .states import STATE_KWARGS, find_state_layers, state_shapes
 from .states import install as install_state_layers
@@ -129,7 +130,8 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         if all(call.module is not seen for seen in modules):
             modules.append(call.module)
     ordered = [module for place in PLACES for module in by_place[place]]
-    if not ordered:
+    state_modules = find_state_layers(model, model_kind(model))
+    if not ordered and not state_modules:  # pure state-space models (Mamba-2) have state layers only
         raise UnsupportedModelError(
             f"{model_kind(model)} does not route attention through "
             "transformers' AttentionInterface, so prefixtune cannot inject a prefix into it"
@@ -145,9 +147,9 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         if by_place[place]:
             places[place] = tuple(range(start, start + len(by_place[place])))
             start += len(by_place[place])
+    places = places or {"decoder": ()}  # pure state-space models: only the decoder's state layers
     _refuse_own_attention(model, calls)  # before the cache layout: e.g. compressed keys are refused as such
-    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls)
-    state_modules = find_state_layers(model, model_kind(model))
+    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls) if calls else (0, 0, 0)
     shapes = {state_shapes(module) for module in state_modules}
     if len(shapes) > 1:
         raise UnsupportedModelError(
@@ -160,12 +162,15 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
         # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
         decoder = model.get_decoder()
-        if model.config.is_encoder_decoder or counts_own_positions(decoder):
+        if not ordered:  # pure state-space models: no positions to shift
+            pass
+        elif model.config.is_encoder_decoder or counts_own_positions(decoder):
             hooks += shift_stack_positions(decoder, places["decoder"])
         else:
             hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
         _accept_prefix_in_generate(model)
         install_state_layers(state_modules)
+        hooks += carry_state_kwargs(model) if state_modules else []
         model._prefixtune_injected = Injected(original, hooks)
     head_dim = max(key_head_dim, value_head_dim)
     geometry = Geometry(

@@ -41,8 +41,10 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..transformers_private import linear_attention_layers, with_accelerate_hooks
 from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
+from .conv_states import STATE_KINDS as SHORT_CONV_KINDS
+from .mamba_states import STATE_KINDS as MAMBA2_KINDS
+from .state_kinds import STATE_KWARGS, Shapes, StateKind
 
-STATE_KWARGS = ("prefix_conv_states", "prefix_recurrent_states")
 # What prefixtune adds to a forward call, for attention layers; a linear layer's own forward must not see it.
 _INJECTION_KWARGS = (*PREFIX_KWARGS, *STATE_KWARGS, MASK_CACHE_KWARG, POSITIONS_KWARG, "prefixtune_capture")
 
@@ -72,8 +74,13 @@ def find_state_layers(model: PreTrainedModel, kind: str) -> list[nn.Module]:
     return [found[index] for index in stateful]
 
 
-def state_shapes(module: nn.Module) -> tuple[tuple[int, int], tuple[int, int, int]]:
-    """(conv state ``[conv_dim, K-1]``, recurrent state ``[v_heads, k_head_dim, v_head_dim]``) of one layer."""
+def state_shapes(module: nn.Module) -> Shapes:
+    """(conv state ``[conv_dim, K-1]``, recurrent state) of one state layer, by its kind (`STATE_KINDS`)."""
+    return STATE_KINDS[type(module).__name__].shapes(module)
+
+
+def _gated_deltanet_shapes(module: nn.Module) -> Shapes:
+    """(conv state ``[conv_dim, K-1]``, recurrent state ``[v_heads, k_head_dim, v_head_dim]``)."""
     return (
         (module.conv_dim, module.conv_kernel_size - 1),
         (module.num_v_heads, module.head_k_dim, module.head_v_dim),
@@ -131,10 +138,15 @@ def prefixed_forward(
         )
     layer, device = module.prefixtune_state_layer, hidden_states.device  # layers may sit on other devices
     conv_state, recurrent_state = conv_states[:, layer].to(device), recurrent_states[:, layer].to(device)
-    output, window, final = mix(module, hidden_states, attention_mask, conv_state, recurrent_state, cache is not None)
+    mix_layer = STATE_KINDS[type(module).__name__].mix
+    output, window, final = mix_layer(
+        module, hidden_states, attention_mask, conv_state, recurrent_state, cache is not None
+    )
     if cache is not None:  # what the text leaves, stored as the model's own forward stores it
-        cache.update_conv_state(window, module.layer_idx, conv_kernel_size=module.conv_kernel_size)
-        cache.update_recurrent_state(final, module.layer_idx)
+        kernel_size = state_shapes(module)[0][1] + 1
+        cache.update_conv_state(window, module.layer_idx, conv_kernel_size=kernel_size)
+        if final is not None:  # short convolutions have no recurrent state
+            cache.update_recurrent_state(final, module.layer_idx)
     return output
 
 
@@ -174,7 +186,6 @@ _INPUTS = {
     "LaraMiniGatedDeltaNet": _qwen3_5_inputs,
     "OlmoHybridGatedDeltaNet": _olmo_hybrid_inputs,
 }
-STATE_LAYER_CLASSES = tuple(_INPUTS)
 
 
 @with_accelerate_hooks("conv1d")  # as the model's own forward: the conv weight is used directly
@@ -225,6 +236,15 @@ def mix(
     return projection(output.reshape(batch, length, -1)), window, final
 
 
+# Every kind of state layer prefixtune follows, by module class name: the registration point (see `state_kinds`).
+STATE_KINDS: dict[str, StateKind] = {
+    **dict.fromkeys(_INPUTS, StateKind(_gated_deltanet_shapes, mix)),
+    **MAMBA2_KINDS,
+    **SHORT_CONV_KINDS,
+}
+STATE_LAYER_CLASSES = tuple(STATE_KINDS)
+
+
 class StatePath:
     """Sends hidden states ``[P, d_model]`` through one state layer's own frozen path from the
     model's own start (zero states), as P real tokens at its input would go, and returns the
@@ -237,7 +257,8 @@ class StatePath:
     def __call__(self, layer: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
         module = self.modules[layer]
         hidden = hidden[None].to(next(module.parameters()).dtype)  # [1, P, d_model]
-        conv_shape, _ = state_shapes(module)
+        conv_shape, recurrent_shape = state_shapes(module)
         start = hidden.new_zeros(1, *conv_shape)
-        _, window, final = mix(module, hidden, None, start, None, True)
+        _, window, final = STATE_KINDS[type(module).__name__].mix(module, hidden, None, start, None, True)
+        final = hidden.new_zeros(1, *recurrent_shape).float() if final is None else final  # short convolutions: none
         return window[0, :, window.shape[-1] - conv_shape[1] :], final[0]

@@ -1,0 +1,133 @@
+"""Short-convolution hybrids (Liquid LFM2, LFM2-MoE): a prefix gives each convolution layer its initial conv
+state, so an `activations` prefix of text T acts exactly as T does: per row, left-padded, in `generate`, through
+training, checkpointing and save/load. The replacement forward is the layer's own, bit for bit, without a prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from architecture_walk import build, relative_error
+from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.files import PrefixFileError
+from prefixtune.injection.conv_states import mix
+from test_hybrid_states import ROW_PREFIXES, ROWS, TEXTS, TOLERANCE, left_padded, text_ids
+from tiny import SPECIAL, tiny_tokenizer
+
+MODEL_TYPES = ["lfm2", "lfm2_moe"]
+# Two convolution layers around attention (kernel conv_L_cache = 3: conv state of 2 columns).
+LAYOUT = {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"]}
+
+
+def conv_model(model_type: str, **overrides):
+    """The walk's tiny model with two convolution layers; their input projections scaled up, so that
+    ``C * conv(B * x)`` (a product of three projections at initializer_range 0.02) shows in the logits."""
+    overrides = LAYOUT | ({"num_dense_layers": 3} if model_type == "lfm2_moe" else {}) | overrides
+    model = build(model_type, **overrides)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("ShortConv"):
+                module.in_proj.weight.mul_(10)
+    return model
+
+
+def hybrid(model_type: str, parameterization: str = "kv") -> PrefixModel:
+    model = PrefixModel(conv_model(model_type), name=None, tokenizer=tiny_tokenizer())
+    for name, text in TEXTS.items():
+        model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
+    return model
+
+
+def bare_logits(model: PrefixModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad(), model.disable_prefix():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_mix_without_a_conv_state_is_the_layers_own_forward_bit_for_bit(model_type):
+    """Output and the cache's conv state as transformers' own forward leaves them (also left-padded)."""
+    model = conv_model(model_type)
+    module = next(m for m in model.modules() if type(m).__name__.endswith("ShortConv"))
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, model.config.hidden_size)
+    zeros = hidden.new_zeros(2, model.config.hidden_size, module.conv_kernel_size - 1)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        own = type(module).forward(module, hidden, cache=cache, attention_mask=mask)
+        output, window, final = mix(module, hidden, mask, zeros, None, True)
+    assert torch.equal(output, own) and final is None
+    assert torch.equal(window[..., -module.conv_kernel_size :], cache.get_conv_state(module.layer_idx))
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_activations_conv_state_prefix_equals_its_text_per_row_left_padded(model_type, parameterization):
+    model = hybrid(model_type, parameterization)
+    assert model.geometry.conv_state_shape == (32, 2) and model.geometry.recurrent_state_shape == (0,)
+    with torch.no_grad():
+        logits = model(**left_padded(ROWS), prefix=ROW_PREFIXES).logits
+    for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
+        want = bare_logits(model, text_ids(name) + row)[-len(row) :]
+        assert relative_error(logits[i, -len(row) :], want) <= TOLERANCE, (name, row)
+    with torch.no_grad():  # without the conv states (attention prefix only) the long row is off
+        inputs = model.prefix_inputs("long", 1)
+        inputs["prefix_conv_states"] = torch.zeros_like(inputs["prefix_conv_states"])
+        without = model.base_model(input_ids=torch.tensor([ROWS[0]]), **inputs).logits[0]
+    assert relative_error(without, logits[0]) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_generate_keeps_the_conv_states_greedy_and_beam(model_type):
+    model = hybrid(model_type)
+    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
+    for beams in (1, 2):
+        batch = left_padded(ROWS)
+        out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **options)[:, batch["input_ids"].shape[1] :]
+        for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
+            ids = text_ids(name) + row
+            with model.disable_prefix():
+                want = model.generate(input_ids=torch.tensor([ids]), num_beams=beams, **options)[0, len(ids) :]
+            assert out[i].tolist() == want.tolist(), (beams, name)
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+def test_gradients_reach_every_conv_state_and_checkpointing_changes_nothing(parameterization):
+    results = []
+    for checkpointing in (False, True):
+        base = conv_model("lfm2")
+        torch.manual_seed(0)
+        config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
+        model = PrefixModel(base, config, tokenizer=tiny_tokenizer())
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        batch = left_padded(ROWS[:3])
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        parameters = model.prefixes["default"].named_parameters()
+        grads = {name: p.grad.clone() for name, p in parameters if p.numel()}  # no recurrent state: empty
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    name = "prefix_conv_states" if parameterization == "kv" else "prefix_state_hidden"
+    assert (grads[name].flatten(1).abs().sum(-1) > 0).all()  # both convolution layers
+    torch.testing.assert_close(loss_checkpointed, loss, atol=1e-6, rtol=0)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[key], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_save_and_load_keep_the_conv_states_and_refuse_another_kernel(tmp_path):
+    model = hybrid("lfm2", "hidden")
+    batch = left_padded(ROWS)
+    with torch.no_grad():
+        before = model(**batch, prefix=ROW_PREFIXES).logits
+        model.compile_prefix("long")
+        torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
+    model.save_prefix(tmp_path / "long", name="long")
+    again = PrefixModel.from_pretrained(conv_model("lfm2"), tmp_path / "long")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
+    with pytest.raises(PrefixFileError, match=r"conv_state_shape: prefix was trained on \[32, 2\]"):
+        PrefixModel.from_pretrained(conv_model("lfm2", conv_L_cache=4), tmp_path / "long")

@@ -1,0 +1,202 @@
+"""Mamba-2 mixers (Mamba-2, Bamba, Granite 4.0 hybrid, Nemotron-H, Falcon-H1, Zamba 2): a prefix gives each mixer an
+initial conv + SSM state, so an `activations` prefix of text T acts exactly as T does: batched with a different
+prefix (or none) per row, left-padded, in `generate`, through training, checkpointing, save/load and the
+micro-batch serving engine. The replacement forward is the mixer's own, bit for bit, from zero states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from architecture_walk import build, relative_error
+from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefixtune.files import PrefixFileError
+from prefixtune.injection.mamba_states import CLASSES, mix
+from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
+from test_hybrid_states import ROW_PREFIXES, ROWS, TEXTS, TOLERANCE, left_padded, text_ids
+from tiny import SPECIAL, tiny_tokenizer
+
+MODEL_TYPES = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2"]
+# Two mixers around an attention layer where the type allows it (walk configs: kernel 4, chunk 16, 4 heads x 16).
+LAYOUTS = {
+    "bamba": {"num_hidden_layers": 3, "attn_layer_indices": [1]},
+    "granitemoehybrid": {"num_hidden_layers": 3, "layer_types": ["mamba", "attention", "mamba"]},
+    # Zamba 2: two hybrid layers sharing one attention block (transformer + adapters), as its checkpoints do
+    "zamba2": {"num_hidden_layers": 4, "layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"]}
+    | {"hybrid_layer_ids": [1, 3], "num_mem_blocks": 1},
+}
+# Zamba 2's shared attention reads hidden states and embeddings concatenated: its `hidden` prefix is refused.
+HIDDEN_TYPES = [model_type for model_type in MODEL_TYPES if model_type != "zamba2"]
+
+
+def mamba(model_type: str, **overrides):
+    """The walk's tiny model; Falcon-H1's mixer output scaled up so its states show in the logits (beside
+    attention in every layer, at initializer_range 0.02, it hardly moves them)."""
+    model = build(model_type, **LAYOUTS.get(model_type, {}) | overrides)
+    with torch.no_grad():
+        for module in mixers(model) if model_type == "falcon_h1" else []:
+            module.out_proj.weight.mul_(100)
+    return model
+
+
+def hybrid(model_type: str, parameterization: str = "kv") -> PrefixModel:
+    """A tiny Mamba-2 model with an `activations` prefix per text."""
+    model = PrefixModel(mamba(model_type), name=None, tokenizer=tiny_tokenizer())
+    for name, text in TEXTS.items():
+        model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
+    return model
+
+
+def bare_logits(model: PrefixModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad(), model.disable_prefix():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def mixers(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in (*CLASSES, "Zamba2MambaMixer")]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_mix_from_zero_states_is_the_mixers_own_forward_bit_for_bit(model_type):
+    """Without a prefix (zero states) `mix` is transformers' own torch path exactly: its output, and
+    what the cache holds after it (conv window, SSM state); under left padding equal at real tokens
+    up to rounding (there pads keep dt at 0, which the model's own scan sums differently)."""
+    model = mamba(model_type)
+    module = mixers(model)[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 40, model.config.hidden_size)  # 40 tokens: three chunks of 16
+    zeros = hidden.new_zeros(2, module.conv_dim, module.conv_kernel_size - 1)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        own = type(module).forward(module, hidden, cache=cache, attention_mask=None)
+        output, window, final = mix(module, hidden, None, zeros, None, True)
+        assert torch.equal(output, own)
+        assert torch.equal(window[..., -module.conv_kernel_size :], cache.get_conv_state(module.layer_idx))
+        assert torch.equal(final, cache.get_recurrent_state(module.layer_idx))
+        mask = torch.ones(2, 40, dtype=torch.long)
+        mask[1, :7] = 0
+        own = type(module).forward(module, hidden, attention_mask=mask)
+        padded, _, _ = mix(module, hidden, mask, zeros, None, False)
+    assert torch.equal(padded[0], own[0])
+    assert relative_error(padded[1, 7:], own[1, 7:]) <= 1e-6
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type, parameterization):
+    """Mixed prefixes per row (long: five scan chunks; short: fewer tokens than the conv state; none),
+    left-padded by 0..5 tokens, each row equal to the bare model on T + x; without the states the long
+    row is off."""
+    if parameterization == "hidden" and model_type not in HIDDEN_TYPES:
+        with pytest.raises(UnsupportedModelError, match="Zamba2Attention reads 64-wide inputs.*use 'kv'"):
+            hybrid(model_type, parameterization)
+        return
+    model = hybrid(model_type, parameterization)
+    with torch.no_grad():
+        logits = model(**left_padded(ROWS), prefix=ROW_PREFIXES).logits
+    for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
+        want = bare_logits(model, text_ids(name) + row)[-len(row) :]
+        assert relative_error(logits[i, -len(row) :], want) <= TOLERANCE, (name, row)
+    with torch.no_grad():
+        inputs = model.prefix_inputs("long", 1)
+        for key in ("prefix_conv_states", "prefix_recurrent_states"):
+            inputs[key] = torch.zeros_like(inputs[key])
+        without = model.base_model(input_ids=torch.tensor([ROWS[0]]), **inputs).logits[0]
+    assert relative_error(without, logits[0]) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_generate_keeps_the_states_greedy_and_beam(model_type):
+    model = hybrid(model_type)
+    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
+    for beams in (1, 2):
+        batch = left_padded(ROWS)
+        out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **options)[:, batch["input_ids"].shape[1] :]
+        for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
+            ids = text_ids(name) + row
+            with model.disable_prefix():
+                want = model.generate(input_ids=torch.tensor([ids]), num_beams=beams, **options)[0, len(ids) :]
+            assert out[i].tolist() == want.tolist(), (beams, name)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "parameterization"), [("bamba", "kv"), ("falcon_h1", "hidden"), ("mamba2", "kv")]
+)
+def test_gradients_reach_every_state_and_checkpointing_changes_nothing(model_type, parameterization):
+    results = []
+    for checkpointing in (False, True):
+        base = mamba(model_type)
+        torch.manual_seed(0)
+        config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
+        model = PrefixModel(base, config, tokenizer=tiny_tokenizer())
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        batch = left_padded(ROWS[:3])
+        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+        loss.backward()
+        parameters = model.prefixes["default"].named_parameters()
+        grads = {name: p.grad.clone() for name, p in parameters if p.numel()}  # Mamba-2 has no keys/values
+        assert all(p.grad is None for p in base.parameters())
+        results.append((loss.detach(), grads))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    states = ["prefix_conv_states", "prefix_recurrent_states"] if parameterization == "kv" else ["prefix_state_hidden"]
+    for name in states:  # every state layer gets a gradient
+        assert (grads[name].flatten(1).abs().sum(-1) > 0).all(), name
+    torch.testing.assert_close(loss_checkpointed, loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", HIDDEN_TYPES)
+def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
+    """`hidden` compiles to direct states with the same logits; the file round-trips them and carries
+    the state geometry in its fingerprint, so a base with another SSM state size is refused by name."""
+    model = hybrid(model_type, "hidden")
+    batch = left_padded(ROWS)
+    with torch.no_grad():
+        before = model(**batch, prefix=ROW_PREFIXES).logits
+        model.compile_prefix("long")
+        torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
+    model.save_prefix(tmp_path / "long", name="long")
+    assert model.fingerprint["recurrent_state_shape"] == [4, 16, 8]
+    again = PrefixModel.from_pretrained(mamba(model_type), tmp_path / "long")
+    for key in ("prefix_conv_states", "prefix_recurrent_states"):
+        torch.testing.assert_close(again.prefixes["long"].state_dict()[key], model.prefixes["long"].state_dict()[key])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
+    state_size = "state_size" if model_type == "mamba2" else "ssm_state_size" if model_type == "nemotron_h" else None
+    other = mamba(model_type, **{state_size or "mamba_d_state": 4})
+    with pytest.raises(PrefixFileError, match=r"recurrent_state_shape: prefix was trained on \[4, 16, 8\]"):
+        PrefixModel.from_pretrained(other, tmp_path / "long")
+
+
+def test_mamba2_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
+    source = hybrid("bamba")
+    for name in ("mid", "short"):
+        source.save_prefix(tmp_path / "store" / name, name=name)
+    model = PrefixModel(mamba("bamba"), name=None, tokenizer=tiny_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="not exact here: .*initial state"):  # a paged KV cache only
+        ContinuousEngine(model, tiny_tokenizer())
+    engine = make_engine(model, tiny_tokenizer(), PrefixStore(model, tmp_path / "store"), "auto")
+    assert isinstance(engine, BatchingEngine)
+    jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
+    engine.wait_seconds = 0.2
+    engine.start()
+    try:
+        results = [future.result(timeout=120) for future in [engine.submit(Request(r, n, 4)) for r, n in jobs]]
+    finally:
+        engine.stop()
+    assert engine.stats["batches"] < len(jobs)
+    for (row, name), result in zip(jobs, results, strict=True):
+        want = source.generate(
+            input_ids=torch.tensor([row]),
+            prefix=["" if name == BASE_NAME else name],
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=SPECIAL["eos"],
+            pad_token_id=SPECIAL["pad"],
+        )[0, len(row) :].tolist()
+        want = want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
+        assert result.token_ids == want, (row, name)
