@@ -283,3 +283,34 @@ def test_distill_command_prints_the_report_table_and_refuses_bad_input_in_one_li
     failed = CliRunner().invoke(app, args + small)  # the output exists now
     said = " ".join(failed.output.split())  # rich wraps long lines
     assert failed.exit_code == 2 and "out exists already; choose another --output" in said and "Traceback" not in said
+
+
+def test_a_distilled_prefix_serves_beside_trained_ones_token_identical_to_generate(tiny_folder, files):
+    """The distill output copied into a store with trained prefixes, served by the continuous engine
+    with mixed prefixes in one batch (chunked prefill): each request equals `PrefixModel.generate` alone."""
+    import shutil
+
+    from prefixtune.serving import BASE_NAME, ContinuousEngine, PrefixStore, Request
+    from test_serving import PROMPTS as SERVED, alone, prompt_ids, reference_model, write_store
+
+    prefixtune.distill(options(tiny_folder, files, parameterization="hidden"))
+    store_folder = files / "store"
+    write_store(store_folder)
+    shutil.copytree(files / "out", store_folder / "handbook")
+    reference = reference_model(store_folder)
+    reference.load_prefix(store_folder / "handbook", name="handbook")
+    served = reference_model(store_folder)
+    store = PrefixStore(served, store_folder)
+    engine = ContinuousEngine(served, served.tokenizer, max_batch_size=6, max_batch_tokens=8).start()
+    store.exclusive = engine.exclusive
+    jobs = [
+        (p, n, 6 + 3 * i % 11)
+        for i, (p, n) in enumerate((p, n) for p in SERVED for n in ("handbook", "formal-blog", BASE_NAME))
+    ]
+    futures = [engine.submit(Request(prompt_ids(p), n, m, prefix_inputs=store.snapshot(n))) for p, n, m in jobs]
+    results = [future.result(timeout=120).token_ids for future in futures]
+    engine.stop()
+    for (prompt, name, max_tokens), got in zip(jobs, results, strict=True):
+        assert got == alone(reference, prompt, name, max_tokens), (prompt, name)
+    changed = [alone(reference, p, "handbook", 10) != alone(reference, p, BASE_NAME, 10) for p in SERVED]
+    assert any(changed)  # the distilled prefix changes what is generated
