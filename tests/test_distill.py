@@ -291,7 +291,8 @@ def test_a_distilled_prefix_serves_beside_trained_ones_token_identical_to_genera
     import shutil
 
     from prefixtune.serving import BASE_NAME, ContinuousEngine, PrefixStore, Request
-    from test_serving import PROMPTS as SERVED, alone, prompt_ids, reference_model, write_store
+    from test_serving import PROMPTS as SERVED
+    from test_serving import alone, prompt_ids, reference_model, write_store
 
     prefixtune.distill(options(tiny_folder, files, parameterization="hidden"))
     store_folder = files / "store"
