@@ -172,10 +172,10 @@ def _tokens_after_context(options: DistillOptions, formatter: PromptFormatter, c
 
         longest = max(len(formatter.prompt_ids(p)) for p in read_prompts(options.prompts))
         return longest + options.max_answer_tokens
-    from .selfstudy import SEEDS, chunks
+    from .selfstudy import SEEDS, chunks, seed_ids
 
     pieces = chunks(context, formatter.tokenizer, options.chunk_tokens)
-    seeds = max(len(formatter.prompt_ids(seed.format(chunk=piece))) for seed in SEEDS.values() for piece in pieces)
+    seeds = max(len(seed_ids(formatter, kind, piece)) for kind in SEEDS for piece in pieces)
     return max(seeds + options.max_prompt_tokens, _prompt_and_answer(formatter, options))
 
 

@@ -32,23 +32,28 @@ from .context import Context
 from .loss import teacher_topk
 from .prefixes import TEACHER
 
-SEEDS: dict[str, str] = {
+# kind: (instruction about a chunk, the words the teacher's prompt starts with). A small model asked
+# for "a question" often writes anything but one; starting its reply with the lead words keeps it on task.
+SEEDS: dict[str, tuple[str, str]] = {
     "question": (
         "Here is a part of the document above:\n\n{chunk}\n\n"
-        "Write one question a reader could ask about this part. Write only the question."
+        "Write one question a reader could ask about a fact in this part. Write only the question.",
+        "Question:",
     ),
     "summarise": (
         "Here is a part of the document above:\n\n{chunk}\n\n"
-        "Write a short request asking for a summary of what this part says. Write only the request."
+        "Write a short request asking for a summary of one topic of this part. Write only the request.",
+        "Please summarise",
     ),
     "rewrite": (
         "Here is a part of the document above:\n\n{chunk}\n\n"
-        "Write a request asking to rewrite one fact from this part in the document's own voice. "
-        "Write only the request."
+        "Write a request asking to rewrite one fact from this part as an announcement. Write only the request.",
+        "Please write an announcement",
     ),
     "continue": (
         "Here is a part of the document above:\n\n{chunk}\n\n"
-        "Write a request asking to continue this part in the same voice. Write only the request."
+        "Write a request asking to explain one rule of this part to a new colleague. Write only the request.",
+        "Please explain",
     ),
 }
 CACHE_VERSION = 1
@@ -133,18 +138,19 @@ def cache_key(model: PrefixModel, dtype: str, context: Context, formatter: Promp
 def _generate(
     model: PrefixModel,
     formatter: PromptFormatter,
-    messages: list[str],
+    inputs: list[list[int]],
     max_new_tokens: int,
     sample: bool,
     batch_size: int,
 ) -> list[list[int]]:
-    """The teacher's continuation ids per message, batched by length (left-padded), in input order."""
+    """The teacher's continuation ids of each input (the ids after the context), batched by length
+    (left-padded), in input order."""
     tokenizer = formatter.tokenizer
-    order = sorted(range(len(messages)), key=lambda i: len(messages[i]))
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     outputs: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = pad_batch([{"input_ids": formatter.prompt_ids(messages[i])} for i in rows], tokenizer.pad_token_id)
+        batch = pad_batch([{"input_ids": inputs[i]} for i in rows], tokenizer.pad_token_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         options = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if sample else {"do_sample": False}
         tokens = model.generate(
@@ -157,7 +163,7 @@ def _generate(
         )[:, batch["input_ids"].shape[1] :]
         for i, row in zip(rows, tokens.tolist(), strict=True):
             outputs[i] = _until_eos(row, tokenizer.eos_token_id)
-    return [outputs[i] for i in range(len(messages))]
+    return [outputs[i] for i in range(len(inputs))]
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:
@@ -172,11 +178,11 @@ def write_prompts(model: PrefixModel, formatter: PromptFormatter, context: Conte
     for attempt in range(3):  # sampled prompts can come out empty or repeated: ask again, at most twice
         count = math.ceil((settings.samples - len(wanted)) * 1.25)
         plan = [(kinds[(i + attempt) % len(kinds)], pieces[i % len(pieces)]) for i in range(count)]
-        texts = [SEEDS[kind].format(chunk=piece) for kind, piece in plan]
-        written = _generate(model, formatter, texts, settings.max_prompt_tokens, True, settings.batch_size)
+        inputs = [seed_ids(formatter, kind, piece) for kind, piece in plan]
+        written = _generate(model, formatter, inputs, settings.max_prompt_tokens, True, settings.batch_size)
         seen = {prompt for _, prompt in wanted}
         for (kind, _), ids in zip(plan, written, strict=True):
-            prompt = _first_line(formatter.tokenizer.decode(ids, skip_special_tokens=True))
+            prompt = _prompt_text(SEEDS[kind][1], formatter.tokenizer.decode(ids, skip_special_tokens=True))
             if prompt and prompt not in seen and len(wanted) < settings.samples:
                 wanted.append((kind, prompt))
                 seen.add(prompt)
@@ -185,9 +191,24 @@ def write_prompts(model: PrefixModel, formatter: PromptFormatter, context: Conte
     return wanted
 
 
-def _first_line(text: str) -> str:
-    lines = [line.strip().strip('"').strip() for line in text.strip().splitlines()]
-    return next((line for line in lines if line), "")
+def seed_ids(formatter: PromptFormatter, kind: str, chunk: str) -> list[int]:
+    """The seed instruction about `chunk` as the teacher reads it after the context, with the start
+    of its reply (the lead words) already in place."""
+    instruction, lead = SEEDS[kind]
+    return (
+        formatter.prompt_ids(instruction.format(chunk=chunk))
+        + formatter.tokenizer(lead, add_special_tokens=False)["input_ids"]
+    )
+
+
+def _prompt_text(lead: str, written: str) -> str:
+    """The prompt: the lead words (without a "Question:" label) and the first line written after them;
+    empty when the teacher wrote nothing."""
+    line = next((line.strip() for line in written.strip().splitlines() if line.strip()), "")
+    if not line:
+        return ""
+    lead = "" if lead.endswith(":") else lead
+    return " ".join(part for part in (lead, line.strip('"').strip()) if part)
 
 
 @torch.no_grad()
@@ -226,9 +247,8 @@ def build_samples(
         pairs = write_prompts(model, formatter, context, settings)
     if not pairs:
         raise DataError(f"{context.source}: the teacher wrote no usable prompt about the context")
-    answers = _generate(
-        model, formatter, [prompt for _, prompt in pairs], settings.max_answer_tokens, False, settings.batch_size
-    )
+    inputs = [formatter.prompt_ids(prompt) for _, prompt in pairs]
+    answers = _generate(model, formatter, inputs, settings.max_answer_tokens, False, settings.batch_size)
     samples = [
         Sample(prompt, ids or [formatter.tokenizer.eos_token_id], kind)
         for (kind, prompt), ids in zip(pairs, answers, strict=True)
