@@ -4,8 +4,11 @@ Differs from the language-model loss of `train`: the target at each answer posit
 teacher's distribution, not one token. Stored with the samples are the teacher's top-k
 log-probabilities (Cartridges keeps k = 20); the KL is summed over those k tokens,
 ``sum_i p_t(i) * (log p_t(i) - log p_s(i))`` with the student's log-softmax over the whole
-vocabulary, so with k = vocabulary size it is the full KL exactly. k = 0 means the full
-vocabulary, from teacher logits computed on the fly (`full_kl`).
+vocabulary, so with k = vocabulary size it is the full KL exactly. With k smaller it is the
+cross-entropy on the teacher's top k minus their part of the teacher's entropy: the same gradient
+as a KL there, but the value can dip below 0 (the student may put more mass on those k tokens than
+the teacher), so reports use `full_kl`. k = 0 means the full vocabulary, from teacher logits
+computed on the fly.
 """
 
 from __future__ import annotations
