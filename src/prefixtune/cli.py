@@ -1,4 +1,4 @@
-"""The `prefixtune` command: train, eval, score, convert, generate, serve, demo (typer + rich).
+"""The `prefixtune` command: train, distill, eval, score, convert, generate, serve, demo (typer + rich).
 
 Every command takes ``--config FILE.yaml`` whose keys are the command's option names (``prefix_length``
 or ``prefix-length``); flags given on the command line win over the file. ``train``'s options are
@@ -24,6 +24,7 @@ from rich.text import Text
 
 from .config import ConfigError, from_flat
 from .data import DataError
+from .distillation.run import DistillOptions
 from .files import PrefixFileError, read_meta
 from .injection import UnsupportedModelError
 from .loading import DEVICES, ModelLoadError
@@ -433,6 +434,24 @@ def generate(
         shown = given if isinstance(given, str) else "\n".join(f"{m['role']}: {m['content']}" for m in given)
         table.add_row(Text(shown), *[Text(t) for t in texts[i * len(columns) : (i + 1) * len(columns)]])
     console.print(table)
+
+
+@app.command()
+@options_command(DistillOptions)
+def distill(options: DistillOptions) -> None:
+    """Distil a context (handbook, style guide, long system prompt) into a prefix that replaces it."""
+    from .distillation import distill as run_distill
+    from .distillation.report import report_table
+
+    try:
+        report = run_distill(options)
+    except USER_ERRORS as error:
+        _fail(error)
+    if report["held_out"]:
+        console.print(report_table(report))
+    seconds = report["seconds"]
+    console.print(f"samples {seconds['samples']:.1f} s, training {seconds['training']:.1f} s")
+    console.print(Text(f"wrote {options.output}"), soft_wrap=True)
 
 
 @app.command()

@@ -1,0 +1,74 @@
+"""Training the student on the teacher's distributions with the project's `PrefixTrainer`.
+
+Differs from `train` only in the loss: each row carries the teacher's top-k log-probabilities at its
+answer positions (the collator lays them out beside the left-padded ids) and `DistillTrainer`
+minimises the per-token KL(teacher || student) instead of the next-token loss; with ``top_k = 0`` the
+teacher prefix runs on the same batch for the full-vocabulary KL. Checkpoints, exact resume after
+``kill -9``, bf16/fp16, gradient checkpointing and length-grouped batches are `PrefixTrainer`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data import PromptFormatter, pad_batch
+from ..training import PrefixTrainer, TokenizedExamples
+from .loss import full_kl, topk_kl
+from .prefixes import TEACHER
+from .selfstudy import Sample
+
+
+def distill_rows(samples: list[Sample], formatter: PromptFormatter) -> TokenizedExamples:
+    """Student rows: prompt ids (as the server sends them) + the teacher's answer, loss on the answer."""
+    rows = []
+    for sample in samples:
+        prompt = formatter.prompt_ids(sample.prompt)
+        row = {"input_ids": prompt + sample.answer_ids, "labels": [-100] * len(prompt) + sample.answer_ids}
+        if sample.topk_indices is not None:
+            row |= {"topk_indices": sample.topk_indices, "topk_logprobs": sample.topk_logprobs}
+        rows.append(row)
+    return TokenizedExamples(rows)
+
+
+def collate(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
+    """Left-padded ids plus ``answer_mask`` [B, W] (True where position t predicts an answer token) and
+    the teacher's top-k laid out on those positions, ``topk_indices``/``topk_logprobs`` [B, W, k]."""
+    batch = pad_batch([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows], pad_token_id, "left")
+    width = batch["input_ids"].shape[1]
+    labels = batch["labels"]  # [B, W], -100 outside the answers
+    batch["answer_mask"] = torch.zeros_like(labels, dtype=torch.bool)
+    batch["answer_mask"][:, :-1] = labels[:, 1:] != -100
+    if "topk_indices" in rows[0]:
+        k = rows[0]["topk_indices"].shape[-1]
+        indices = torch.zeros(len(rows), width, k, dtype=torch.long)
+        logprobs = torch.zeros(len(rows), width, k)
+        for i, row in enumerate(rows):
+            answer = row["topk_indices"].shape[0]
+            indices[i, width - answer - 1 : width - 1] = row["topk_indices"].long()
+            logprobs[i, width - answer - 1 : width - 1] = row["topk_logprobs"]
+        batch |= {"topk_indices": indices, "topk_logprobs": logprobs}
+    return batch
+
+
+class DistillTrainer(PrefixTrainer):
+    """`PrefixTrainer` with the KL loss (see the module docstring)."""
+
+    def __init__(self, *args: Any, student: str, **kwargs: Any) -> None:
+        super().__init__(*args, prefix_names=[student], **kwargs)
+        self.student = student
+        self.model_accepts_loss_kwargs = False  # the loss is a per-token mean already: Trainer divides by accumulation
+
+    def compute_loss(self, model, inputs: dict[str, Tensor], return_outputs: bool = False, num_items_in_batch=None):
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        outputs = model(input_ids=ids, attention_mask=attention, prefix=self.student)
+        mask = inputs["answer_mask"]
+        if "topk_indices" in inputs:
+            loss = topk_kl(outputs.logits, inputs["topk_indices"], inputs["topk_logprobs"], mask)
+        else:
+            with torch.no_grad():
+                teacher = model(input_ids=ids, attention_mask=attention, prefix=TEACHER).logits
+            loss = full_kl(outputs.logits, teacher, mask)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,319 @@
+"""Context distillation (`prefixtune distill`) on a tiny model: exactness of a whole-context prefix,
+the top-k KL, self-study data and its cache, training, the output folder, bad input, and serving."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import prefixtune
+from prefixtune import PrefixConfig, PrefixModel, load_base_model
+from prefixtune.cli import app
+from prefixtune.data import DataError, PromptFormatter, pad_batch
+from prefixtune.distillation import DistillOptions, selfstudy
+from prefixtune.distillation.context import load_context
+from prefixtune.distillation.loss import full_kl, teacher_topk, topk_kl
+from prefixtune.distillation.prefixes import TEACHER, add_prefix_from_ids, add_teacher
+from prefixtune.distillation.run import work_folder
+from prefixtune.distillation.selfstudy import Sample, StudySettings, attach_topk, cached_samples
+from prefixtune.distillation.trainer import collate, distill_rows
+from prefixtune.files import CONFIG_NAME
+from prefixtune.training import RunExistsError
+from tiny import VOCAB, tiny_model, tiny_tokenizer
+
+CONTEXT = (
+    "the restaurant near the river serves french food and the pub in the city centre serves cheap "
+    "english food it has a high customer rating and is family friendly"
+)
+PROMPTS = ["the restaurant", "cheap food near the river", "a pub in the city centre", "family friendly", "rating"]
+SMALL = {"max_prompt_tokens": 6, "max_answer_tokens": 10, "chunk_tokens": 12, "generation_batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny Llama and its tokenizer saved as a model folder, so `distill` loads it like any model."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return tmp_path
+
+
+def options(tiny_folder, files, **overrides) -> DistillOptions:
+    values = {
+        "model": tiny_folder,
+        "context": str(files / "context.txt"),
+        "output": str(files / "out"),
+        "prompts": str(files / "prompts.txt"),
+        "prefix_length": 4,
+        "steps": 30,
+        "batch_size": 4,
+        "lr": 5e-2,
+        "warmup_steps": 0,
+        "held_out": 0.2,
+        "cache": str(files / "cache"),
+        "device": "cpu",
+        "dtype": "float32",  # the exactness checks compare float32 numbers (auto may pick bfloat16)
+        **SMALL,
+    }
+    return DistillOptions(**(values | overrides))
+
+
+def teacher_and_samples(tmp_path, top_k: int = 20):
+    """A tiny model with the teacher prefix and samples answered by it; the context; the formatter."""
+    tokenizer = tiny_tokenizer()
+    formatter = PromptFormatter(tokenizer)
+    (tmp_path / "context.txt").write_text(CONTEXT)
+    context = load_context(tmp_path / "context.txt", formatter)
+    model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tokenizer)
+    add_teacher(model, context.ids)
+    samples = [
+        Sample(p, ids, "given")
+        for p, ids in zip(PROMPTS, ([5, 9, 11, 2], [7, 3], [8, 8, 20, 31, 2], [4], [40, 41]), strict=True)
+    ]
+    if top_k:
+        attach_topk(model, formatter, samples, top_k, batch_size=3)
+    return model, formatter, context, samples
+
+
+def token_teacher_logits(model: PrefixModel, formatter, context, samples) -> torch.Tensor:
+    """The teacher as a user makes it: the bare model on context + prompt + answer tokens, left-padded."""
+    rows = [{"input_ids": context.teacher_ids(formatter.prompt_ids(s.prompt) + s.answer_ids)} for s in samples]
+    batch = pad_batch(rows, 0)
+    with torch.no_grad(), model.disable_prefix():
+        return model(**batch).logits  # [B, C + W', V]; its last W columns line up with the student's rows
+
+
+def student_logits(model: PrefixModel, formatter, samples, name: str):
+    batch = collate([distill_rows(samples, formatter)[i] for i in range(len(samples))], 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], prefix=name).logits
+    return logits, batch
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+def test_a_prefix_of_the_whole_context_has_zero_kl_to_the_teacher_before_any_step(tmp_path, parameterization):
+    model, formatter, context, samples = teacher_and_samples(tmp_path)
+    config = PrefixConfig(
+        prefix_length=len(context.ids), parameterization=parameterization, init="activations", init_text="-"
+    )
+    add_prefix_from_ids(model, "student", config, context.ids)
+    logits, batch = student_logits(model, formatter, samples, "student")
+    teacher = token_teacher_logits(model, formatter, context, samples)[:, -logits.shape[1] :]
+    mask = batch["answer_mask"]
+    assert full_kl(logits, teacher, mask).item() < 1e-5
+    assert topk_kl(logits, batch["topk_indices"], batch["topk_logprobs"], mask).abs().item() < 1e-5
+    # and the stored top-k (made with the teacher prefix) are the token teacher's
+    indices, logprobs = teacher_topk(teacher, 20)
+    assert torch.equal(indices[mask], batch["topk_indices"][mask])
+    torch.testing.assert_close(logprobs[mask], batch["topk_logprobs"][mask], atol=1e-4, rtol=0)
+
+
+def test_topk_kl_equals_full_vocabulary_kl_when_k_is_the_vocabulary_size(tmp_path):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 7, VOCAB) * 3, torch.randn(3, 7, VOCAB) * 3
+    mask = torch.rand(3, 7) > 0.3
+    indices, logprobs = teacher_topk(teacher, VOCAB)
+    torch.testing.assert_close(topk_kl(student, indices, logprobs, mask), full_kl(student, teacher, mask))
+    smaller = topk_kl(student, *teacher_topk(teacher, 5), mask)
+    assert smaller < full_kl(student, teacher, mask)  # top-5 leaves mass out: it is not the full KL
+    # and the stored-top-k path of the trainer (k = V) equals its online full-vocabulary path (k = 0)
+    model, formatter, context, samples = teacher_and_samples(tmp_path, top_k=VOCAB)
+    add_prefix_from_ids(model, "student", PrefixConfig(prefix_length=3, init="activations", init_text="-"), context.ids)
+    logits, batch = student_logits(model, formatter, samples, "student")
+    with torch.no_grad():
+        online = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], prefix=TEACHER).logits
+    stored = topk_kl(logits, batch["topk_indices"], batch["topk_logprobs"], batch["answer_mask"])
+    torch.testing.assert_close(stored, full_kl(logits, online, batch["answer_mask"]), atol=1e-5, rtol=1e-5)
+    assert stored > 0.01
+
+
+def test_self_study_writes_prompts_and_answers_caches_them_and_a_second_run_reuses_the_cache(tmp_path, monkeypatch):
+    model, formatter, context, _ = teacher_and_samples(tmp_path, top_k=0)
+    settings = StudySettings(
+        samples=6, held_out=0.34, top_k=5, max_prompt_tokens=5, max_answer_tokens=6, chunk_tokens=8, batch_size=4
+    )
+    calls = []
+    generate = selfstudy._generate
+    monkeypatch.setattr(selfstudy, "_generate", lambda *a: calls.append(a[2]) or generate(*a))
+    folder = tmp_path / "cache" / selfstudy.cache_key(model, "float32", context, formatter, settings)
+    samples, from_cache = cached_samples(model, formatter, context, settings, folder)
+    assert not from_cache and len(calls) >= 2  # the teacher wrote the prompts, then answered them
+    assert len(samples) == 6 and {s.kind for s in samples} <= set(selfstudy.SEEDS)
+    assert all(s.prompt and s.answer_ids for s in samples)
+    assert all(s.topk_indices.shape == (len(s.answer_ids), 5) for s in samples)
+    assert sum(s.held_out for s in samples) == 2
+    first = [json.loads(line) for line in (folder / selfstudy.SAMPLES_FILE).read_text().splitlines()]
+    assert [row["prompt"] for row in first] == [s.prompt for s in samples]
+
+    calls.clear()
+    again, from_cache = cached_samples(model, formatter, context, settings, folder)
+    assert from_cache and calls == []  # nothing generated the second time
+    assert [(s.prompt, s.answer_ids, s.held_out) for s in again] == [
+        (s.prompt, s.answer_ids, s.held_out) for s in samples
+    ]
+    for old, new in zip(samples, again, strict=True):
+        assert torch.equal(old.topk_indices, new.topk_indices) and torch.equal(old.topk_logprobs, new.topk_logprobs)
+    other = StudySettings(**{**settings.__dict__, "samples": 5})
+    assert selfstudy.cache_key(model, "float32", context, formatter, other) != folder.name
+
+
+def _losses(report_folder) -> list[float]:
+    history = json.loads((report_folder / "log_history.json").read_text())
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+@pytest.mark.parametrize(
+    ("parameterization", "init"),
+    [("kv", "activations"), ("hidden", "vocab"), ("mlp", "random"), ("mlp", "activations")],
+)
+def test_distilling_lowers_kl_for_a_prefix_shorter_than_the_context(tiny_folder, files, parameterization, init):
+    report = prefixtune.distill(options(tiny_folder, files, parameterization=parameterization, init=init))
+    out = files / "out"
+    losses = _losses(out)
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert report["compression_ratio"] == report["context_tokens"] / 4
+    assert set(report["held_out"]) == {"student", "bare", "truncated"}
+    assert report["samples"] == {"train": 4, "held_out": 1, "cache": report["samples"]["cache"], "from_cache": False}
+    assert {"loss.png", "distill_report.json", CONFIG_NAME}.issubset(p.name for p in out.iterdir())
+    assert not work_folder(out).exists()
+
+
+def test_distill_output_is_an_ordinary_prefix_folder_and_a_rerun_reuses_the_samples(tiny_folder, files, tmp_path):
+    first = prefixtune.distill(options(tiny_folder, files, top_k=0))  # full-vocabulary KL, teacher online
+    base, tokenizer = load_base_model(tiny_folder)
+    model = PrefixModel.from_pretrained(base, files / "out", tokenizer=tokenizer)
+    assert model.prefixes["default"].length == 4
+    meta = json.loads((files / "out" / CONFIG_NAME).read_text())
+    assert meta["prompt_format"] == {"template": "{prompt}\n", "chat_template": False}
+    assert meta["distilled_from"]["context_tokens"] == first["context_tokens"]
+    model.save_prefix(tmp_path / "peft", format="peft")  # exports like any prefix
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    second = prefixtune.distill(options(tiny_folder, files, top_k=0, output=str(files / "again"), steps=2))
+    assert second["samples"]["from_cache"] and not first["samples"]["from_cache"]
+
+
+def test_freeze_first_keeps_the_first_position_as_initialised(tiny_folder, files):
+    prefixtune.distill(
+        options(tiny_folder, files, freeze_first=True, gradient_checkpointing=True, group_by_length=True)
+    )
+    base, tokenizer = load_base_model(tiny_folder)
+    trained = PrefixModel.from_pretrained(base, files / "out", tokenizer=tokenizer).prefixes["default"]
+    reference = PrefixModel(tiny_model("llama"), name=None, tokenizer=tokenizer)
+    context = load_context(files / "context.txt", PromptFormatter(tokenizer))
+    add_prefix_from_ids(
+        reference, "start", PrefixConfig(prefix_length=4, init="activations", init_text="-"), context.ids
+    )
+    start = reference.prefixes["start"].prefix_key_values
+    assert torch.equal(trained.prefix_key_values[:, :, :, 0], start[:, :, :, 0])
+    assert not torch.allclose(trained.prefix_key_values[:, :, :, 1:], start[:, :, :, 1:])
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_prefix(tiny_folder, files, monkeypatch):
+    from prefixtune.distillation.trainer import DistillTrainer
+
+    prefixtune.distill(options(tiny_folder, files, steps=8, save_every=4, output=str(files / "whole")))
+    step = DistillTrainer.training_step
+
+    def crash_at_six(self, *args, **kwargs):
+        if self.state.global_step == 6:
+            raise KeyboardInterrupt("killed")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillTrainer, "training_step", crash_at_six)
+    with pytest.raises(KeyboardInterrupt):
+        prefixtune.distill(options(tiny_folder, files, steps=8, save_every=4))
+    assert not (files / "out").exists() and (work_folder(files / "out") / "checkpoint-4").is_dir()
+    with pytest.raises(RunExistsError, match="--resume"):
+        prefixtune.distill(options(tiny_folder, files, steps=8, save_every=4))
+    monkeypatch.setattr(DistillTrainer, "training_step", step)
+    prefixtune.distill(options(tiny_folder, files, steps=8, save_every=4, resume=True))
+    base, tokenizer = load_base_model(tiny_folder)
+    resumed = PrefixModel.from_pretrained(base, files / "out", tokenizer=tokenizer).prefixes["default"]
+    whole = PrefixModel.from_pretrained(load_base_model(tiny_folder)[0], files / "whole").prefixes["default"]
+    torch.testing.assert_close(resumed.prefix_key_values, whole.prefix_key_values)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"context": "missing.txt"}, "missing.txt: no such context file"),
+        ({"context": "empty.txt"}, "empty.txt: context file is empty"),
+        (
+            {"context": "long.txt"},
+            "context is 128 tokens; with up to 16 prompt and answer tokens after it the teacher needs 144 > "
+            "the model's window of 128 tokens",
+        ),
+        ({"prefix_length": 40}, "--prefix-length 40 is longer than the context it replaces .*: 29 tokens"),
+        ({"prompts": "broken.jsonl"}, r"broken.jsonl:2: invalid JSON"),
+        ({"prompts": "noprompt.jsonl"}, r"noprompt.jsonl:1: field 'prompt' must be a non-empty string"),
+        ({"prompts": "latin1.txt"}, r"latin1.txt:2: not UTF-8"),
+    ],
+)
+def test_bad_input_is_refused_by_name_and_writes_nothing(tiny_folder, files, change, message):
+    (files / "empty.txt").write_text(" \n\n")
+    (files / "long.txt").write_text(" ".join(["food"] * 128))
+    (files / "broken.jsonl").write_text('{"prompt": "cheap food"}\n{"prompt": \n')
+    (files / "noprompt.jsonl").write_text('{"text": "cheap food"}\n')
+    (files / "latin1.txt").write_bytes(b"cheap food\ncaf\xe9\n")
+    change = {key: str(files / value) if isinstance(value, str) else value for key, value in change.items()}
+    with pytest.raises((DataError, ValueError), match=message):
+        prefixtune.distill(options(tiny_folder, files, **change))
+    assert sorted(p.name for p in files.iterdir() if p.name in ("out", "cache") or p.name.startswith(".")) == []
+
+
+def test_distill_command_prints_the_report_table_and_refuses_bad_input_in_one_line(tiny_folder, files):
+    args = ["distill", "--model", tiny_folder, "--context", str(files / "context.txt"), "--output", str(files / "out")]
+    args += ["--dtype", "float32"]
+    small = ["--prompts", str(files / "prompts.txt"), "--prefix-length", "4", "--steps", "3", "--device", "cpu"]
+    small += ["--cache", str(files / "cache"), "--max-answer-tokens", "10", "--held-out", "0.2"]
+    result = CliRunner().invoke(app, args + small)
+    assert result.exit_code == 0, result.output
+    for words in ("student (prefix)", "bare model", "truncated context", "KL to teacher", "ROUGE-L"):
+        assert words in result.output
+    report = json.loads((files / "out" / "distill_report.json").read_text())
+    assert report["global_step"] == 3 and report["held_out"]["student"]["kl"] >= 0
+    failed = CliRunner().invoke(app, args + small)  # the output exists now
+    said = " ".join(failed.output.split())  # rich wraps long lines
+    assert failed.exit_code == 2 and "out exists already; choose another --output" in said and "Traceback" not in said
+
+
+def test_a_distilled_prefix_serves_beside_trained_ones_token_identical_to_generate(tiny_folder, files):
+    """The distill output copied into a store with trained prefixes, served by the continuous engine
+    with mixed prefixes in one batch (chunked prefill): each request equals `PrefixModel.generate` alone."""
+    import shutil
+
+    from prefixtune.serving import BASE_NAME, ContinuousEngine, PrefixStore, Request
+    from test_serving import PROMPTS as SERVED
+    from test_serving import alone, prompt_ids, reference_model, write_store
+
+    prefixtune.distill(options(tiny_folder, files, parameterization="hidden"))
+    store_folder = files / "store"
+    write_store(store_folder)
+    shutil.copytree(files / "out", store_folder / "handbook")
+    reference = reference_model(store_folder)
+    reference.load_prefix(store_folder / "handbook", name="handbook")
+    served = reference_model(store_folder)
+    store = PrefixStore(served, store_folder)
+    engine = ContinuousEngine(served, served.tokenizer, max_batch_size=6, max_batch_tokens=8).start()
+    store.exclusive = engine.exclusive
+    jobs = [
+        (p, n, 6 + 3 * i % 11)
+        for i, (p, n) in enumerate((p, n) for p in SERVED for n in ("handbook", "formal-blog", BASE_NAME))
+    ]
+    futures = [engine.submit(Request(prompt_ids(p), n, m, prefix_inputs=store.snapshot(n))) for p, n, m in jobs]
+    results = [future.result(timeout=120).token_ids for future in futures]
+    engine.stop()
+    for (prompt, name, max_tokens), got in zip(jobs, results, strict=True):
+        assert got == alone(reference, prompt, name, max_tokens), (prompt, name)
+    changed = [alone(reference, p, "handbook", 10) != alone(reference, p, BASE_NAME, 10) for p in SERVED]
+    assert any(changed)  # the distilled prefix changes what is generated
