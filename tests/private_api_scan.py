@@ -213,5 +213,10 @@ def unregistered(sources: dict[str, str], registered: Iterable[str]) -> list[Use
     return [use for use in private_uses(sources) if not covered(use, registered)]
 
 
+VLLM_PACKAGE = SOURCES / "vllm"  # vLLM's own internals, listed in prefixtune/vllm/vllm_private.py
+
+
 def source_files() -> dict[str, str]:
-    return {str(path.relative_to(SOURCES.parent)): path.read_text() for path in sorted(SOURCES.rglob("*.py"))}
+    """prefixtune's sources that use transformers (the vLLM package talks to vLLM, not transformers)."""
+    paths = [path for path in sorted(SOURCES.rglob("*.py")) if VLLM_PACKAGE not in path.parents]
+    return {str(path.relative_to(SOURCES.parent)): path.read_text() for path in paths}

@@ -359,6 +359,20 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         ("child_module_names",),
     ),
     PrivateAPI(
+        "transformers.activations:ACT2FN",
+        "internal: the Mamba-2 initial-state forward applies the mixer's activation by the name its config gives, "
+        "as the mixer's own forward does (same function, same rounding)",
+    ),
+    PrivateAPI(
+        "transformers.integrations:get_available_reporting_integrations",
+        "--report-to is checked when the options are made: which integrations are installed",
+        (),
+    ),
+    PrivateAPI(
+        "transformers.integrations.integration_utils:INTEGRATION_TO_CALLBACK",
+        "--report-to is checked when the options are made: the names Trainer's report_to accepts",
+    ),
+    PrivateAPI(
         "transformers:PreTrainedModel._supports_sdpa",
         "whether a model class runs on sdpa; the continuous engine (per-request sdpa) refuses those that do not",
     ),

@@ -18,8 +18,8 @@ from __future__ import annotations
 import sys
 
 from torch import Tensor, nn
-from transformers.integrations.accelerate import force_accelerate_hooks
 
+from ..transformers_private import with_accelerate_hooks
 from .state_kinds import Shapes, StateKind, conv_state_term, conv_window
 
 
@@ -28,7 +28,7 @@ def shapes(module: nn.Module) -> Shapes:
     return (module.conv.in_channels, module.conv_kernel_size - 1), (0,)
 
 
-@force_accelerate_hooks("conv")  # as the model's own forward: the conv weight is used directly
+@with_accelerate_hooks("conv")  # as the model's own forward: the conv weight is used directly
 def mix(
     module: nn.Module,
     hidden: Tensor,  # [B, T, d_model]

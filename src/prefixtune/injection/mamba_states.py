@@ -36,8 +36,8 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.integrations.accelerate import force_accelerate_hooks
 
+from ..transformers_private import with_accelerate_hooks
 from .state_kinds import STATE_KWARGS, Shapes, StateKind, conv_state_term, conv_window
 
 
@@ -67,7 +67,7 @@ def _time_step(module: nn.Module, dt: Tensor, mask: Tensor | None) -> Tensor:
     return dt if mask is None else dt.masked_fill(~mask.bool()[:, :, None], 0)
 
 
-@force_accelerate_hooks("conv1d")  # as the model's own forward: the conv weight is used directly
+@with_accelerate_hooks("conv1d")  # as the model's own forward: the conv weight is used directly
 def mix(
     module: nn.Module,
     hidden: Tensor,  # [B, T, d_model]
