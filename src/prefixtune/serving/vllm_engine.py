@@ -1,0 +1,312 @@
+"""The vLLM engine: vLLM's `AsyncLLM` (V1) behind the serving engine interface, each request with its
+own prefix.
+
+How it differs from the two in-process engines: the model runs inside vLLM (its paged KV cache,
+scheduler, kernels and parallelism, the engine core in a subprocess), not on transformers' code
+paths. The prefix reaches vLLM through `prefixtune.vllm`'s KV connector: a request of prefix length P
+is sent as P placeholder token ids before its prompt, with ``cache_salt`` = the prefix's content
+hash; the connector writes the prefix keys/values into those P slots instead of computing them,
+so the text starts at position P as in `PrefixModel`. vLLM's own prefix caching keeps a popular
+prefix's blocks hot, and the salt keeps two prefixes apart.
+
+* Admission snapshots: a request is submitted with the snapshot the store gave it at admission; the
+  connector keeps each published version (by content hash) until every request of it has ended, so
+  a replaced or deleted prefix never changes an admitted request, and new requests get the new hash.
+* `AsyncLLM` runs on this engine's own event loop thread: `submit` / `cancel` may be called from any
+  thread, tokens reach the request's channel as they are generated (``RequestOutputKind.DELTA``).
+* `cancel` aborts the request in `AsyncLLM` (its blocks are freed at the next step).
+* Queue depth, running rows and computed tokens come from vLLM's own scheduler and iteration stats
+  (a `StatLoggerBase` it calls after every step).
+* Stop strings, ``n`` and seeds per choice stay the server's (it sends one engine request per choice
+  and cuts at stop strings on the decoded text), so every engine answers alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..injection import UnsupportedModelError
+from ..model import PrefixModel
+from .requests import Request, Token
+
+logger = logging.getLogger(__name__)
+START_TIMEOUT = 600.0  # seconds for vLLM to load the model and profile its cache
+
+
+class VLLMUnavailable(RuntimeError):
+    """``--engine vllm`` in an environment without vLLM."""
+
+
+def require_vllm() -> None:
+    """Raise `VLLMUnavailable` naming the set-up command and the executable that has vLLM."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMUnavailable(
+            "--engine vllm needs vLLM, which is not installed in this environment: run "
+            "`bash scripts/setup.sh --vllm`, then serve with `.venv-vllm/bin/prefixtune serve --engine vllm ...`"
+            + (f" (this is {shutil.which('prefixtune') or 'python'})" if shutil.which("prefixtune") else "")
+        )
+
+
+@dataclass
+class VLLMSettings:
+    """vLLM's model, parallelism, memory and batch settings (`prefixtune serve --engine vllm`)."""
+
+    model: str  # a folder vLLM can load (for smollm2-135m: `loading.smollm2_folder()`)
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
+    kv_cache_gb: float | None = None  # vLLM's KV cache size (kv_cache_memory_bytes); None: vLLM's default
+    gpu_memory_utilization: float | None = None  # GPU only: the fraction of GPU memory vLLM may take
+    max_num_seqs: int = 16  # rows decoded together
+    max_model_len: int | None = None  # placeholders + prompt + generated tokens, at most
+    max_num_batched_tokens: int | None = None  # tokens per step (chunked prefill)
+    enforce_eager: bool = True  # no graph capture/compilation: start-up in seconds
+
+    def engine_args(self, connector_args: dict[str, Any]):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        options: dict[str, Any] = {
+            "model": self.model,
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "max_num_seqs": self.max_num_seqs,
+            "enable_prefix_caching": True,  # keeps a popular prefix's blocks (salted by its hash)
+            "enforce_eager": self.enforce_eager,
+            "disable_log_stats": True,  # no default loggers; ours below still gets the stats
+            **connector_args,
+        }
+        if self.kv_cache_gb is not None:
+            options["kv_cache_memory_bytes"] = int(self.kv_cache_gb * 1024**3)
+        if self.gpu_memory_utilization is not None:
+            options["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.max_model_len is not None:
+            options["max_model_len"] = self.max_model_len
+        if self.max_num_batched_tokens is not None:
+            options["max_num_batched_tokens"] = self.max_num_batched_tokens
+        return AsyncEngineArgs(**options)
+
+
+def _stat_logger_class():
+    """A `StatLoggerBase` (defined when vLLM is importable) that keeps the last scheduler stats and
+    adds up computed tokens: prompt tokens vLLM prefilled itself plus generated tokens."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class EngineStats(StatLoggerBase):
+        def __init__(self, vllm_config=None, engine_index: int = 0) -> None:
+            self.running = 0
+            self.waiting = 0
+            self.computed_tokens = 0
+            self.steps = 0  # engine steps that produced outputs
+            self.step_rows = 0  # rows over those steps
+            self.kv_cache_usage = 0.0
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                self.running = scheduler_stats.num_running_reqs
+                self.waiting = scheduler_stats.num_waiting_reqs
+                self.kv_cache_usage = scheduler_stats.kv_cache_usage
+            if iteration_stats is not None:
+                computed = iteration_stats.prompt_token_stats.computed
+                self.computed_tokens += computed + iteration_stats.num_generation_tokens
+                self.steps += 1
+                self.step_rows += self.running
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return EngineStats
+
+
+class VLLMEngine:
+    """Serves `Request`s through vLLM's `AsyncLLM` with a prefix per request (see module doc)."""
+
+    name = "vllm"
+    supports_logprobs = True
+
+    def __init__(self, model: PrefixModel, tokenizer, settings: VLLMSettings) -> None:
+        require_vllm()
+        from .. import vllm as connector  # the KV connector vLLM loads by module path
+
+        refusal = connector.refusal(model)
+        if refusal:
+            raise UnsupportedModelError(f"the vLLM engine cannot serve this model with prefixes: {refusal}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.connector = connector
+        self.eos = tokenizer.eos_token_id
+        self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
+        self.ids = itertools.count()
+        self.tasks: dict[str, asyncio.Task] = {}  # request id -> its serving task (engine loop only)
+        self.unended: dict[str, Request] = {}  # submitted, not yet ended (any thread)
+        self.counts = {"requests": 0, "generated_tokens": 0, "errors": 0, "cancelled": 0}
+        self.loop = asyncio.new_event_loop()
+        self.thread: threading.Thread | None = None
+        self.llm = None
+        self.vllm_stats = _stat_logger_class()()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> VLLMEngine:
+        self.thread = threading.Thread(target=self.loop.run_forever, name="prefixtune-vllm", daemon=True)
+        self.thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._build(), self.loop).result(START_TIMEOUT)
+        except Exception as error:
+            self.close()
+            raise ModelNotServable(f"vLLM cannot serve model {self.settings.model!r}: {error}") from error
+        return self
+
+    async def _build(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self.settings.engine_args(self.connector.engine_args())
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: self.vllm_stats])
+
+    def close(self) -> None:
+        """Fail every request not yet ended, shut vLLM's engine core down, stop the loop. Idempotent."""
+        from .interface import EngineClosed
+
+        for request in list(self.unended.values()):
+            self.cancel(request, EngineClosed("the vLLM engine was closed"))
+        llm, self.llm = self.llm, None
+        if self.thread is not None and self.thread.is_alive():
+            if llm is not None:
+                asyncio.run_coroutine_threadsafe(_shutdown(llm), self.loop).result(60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The in-process base model for the store (a `hidden` prefix computes its keys/values once);
+        vLLM never runs it, so serving goes on meanwhile."""
+        with self.lock:
+            yield
+
+    def stats(self):
+        from .interface import EngineStats
+
+        with self.lock:
+            counts, unended = dict(self.counts), len(self.unended)
+        seen = self.vllm_stats
+        running = min(seen.running, unended)
+        return EngineStats(
+            engine=self.name,
+            healthy=self.llm is not None and not self.llm.errored and bool(self.thread and self.thread.is_alive()),
+            queue_depth=max(unended - running, 0),  # includes requests on their way into vLLM
+            running_rows=running,
+            requests=counts["requests"],
+            batches=seen.steps,
+            batch_rows=seen.step_rows,
+            generated_tokens=counts["generated_tokens"],
+            computed_tokens=seen.computed_tokens,
+            errors=counts["errors"],
+            cancelled=counts["cancelled"],
+        )
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: Request) -> Future:
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine is not running (start() it first)")
+        request.engine_id = f"prefixtune-{next(self.ids)}"
+        with self.lock:
+            self.unended[request.engine_id] = request
+            self.counts["requests"] += 1
+        self.loop.call_soon_threadsafe(self._start_task, request)
+        return request.future
+
+    def cancel(self, request: Request, error: Exception | None = None) -> None:
+        """End the request now (cancelled, or failed with `error`) and abort it in `AsyncLLM`."""
+        with self.lock:
+            if self.unended.pop(request.engine_id or "", None) is None:
+                return
+            self.counts["errors" if error else "cancelled"] += 1
+        request.fail(error) if error is not None else request.finish("cancelled")
+        if self.thread is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
+
+    def _start_task(self, request: Request) -> None:
+        if request.engine_id in self.unended:  # not cancelled on its way here
+            self.tasks[request.engine_id] = self.loop.create_task(self._serve(request))
+
+    def _cancel_task(self, request_id: str) -> None:
+        task = self.tasks.get(request_id)
+        if task is not None:
+            task.cancel()  # its generate() aborts the request in AsyncLLM
+
+    async def _serve(self, request: Request) -> None:
+        request_id = request.engine_id
+        held = self.connector.hold(request.prefix_inputs)  # this version stays findable until the end
+        try:
+            prompt = self.connector.engine_input(request.prefix_inputs, request.prompt_ids, held)
+            reason = "length"
+            async for output in self.llm.generate(prompt, self._sampling(request), request_id):
+                choice = output.outputs[0]
+                for index, token_id in enumerate(choice.token_ids):
+                    if token_id == self.eos:
+                        reason = "stop"
+                        break
+                    request.emit(_token(token_id, choice.logprobs, index, request.logprobs))
+                reason = "stop" if choice.finish_reason == "stop" else reason
+            self._end(request, reason)
+        except asyncio.CancelledError:
+            await self.llm.abort(request_id)  # generate() aborted it too; abort is idempotent
+        except Exception as error:  # noqa: BLE001 - this request fails, the engine goes on
+            logger.exception("vLLM request %s (prefix %r) failed", request_id, request.prefix)
+            self.cancel(request, error)
+        finally:
+            self.connector.release(held)
+            self.tasks.pop(request_id, None)
+
+    def _end(self, request: Request, reason: str) -> None:
+        with self.lock:
+            if self.unended.pop(request.engine_id, None) is None:
+                return  # cancelled meanwhile
+            self.counts["generated_tokens"] += len(request.tokens)
+        request.finish(reason)
+
+    def _sampling(self, request: Request):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=1,  # the server sends one engine request per choice (seed + i each)
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p if request.temperature > 0 else 1.0,
+            seed=request.seed,
+            logprobs=request.logprobs,
+            stop_token_ids=[self.eos] if self.eos is not None else None,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,  # the server decodes (and matches stop strings) itself
+        )
+
+
+async def _shutdown(llm) -> None:
+    llm.shutdown()
+
+
+class ModelNotServable(RuntimeError):
+    """vLLM could not load or start the model (the message carries vLLM's reason)."""
+
+
+def _token(token_id: int, logprobs, index: int, wanted: int | None) -> Token:
+    """A generated token with its log-probability and top `wanted` alternatives (vLLM's
+    ``{token id: Logprob}`` per position: the top k and the chosen one)."""
+    token = Token(int(token_id))
+    if wanted is None or logprobs is None:
+        return token
+    entries = logprobs[index]
+    token.logprob = float(entries[token_id].logprob)
+    if wanted:
+        ranked = sorted(entries.items(), key=lambda item: item[1].rank)[:wanted]
+        token.top = [(int(i), float(entry.logprob)) for i, entry in ranked]
+    return token
