@@ -27,7 +27,7 @@ import asyncio
 import importlib.util
 import itertools
 import logging
-import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..injection import UnsupportedModelError
+from ..loading import SMOLLM2_ALIAS, ModelLoadError, smollm2_folder
 from ..model import PrefixModel
 from .requests import Request, Token
 
@@ -43,18 +44,27 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT = 600.0  # seconds for vLLM to load the model and profile its cache
 
 
-class VLLMUnavailable(RuntimeError):
-    """``--engine vllm`` in an environment without vLLM."""
+class VLLMUnavailable(ModelLoadError):
+    """``--engine vllm`` in an environment without vLLM (the model cannot be served here)."""
+
+
+class ModelNotServable(ModelLoadError):
+    """vLLM could not load or start the model (the message carries vLLM's reason)."""
 
 
 def require_vllm() -> None:
     """Raise `VLLMUnavailable` naming the set-up command and the executable that has vLLM."""
     if importlib.util.find_spec("vllm") is None:
         raise VLLMUnavailable(
-            "--engine vllm needs vLLM, which is not installed in this environment: run "
-            "`bash scripts/setup.sh --vllm`, then serve with `.venv-vllm/bin/prefixtune serve --engine vllm ...`"
-            + (f" (this is {shutil.which('prefixtune') or 'python'})" if shutil.which("prefixtune") else "")
+            f"--engine vllm needs vLLM, which is not installed for {sys.executable}: run "
+            "`bash scripts/setup.sh --vllm` (a second environment, .venv-vllm: vLLM pins another transformers), "
+            "then serve with `.venv-vllm/bin/prefixtune serve --engine vllm ...`"
         )
+
+
+def vllm_model(spec: str) -> str:
+    """The folder vLLM loads for a `load_base_model` spec (``smollm2-135m``: its converted folder)."""
+    return str(smollm2_folder()) if spec == SMOLLM2_ALIAS else spec
 
 
 @dataclass
@@ -292,10 +302,6 @@ class VLLMEngine:
 
 async def _shutdown(llm) -> None:
     llm.shutdown()
-
-
-class ModelNotServable(RuntimeError):
-    """vLLM could not load or start the model (the message carries vLLM's reason)."""
 
 
 def _token(token_id: int, logprobs, index: int, wanted: int | None) -> Token:
