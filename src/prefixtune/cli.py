@@ -442,12 +442,15 @@ def serve(
 
     vllm = None
     if engine == "vllm":
-        from .serving.vllm_engine import VLLMSettings, require_vllm, vllm_model
+        from .serving.vllm_engine import VLLMSettings, require_vllm
 
         try:
             require_vllm()  # before loading anything
+            from .vllm import KV_FOLDER, model_path
+
             vllm = VLLMSettings(
-                model=vllm_model(model),
+                model=model_path(model),
+                kv_folder=str(Path(prefix_store) / KV_FOLDER),
                 dtype=dtype,
                 tensor_parallel_size=tensor_parallel_size,
                 kv_cache_gb=vllm_kv_cache_gb,

@@ -9,9 +9,10 @@ hash; the connector writes the prefix keys/values into those P slots instead of 
 so the text starts at position P as in `PrefixModel`. vLLM's own prefix caching keeps a popular
 prefix's blocks hot, and the salt keeps two prefixes apart.
 
-* Admission snapshots: a request is submitted with the snapshot the store gave it at admission; the
-  connector keeps each published version (by content hash) until every request of it has ended, so
-  a replaced or deleted prefix never changes an admitted request, and new requests get the new hash.
+* Admission snapshots: a request is submitted with the snapshot the store gave it at admission, whose
+  keys/values go to the connector's content-addressed folder under their hash (written once, never
+  overwritten): a replaced prefix is a new file under a new hash and salt, the old file stays, so
+  requests admitted before keep reading their own version and new ones get the new one.
 * `AsyncLLM` runs on this engine's own event loop thread: `submit` / `cancel` may be called from any
   thread, tokens reach the request's channel as they are generated (``RequestOutputKind.DELTA``).
 * `cancel` aborts the request in `AsyncLLM` (its blocks are freed at the next step).
@@ -29,14 +30,17 @@ import itertools
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from ..injection import UnsupportedModelError
-from ..loading import SMOLLM2_ALIAS, ModelLoadError, smollm2_folder
+from ..loading import ModelLoadError
 from ..model import PrefixModel
 from .requests import Request, Token
 
@@ -62,16 +66,16 @@ def require_vllm() -> None:
         )
 
 
-def vllm_model(spec: str) -> str:
-    """The folder vLLM loads for a `load_base_model` spec (``smollm2-135m``: its converted folder)."""
-    return str(smollm2_folder()) if spec == SMOLLM2_ALIAS else spec
+class RequestRejected(ValueError):
+    """`submit` refuses the request as given (the server answers 400 with this message)."""
 
 
 @dataclass
 class VLLMSettings:
     """vLLM's model, parallelism, memory and batch settings (`prefixtune serve --engine vllm`)."""
 
-    model: str  # a folder vLLM can load (for smollm2-135m: `loading.smollm2_folder()`)
+    model: str  # a folder vLLM can load (`prefixtune.vllm.model_path`)
+    kv_folder: str  # the connector's compiled prefixes (`prefixtune.vllm.KV_FOLDER` in the store)
     dtype: str = "float32"
     tensor_parallel_size: int = 1
     kv_cache_gb: float | None = None  # vLLM's KV cache size (kv_cache_memory_bytes); None: vLLM's default
@@ -144,15 +148,15 @@ class VLLMEngine:
 
     def __init__(self, model: PrefixModel, tokenizer, settings: VLLMSettings) -> None:
         require_vllm()
-        from .. import vllm as connector  # the KV connector vLLM loads by module path
+        from ..vllm import vllm_refusal
 
-        refusal = connector.refusal(model)
+        refusal = vllm_refusal(model)
         if refusal:
             raise UnsupportedModelError(f"the vLLM engine cannot serve this model with prefixes: {refusal}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        self.connector = connector
+        self.hashes: weakref.WeakKeyDictionary[Tensor, str] = weakref.WeakKeyDictionary()  # snapshot -> its file
         self.eos = tokenizer.eos_token_id
         self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
         self.ids = itertools.count()
@@ -178,7 +182,9 @@ class VLLMEngine:
     async def _build(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = self.settings.engine_args(self.connector.engine_args())
+        from ..vllm import kv_transfer_config
+
+        args = self.settings.engine_args({"kv_transfer_config": kv_transfer_config(self.settings.kv_folder)})
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[lambda config, index: self.vllm_stats])
 
     def close(self) -> None:
@@ -224,13 +230,15 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Future:
+        """Admit `request` (`RequestRejected` if its prefix, prompt and output do not fit vLLM's window)."""
         if self.llm is None:
             raise RuntimeError("the vLLM engine is not running (start() it first)")
+        prompt = self._prompt(request)
         request.engine_id = f"prefixtune-{next(self.ids)}"
         with self.lock:
             self.unended[request.engine_id] = request
             self.counts["requests"] += 1
-        self.loop.call_soon_threadsafe(self._start_task, request)
+        self.loop.call_soon_threadsafe(self._start_task, request, prompt)
         return request.future
 
     def cancel(self, request: Request, error: Exception | None = None) -> None:
@@ -243,22 +251,47 @@ class VLLMEngine:
         if self.thread is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
 
-    def _start_task(self, request: Request) -> None:
+    def _prompt(self, request: Request):
+        """The request as vLLM runs it: P placeholder ids + its prompt, ``cache_salt`` and the connector's
+        parameters (`prefixtune.vllm.prefixed_prompt`); the admitted snapshot's keys/values are written
+        once to the connector's content-addressed folder, under a name no later version shares."""
+        from ..vllm import PARAMS_KEY, prefixed_prompt
+
+        window = self.llm.model_config.max_model_len
+        inputs = request.prefix_inputs
+        key_values = None if inputs is None else inputs["prefix_key_values"]  # [layers, 2, kv_heads, P, head_dim]
+        length = 0 if key_values is None else key_values.shape[3]
+        needed = length + len(request.prompt_ids) + request.max_tokens
+        if needed > window:  # the placeholders count against vLLM's window like prompt tokens
+            raise RequestRejected(
+                f"prefix {request.prefix!r} ({length} positions) + prompt ({len(request.prompt_ids)} tokens) + "
+                f"max_tokens ({request.max_tokens}) = {needed} exceed the model's window of {window} tokens "
+                "(vLLM's max_model_len, --max-model-len)"
+            )
+        if key_values is None:
+            return prefixed_prompt(None, request.prompt_ids, self.settings.kv_folder)
+        with self.lock:  # a snapshot never changes: hashed and written once
+            prompt = prefixed_prompt(
+                key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=self.hashes.get(key_values)
+            )
+            self.hashes[key_values] = prompt.kv_transfer_params[PARAMS_KEY]["prefix"]
+        return prompt
+
+    def _start_task(self, request: Request, prompt) -> None:
         if request.engine_id in self.unended:  # not cancelled on its way here
-            self.tasks[request.engine_id] = self.loop.create_task(self._serve(request))
+            self.tasks[request.engine_id] = self.loop.create_task(self._serve(request, prompt))
 
     def _cancel_task(self, request_id: str) -> None:
         task = self.tasks.get(request_id)
         if task is not None:
             task.cancel()  # its generate() aborts the request in AsyncLLM
 
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self, request: Request, prompt) -> None:
         request_id = request.engine_id
-        held = self.connector.hold(request.prefix_inputs)  # this version stays findable until the end
         try:
-            prompt = self.connector.engine_input(request.prefix_inputs, request.prompt_ids, held)
             reason = "length"
-            async for output in self.llm.generate(prompt, self._sampling(request), request_id):
+            params = self._sampling(request, prompt.extra_args())
+            async for output in self.llm.generate(prompt.prompt(), params, request_id):
                 choice = output.outputs[0]
                 for index, token_id in enumerate(choice.token_ids):
                     if token_id == self.eos:
@@ -273,7 +306,6 @@ class VLLMEngine:
             logger.exception("vLLM request %s (prefix %r) failed", request_id, request.prefix)
             self.cancel(request, error)
         finally:
-            self.connector.release(held)
             self.tasks.pop(request_id, None)
 
     def _end(self, request: Request, reason: str) -> None:
@@ -283,7 +315,7 @@ class VLLMEngine:
             self.counts["generated_tokens"] += len(request.tokens)
         request.finish(reason)
 
-    def _sampling(self, request: Request):
+    def _sampling(self, request: Request, extra_args: dict[str, Any] | None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -297,6 +329,7 @@ class VLLMEngine:
             stop_token_ids=[self.eos] if self.eos is not None else None,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,  # the server decodes (and matches stop strings) itself
+            extra_args=extra_args,  # the connector's kv_transfer_params: which prefix, how long
         )
 
 
