@@ -113,7 +113,7 @@ def main() -> int:
     app, engine, _ = build_app(model, tokenizer, str(store), max_batch_size=args.concurrency, engine="microbatch")
     with running(app) as url:
         phases = run_phases(url, engine, names, args)
-    engine.stop()
+    engine.close()
     return report(phases, names, args)
 
 
@@ -128,15 +128,15 @@ def run_phases(url: str, engine, names: list[str], args) -> dict:
     phases["alone (concurrency 1)"] = {"seconds": seconds, "errors": errors, "mismatches": 0}
     for label, mix in (("mixed prefixes per batch", True), ("one prefix per batch", False)):
         engine.mix_prefixes = mix
-        before = dict(engine.stats)
+        before = engine.stats()
         outputs, seconds, errors = asyncio.run(run_phase(url, jobs, args.concurrency, args.timeout))
         mismatches = sum(1 for got, want in zip(outputs, reference, strict=True) if got is not None and got != want)
-        batches = engine.stats["batches"] - before["batches"]
+        batches = engine.stats().batches - before.batches
         phases[label] = {
             "seconds": seconds,
             "errors": errors,
             "mismatches": mismatches,
-            "mean_batch_rows": (engine.stats["rows"] - before["rows"]) / max(batches, 1),
+            "mean_batch_rows": (engine.stats().batch_rows - before.batch_rows) / max(batches, 1),
         }
     return phases
 

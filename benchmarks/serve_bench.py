@@ -273,7 +273,7 @@ def microbatch_arm(args, store: Path, one_prefix: list[dict], phases: Phases) ->
     app, engine, _ = serve("microbatch", args, store, phases)
     with running(app) as url:
         old, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
-    engine.stop()
+    engine.close()
     phases["saturation, 1 prefix, old engine"] = summary(old, seconds, None)
     return old
 
@@ -292,7 +292,7 @@ def continuous_arm(args, store: Path, one_prefix, by_count: dict[int, list[dict]
         rate = phases[f"saturation, {args.many} prefixes, new engine"]["req_per_s"] / 2
         half, seconds = asyncio.run(phase(url, by_count[args.many], rate, args.timeout))
         phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, new engine"] = summary(half, seconds, many_new)
-    engine.stop()
+    engine.close()
 
 
 def vllm_arm(args, store: Path, model, tokenizer, one_prefix: list[dict], many: list[dict], phases: Phases) -> None:

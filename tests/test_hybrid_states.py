@@ -240,18 +240,18 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     model = PrefixModel(build("qwen3_5_text", **LAYOUT), name=None, tokenizer=tiny_tokenizer())
     with pytest.raises(UnsupportedModelError, match="not exact here: .*linear-attention"):
         ContinuousEngine(model, tiny_tokenizer())
-    store = PrefixStore(model, tmp_path / "store")
-    engine = make_engine(model, tiny_tokenizer(), store, "auto")
+    engine = make_engine(model, tiny_tokenizer(), engine="auto")
+    store = PrefixStore(model, tmp_path / "store", exclusive=engine.exclusive)
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
     engine.wait_seconds = 0.2
     engine.start()
     try:
-        futures = [engine.submit(Request(row, name, 5)) for row, name in jobs]
+        futures = [engine.submit(Request(row, name, 5, prefix_inputs=store.snapshot(name))) for row, name in jobs]
         results = [future.result(timeout=120) for future in futures]
     finally:
-        engine.stop()
-    assert engine.stats["batches"] < len(jobs)  # really batched, prefixes mixed
+        engine.close()
+    assert engine.stats().batches < len(jobs)  # really batched, prefixes mixed
     held = source.prefixes["mid"]  # the store's budget counts the states too
     assert store.loaded["mid"].nbytes == sum(held.state_dict()[key].nbytes for key in held.state_dict())
     for (row, name), result in zip(jobs, results, strict=True):
@@ -273,7 +273,7 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
             body = {"model": "mid", "prompt": "cheap food", "max_tokens": 4, "temperature": 0}
             text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     finally:
-        server_engine.stop()
+        server_engine.close()
     ids = PromptFormatter(tiny_tokenizer()).prompt_ids("cheap food")
     want = source.generate(input_ids=torch.tensor([ids]), prefix="mid", max_new_tokens=4, do_sample=False)
     assert text and text == tiny_tokenizer().decode(want[0, len(ids) :], skip_special_tokens=True)

@@ -34,7 +34,7 @@ def live_server(tmp_path):
     app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store")
     with running(app) as url:
         yield url, engine
-    engine.stop()
+    engine.close()
 
 
 def test_playground_compares_two_prefixes_side_by_side(live_server, tmp_path):

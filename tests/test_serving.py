@@ -54,7 +54,7 @@ def server(tmp_path):
     )
     with TestClient(app) as client:
         yield client, engine, store, reference
-    engine.stop()
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def shared_server(tmp_path_factory):
     app, engine, store = build_app(tiny_model("llama"), tiny_tokenizer(), folder, admin_token=TOKEN, limits=limits)
     with TestClient(app) as client:
         yield client, engine, store
-    engine.stop()
+    engine.close()
 
 
 def prompt_ids(prompt: str) -> list[int]:
@@ -105,18 +105,18 @@ def test_store_lists_prefixes_at_start_and_loads_each_as_plain_keys_values_on_fi
 def test_microbatch_engine_mixes_prefixes_in_one_batch_exactly(tmp_path):
     write_store(tmp_path / "store")
     model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
-    store = PrefixStore(model, tmp_path / "store")
-    engine = BatchingEngine(model, model.tokenizer, store, wait_seconds=0.2).start()
+    engine = BatchingEngine(model, model.tokenizer, wait_seconds=0.2).start()
+    store = PrefixStore(model, tmp_path / "store", exclusive=engine.exclusive)
     reference = reference_model(tmp_path / "store")
     jobs = [
         (prompt, prefix, 3 + 2 * i % 9)
         for i, (prompt, prefix) in enumerate((p, n) for p in PROMPTS for n in [BASE_NAME, *PREFIXES])
     ]
-    requests = [Request(prompt_ids(p), n, m) for p, n, m in jobs]
+    requests = [Request(prompt_ids(p), n, m, prefix_inputs=store.snapshot(n)) for p, n, m in jobs]
     futures = [engine.submit(request) for request in requests]
     results = [future.result(timeout=120) for future in futures]
-    engine.stop()
-    assert engine.stats["batches"] < len(jobs)  # really batched, with mixed prefixes
+    engine.close()
+    assert engine.stats().batches < len(jobs)  # really batched, with mixed prefixes
     for (prompt, prefix, max_tokens), result in zip(jobs, results, strict=True):
         assert result.token_ids == alone(reference, prompt, prefix, max_tokens), (prompt, prefix)
     outputs = {tuple(r.token_ids) for (p, _, _), r in zip(jobs, results, strict=True) if p == PROMPTS[0]}
@@ -256,7 +256,7 @@ def test_admin_endpoints_are_off_without_a_token(tmp_path):
     app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store")
     with TestClient(app) as client:
         response = client.delete("/admin/prefixes/x", headers={"Authorization": "Bearer anything"})
-    engine.stop()
+    engine.close()
     assert response.status_code == 403 and "disabled" in response.text
 
 
@@ -268,7 +268,7 @@ def test_a_bad_prefix_in_the_store_fails_only_its_own_requests(tmp_path):
         bad = client.post("/v1/completions", json={"model": "formal-blog", "prompt": "cheap food", "max_tokens": 2})
         good = client.post("/v1/completions", json={"model": "recipe-mlp", "prompt": "cheap food", "max_tokens": 2})
         health = client.get("/health").json()
-    engine.stop()
+    engine.close()
     assert bad.status_code == 400 and "corrupt" in bad.json()["error"]["message"]
     assert good.status_code == 200
     assert "corrupt" in health["load_errors"]["formal-blog"] and "formal-blog" in store.names()
@@ -343,7 +343,7 @@ def test_a_thousand_prefix_store_starts_without_loading_and_lru_evicts_and_reloa
         assert store.stats["evictions"] >= 1 and store.loaded_bytes <= budget and "copy-0000" not in store.loaded
         assert ask("copy-0000") == first and store.stats["loads"] == 4  # evicted, reloaded, same answer
         assert "copy-0000" in store.loaded and len(store.loaded) <= 2 and engine.model.prefix_names == []
-    engine.stop()
+    engine.close()
 
 
 def test_microbatch_rows_serve_their_admitted_snapshots_whatever_the_store_evicts_deletes_or_replaces(tmp_path):
@@ -354,9 +354,8 @@ def test_microbatch_rows_serve_their_admitted_snapshots_whatever_the_store_evict
     write_store(folder)
     reference = reference_model(folder)
     model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
-    store = PrefixStore(model, folder, cache_bytes=1)
-    engine = BatchingEngine(model, tiny_tokenizer(), store, max_batch_size=4)
-    store.exclusive = engine.exclusive
+    engine = BatchingEngine(model, tiny_tokenizer(), max_batch_size=4)
+    store = PrefixStore(model, folder, cache_bytes=1, exclusive=engine.exclusive)
     engine.wait_seconds = 0.3  # the requests share one micro-batch
     names = ["formal-blog", "recipe-mlp", "twitter-wit", BASE_NAME]
     admitted = [Request(prompt_ids(PROMPTS[0]), name, 3, prefix_inputs=store.snapshot(name)) for name in names]
@@ -372,4 +371,4 @@ def test_microbatch_rows_serve_their_admitted_snapshots_whatever_the_store_evict
         for name, future in zip(names, futures, strict=True):
             assert future.result(timeout=60).token_ids == alone(reference, PROMPTS[0], name, 3), name
     finally:
-        engine.stop()
+        engine.close()

@@ -26,10 +26,12 @@ def live(tmp_path_factory):
     write_store(folder)
     reference = reference_model(folder)
     limits = Limits(max_prompt_tokens=64, max_tokens=120, max_queue=64)
-    app, engine, store = build_app(tiny_model("llama"), tiny_tokenizer(), folder, TOKEN, limits, max_batch_size=8)
+    app, engine, store = build_app(
+        tiny_model("llama"), tiny_tokenizer(), folder, admin_token=TOKEN, limits=limits, max_batch_size=8
+    )
     with running(app) as url:
         yield url, engine, store, reference, app
-    engine.stop()
+    engine.close()
 
 
 LONG = PROMPTS[1]  # a prompt no prefix of the store ends early (no end of sequence within 120 tokens)
@@ -51,14 +53,13 @@ def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_reque
     write_store(tmp_path / "store")
     reference = reference_model(tmp_path / "store")
     model = reference_model(tmp_path / "store")
-    store = PrefixStore(model, tmp_path / "store")
     engine = ContinuousEngine(model, model.tokenizer, max_batch_size=6, max_batch_tokens=8).start()
-    store.exclusive = engine.exclusive  # prefixes load while the engine runs
+    store = PrefixStore(model, tmp_path / "store", exclusive=engine.exclusive)  # prefixes load while it runs
     jobs = [(p, n, 3 + 5 * i % 17) for i, (p, n) in enumerate((p, n) for p in PROMPTS for n in [BASE_NAME, *PREFIXES])]
     requests = [Request(prompt_ids(p), n, m, prefix_inputs=store.snapshot(n)) for p, n, m in jobs]
     results = [engine.submit(request) for request in requests]
     results = [future.result(timeout=120) for future in results]
-    engine.stop()
+    engine.close()
     for (prompt, name, max_tokens), result in zip(jobs, results, strict=True):
         assert result.token_ids == alone(reference, prompt, name, max_tokens), (prompt, name)
     assert len({tuple(r.token_ids) for (p, _, _), r in zip(jobs, results, strict=True) if p == PROMPTS[0]}) > 1
@@ -85,7 +86,7 @@ def test_an_exception_in_one_row_fails_that_request_alone(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="poisoned row"):
         futures[0].result(timeout=60)
     results = [future.result(timeout=60) for future in futures[1:]]
-    engine.stop()
+    engine.close()
     for name, result in zip(PREFIXES, results, strict=True):
         assert result.token_ids == alone(reference, LONG, name, 30) and result.finish_reason == "length"
 
@@ -101,7 +102,7 @@ def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(live):
 
     long = threading.Thread(target=ask, args=("long", 120))
     long.start()
-    while engine.running_rows() == 0:  # the long one is decoding
+    while engine.stats().running_rows == 0:  # the long one is decoding
         time.sleep(0.01)
     ask("short", 2)
     long.join(timeout=120)
@@ -123,7 +124,7 @@ def test_deleting_and_replacing_prefixes_under_load_fails_no_admitted_request(li
                 for name in ["victim", "swapped", "recipe-mlp"] * 3
             ]
             tasks = [asyncio.ensure_future(call) for call in calls]
-            while engine.running_rows() < 3:
+            while engine.stats().running_rows < 3:
                 await asyncio.sleep(0.01)
             other = prefix_files(tmp_path, "replacement", prefix_length=6)
             changes = [
@@ -153,7 +154,7 @@ def alone_served(store: PrefixStore, reference, name: str) -> str:
 
 def test_hung_up_streams_stop_costing_tokens(live):
     url, engine, *_ = live
-    before = engine.computed_tokens()
+    before = engine.stats().computed_tokens
     cancelled = metric(url, 'prefixtune_cancellations_total{reason="disconnect"}')
 
     def hang_up() -> None:
@@ -171,7 +172,7 @@ def test_hung_up_streams_stop_costing_tokens(live):
         time.sleep(0.05)
     assert not engine.live  # all removed from the batch
     assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') - cancelled == 8
-    assert engine.computed_tokens() - before < 8 * 120 / 2  # far fewer than the 960 asked for
+    assert engine.stats().computed_tokens - before < 8 * 120 / 2  # far fewer than the 960 asked for
 
 
 def test_a_non_streaming_client_that_hangs_up_is_cancelled_too(live):
@@ -203,7 +204,7 @@ def test_overload_beyond_max_queue_gets_429_with_retry_after_and_the_server_stay
         answers = asyncio.run(flood(url))
         healthy = httpx.get(f"{url}/health")
         rejected = metric(url, "prefixtune_rejections_total")
-    engine.stop()
+    engine.close()
     codes = [a.status_code for a in answers]
     assert set(codes) == {200, 429} and codes.count(429) == rejected >= 5
     assert all(a.headers["Retry-After"] == "1" and "busy" in a.text for a in answers if a.status_code == 429)
@@ -218,7 +219,7 @@ def test_request_timeout_cancels_and_answers_504(tmp_path):
         body = {"model": "formal-blog", "prompt": PROMPTS[0], "max_tokens": 120}
         answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         timeouts = metric(url, 'prefixtune_cancellations_total{reason="timeout"}')
-    engine.stop()
+    engine.close()
     assert answer.status_code == 504 and "--request-timeout" in answer.json()["error"]["message"]
     assert timeouts == 1
 
@@ -361,7 +362,7 @@ def test_smollm2_continuous_batching_equals_prefix_model_generate_alone():
     ids = {p: tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts}
     futures = [engine.submit(Request(ids[p], n or BASE_NAME, 12, prefix_inputs=snapshots[n])) for p, n in jobs]
     results = [future.result(timeout=300).token_ids for future in futures]
-    engine.stop()
+    engine.close()
     for (prompt, name), got in zip(jobs, results, strict=True):
         out = reference.generate(
             input_ids=torch.tensor([ids[prompt]]), prefix=[name], max_new_tokens=12, do_sample=False
@@ -404,8 +405,8 @@ def test_continuous_engine_refuses_models_it_is_not_exact_for_and_auto_picks_mic
     model = PrefixModel(base, name=None)
     with pytest.raises(UnsupportedModelError, match=f"not exact here: .*{reason}"):
         ContinuousEngine(model, tiny_tokenizer())
-    assert make_engine(model, tiny_tokenizer(), None, "auto").name == "microbatch"
-    assert make_engine(PrefixModel(tiny_model("llama"), name=None), tiny_tokenizer(), None, "auto").name == (
+    assert make_engine(model, tiny_tokenizer(), engine="auto").name == "microbatch"
+    assert make_engine(PrefixModel(tiny_model("llama"), name=None), tiny_tokenizer(), engine="auto").name == (
         "continuous"
     )
 
@@ -448,7 +449,7 @@ def test_continuous_engine_runs_the_base_on_per_request_paged_attention_and_rest
         assert model.base_model.config._attn_implementation == PAGED_ATTENTION
         assert engine.submit(Request(prompt_ids(PROMPTS[0]), BASE_NAME, 3)).result(timeout=60).token_ids
     finally:
-        engine.stop()
+        engine.close()
     assert model.base_model.config._attn_implementation == before
 
 
@@ -460,9 +461,8 @@ def test_loading_a_prefix_pauses_the_continuous_engine_only_if_it_runs_the_base(
     write_store(tmp_path / "store")
     reference = reference_model(tmp_path / "store")
     model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
-    store = PrefixStore(model, tmp_path / "store")
     engine = ContinuousEngine(model, model.tokenizer, max_batch_size=4).start()
-    store.exclusive = engine.exclusive
+    store = PrefixStore(model, tmp_path / "store", exclusive=engine.exclusive)
     pauses = []
     pause = engine.manager.pause
     engine.manager.pause = lambda *a, **k: pauses.append(1) or pause(*a, **k)
@@ -474,4 +474,4 @@ def test_loading_a_prefix_pauses_the_continuous_engine_only_if_it_runs_the_base(
             torch.testing.assert_close(served["prefix_key_values"], expected, rtol=0, atol=0)
             assert len(pauses) - before == (1 if PREFIXES[name].parameterization == "hidden" else 0), name
     finally:
-        engine.stop()
+        engine.close()

@@ -96,6 +96,6 @@ def test_serve_generate_and_eval_send_the_model_the_ids_training_used(workspace,
         chat = client.post(
             "/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": PROMPT}]}
         )
-    engine.stop()
+    engine.close()
     assert completion.status_code == 200 and chat.status_code == 200
     assert submitted == [trained, trained]

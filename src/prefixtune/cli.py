@@ -462,20 +462,26 @@ def serve(
             _fail(error)
     try:
         base, tokenizer = load_base_model(model, dtype=dtype, device="cpu" if vllm else device)
-        limits = Limits(max_prompt_tokens, max_tokens, int(max_upload_mb * 1024 * 1024), max_queue, request_timeout)
+        limits = Limits(
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens=max_tokens,
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            max_queue=max_queue,
+            request_timeout=request_timeout,
+        )
         cache_bytes = None if prefix_cache_mb is None else int(prefix_cache_mb * 1024 * 1024)
         server, running, store = build_app(
             base,
             tokenizer,
             prefix_store,
-            admin_token,
-            limits,
-            max_batch_size,
-            engine,
-            model,
-            cache_bytes,
-            max_batch_tokens,
-            vllm,
+            admin_token=admin_token,
+            limits=limits,
+            max_batch_size=max_batch_size,
+            engine=engine,
+            model_id=model,
+            prefix_cache_bytes=cache_bytes,
+            max_batch_tokens=max_batch_tokens,
+            vllm=vllm,
         )
     except USER_ERRORS as error:
         _fail(error)

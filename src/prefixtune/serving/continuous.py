@@ -42,8 +42,9 @@ from ..injection import UnsupportedModelError
 from ..injection.positions import counts_own_positions, first_position
 from ..model import PrefixModel
 from ..transformers_private import attn_implementation, supports_sdpa
+from .interface import EngineClosed, EngineStats, end_request, new_counts
 from .paged_attention import PAGED_ATTENTION
-from .requests import Completion, Request, Token
+from .requests import Request, Token
 
 logger = logging.getLogger(__name__)
 SCHEDULER_NAME = "prefixtune"
@@ -56,7 +57,7 @@ class _Live:
     request: Request
     generator: torch.Generator | None
     tokens: list[Token]  # one per sampled token, aligned with the request's generated tokens
-    sent: int = 0  # tokens already put on the channel
+    sent: int = 0  # generated tokens already emitted
     error: Exception | None = None  # this row failed (in our per-row code): it ends with this error
 
 
@@ -118,6 +119,8 @@ class PerRequestSampling(ModelRunner):
                 continue
             chosen[row] = live.tokens[-1].id
         self.stats["computed_tokens"] += len(states)
+        self.stats["batches"] += 1
+        self.stats["batch_rows"] += len(states)
         output_ids[0, : len(states)].copy_(chosen)
 
 
@@ -233,7 +236,7 @@ def continuous_refusal(model: PrefixModel) -> str | None:
 
 
 class ContinuousEngine:
-    """Serves `Request`s through `PrefixBatchingManager` (same interface as `BatchingEngine`)."""
+    """Serves `Request`s through `PrefixBatchingManager`; implements `interface.Engine`."""
 
     name = "continuous"
     supports_logprobs = True
@@ -242,6 +245,7 @@ class ContinuousEngine:
         self,
         model: PrefixModel,
         tokenizer,
+        *,
         max_batch_size: int = 16,
         max_batch_tokens: int = 256,
         max_sequence_tokens: int = 2048,
@@ -260,7 +264,7 @@ class ContinuousEngine:
         self.lock = threading.Lock()
         self.exclusive_lock = threading.RLock()
         self.counter = 0
-        self.stats = {"requests": 0, "generated_tokens": 0, "computed_tokens": 0, "errors": 0, "cancelled": 0}
+        self.counts = new_counts()
         blocks = -(-max_batch_size * max_sequence_tokens // page_size) + 2  # every row at full length, + slack
         self.cb_config = ContinuousBatchingConfig(
             page_size=page_size,
@@ -287,7 +291,7 @@ class ContinuousEngine:
         base.set_attn_implementation(PAGED_ATTENTION)  # the prefix comes through the cache, not the prefix hook
         self.manager = PrefixBatchingManager(base, self.generation_config, self.cb_config)
         self.manager.live = self.live
-        self.manager.stats = self.stats
+        self.manager.stats = self.counts
         rng = torch.get_rng_state()
         self.manager.start()
         deadline = time.monotonic() + 60
@@ -298,14 +302,17 @@ class ContinuousEngine:
         torch.set_rng_state(rng)  # the process's random numbers stay the caller's
         return self
 
-    def stop(self) -> None:
+    def close(self) -> None:
         if self.manager is not None:
             self.manager.stop(block=True, timeout=30)
             self.manager = None
+        for request_id in list(self.live):
+            live = self.live.pop(request_id, None)
+            if live is not None:
+                end_request(live.request, EngineClosed("the engine was closed before this request ended"), self.counts)
         self.model.base_model.set_attn_implementation(self.original_attention)
 
-    @property
-    def healthy(self) -> bool:
+    def _running(self) -> bool:
         return self.manager is not None and self.manager.is_running()
 
     @contextmanager
@@ -314,7 +321,7 @@ class ContinuousEngine:
         (a `hidden` prefix computes its keys/values through the attention layers): the loop pauses
         between two steps meanwhile, keeping its requests and cache."""
         with self.exclusive_lock:
-            with self.manager.pause() if self.healthy else nullcontext():
+            with self.manager.pause() if self._running() else nullcontext():
                 self.model.base_model.set_attn_implementation(self.original_attention)
                 try:
                     yield
@@ -324,10 +331,12 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Future:
+        if self.manager is None:
+            raise EngineClosed("the continuous engine is not running")
         with self.lock:
             request_id = f"r{self.counter}"
             self.counter += 1
-            self.stats["requests"] += 1
+            self.counts["requests"] += 1
         generator = None
         if request.temperature > 0:
             generator = torch.Generator()
@@ -346,26 +355,25 @@ class ContinuousEngine:
         return request.future
 
     def cancel(self, request: Request, error: Exception | None = None) -> None:
-        """Remove the request at the next step (its blocks are freed); its future ends as "cancelled"
-        (or with `error`)."""
-        request_id = getattr(request, "engine_id", None)
-        if request_id is None or request_id not in self.live or self.manager is None:
+        """End the request now (see `interface.Engine.cancel`); transformers removes it at the next
+        step and frees its blocks."""
+        live = self.live.pop(request.engine_id, None) if request.engine_id is not None else None
+        if live is None:  # ended already, or not ours
             return
-        self.manager.cancel_request(request_id)
-        live = self.live.pop(request_id, None)
-        if live is not None:
-            self.stats["errors" if error else "cancelled"] += 1
-            self._finish(live, "cancelled", error)
+        if self.manager is not None:
+            self.manager.cancel_request(request.engine_id)
+        end_request(request, error or "cancelled", self.counts)
 
-    def computed_tokens(self) -> int:
-        return self.stats["computed_tokens"]
-
-    def queue_depth(self) -> int:
-        return max(len(self.live) - self.running_rows(), 0)
-
-    def running_rows(self) -> int:
+    def stats(self) -> EngineStats:
         processor = self.manager.batch_processor if self.manager else None
-        return len(processor.scheduler.active_requests) if processor is not None else 0
+        running = len(processor.scheduler.active_requests) if processor is not None else 0
+        return EngineStats(
+            engine=self.name,
+            healthy=self._running(),
+            queue_depth=max(len(self.live) - running, 0),
+            running_rows=running,
+            **self.counts,
+        )
 
     # ------------------------------------------------------------------ results (generation thread)
     def _deliver(self, output: GenerationOutput) -> None:
@@ -373,6 +381,9 @@ class ContinuousEngine:
         if live is None:  # cancelled meanwhile
             return
         if live.error is not None:
+            logger.error(
+                "request %s (prefix %r): its row failed", output.request_id, live.request.prefix, exc_info=live.error
+            )
             self.cancel(live.request, live.error)
             return
         eos = self.tokenizer.eos_token_id
@@ -381,28 +392,16 @@ class ContinuousEngine:
             if generated[index] == eos:
                 break
             token = live.tokens[index] if index < len(live.tokens) else Token(generated[index])
-            if live.request.channel is not None:
-                live.request.channel.put(token)
+            live.request.emit(token)
             live.sent = index + 1
         if not output.is_finished():
             return
         self.live.pop(output.request_id, None)
         if output.status == RequestStatus.FAILED:
-            self.stats["errors"] += 1
-            self._finish(live, "error", RuntimeError(output.error or "generation failed"))
+            logger.error(
+                "request %s (prefix %r) failed in the engine: %s", output.request_id, live.request.prefix, output.error
+            )
+            end_request(live.request, RuntimeError(output.error or "generation failed"), self.counts)
             return
         stopped = bool(generated) and generated[-1] == eos
-        self._finish(live, "stop" if stopped else "length", None)
-
-    def _finish(self, live: _Live, reason: str, error: Exception | None) -> None:
-        request = live.request
-        if request.channel is not None:
-            request.channel.put(None)
-        if request.future.done():
-            return
-        if error is not None:
-            request.future.set_exception(error)
-            return
-        tokens = live.tokens[: live.sent]
-        self.stats["generated_tokens"] += len(tokens)
-        request.future.set_result(Completion([t.id for t in tokens], reason, tokens))
+        end_request(live.request, "stop" if stopped else "length", self.counts)

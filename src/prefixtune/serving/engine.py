@@ -7,7 +7,9 @@ temperature/top-p together; a seeded sampling request alone, so its seed means w
 generates for the longest ``max_tokens`` among them, and hands each request its own tokens,
 cut at its own ``max_tokens`` or end-of-sequence. Requests arriving meanwhile join the next
 micro-batch. Each row runs with the prefix snapshot its request was admitted with (keys/values,
-and hybrid models' states), so later uploads, replacements or deletions never touch it. Because
+and hybrid models' states), so later uploads, replacements or deletions never touch it. A
+request cancelled while its micro-batch runs stops streaming at once; its row is marked done,
+and the micro-batch ends early once all its rows are done. Because
 left padding and per-row prefixes are exact (see `injection`), a greedy request gets the same
 tokens as it would alone. ``mix_prefixes=False`` batches only requests of
 the same prefix: the "one prefix at a time" baseline the load test compares against.
@@ -15,57 +17,62 @@ the same prefix: the "one prefix at a time" baseline the load test compares agai
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..data import pad_batch
 from ..model import PrefixModel
 from ..names import BASE_NAME
-from .requests import Completion, Request, Token
-from .store import PrefixStore
+from .interface import EngineClosed, EngineStats, end_request, new_counts
+from .requests import Request, Token
+
+logger = logging.getLogger(__name__)
 
 
-class _RowStreamer(BaseStreamer):
-    """Routes each step's new tokens ``[B]`` to the rows' own queues and notes where rows end."""
+class _RowStreamer(BaseStreamer, StoppingCriteria):
+    """Routes each step's new tokens ``[B]`` to the rows' requests, and tells `generate` which
+    rows are done (end of sequence, their own ``max_tokens``, or ended meanwhile by `cancel`)."""
 
-    def __init__(self, requests: list[Request], eos_token_id: int | None, stats: dict[str, int]) -> None:
+    def __init__(self, requests: list[Request], eos_token_id: int | None, counts: dict[str, int]) -> None:
         self.requests = requests
-        self.stats = stats
+        self.counts = counts
         self.eos = eos_token_id
-        self.tokens: list[list[int]] = [[] for _ in requests]
         self.done = [False] * len(requests)
+        self.stopped = [False] * len(requests)  # ended by end of sequence
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
-        self.stats["computed_tokens"] += len(self.requests)
+        self.counts["computed_tokens"] += len(self.requests)
         for row, token in enumerate(value.reshape(len(self.requests), -1)[:, -1].tolist()):
             if self.done[row]:
                 continue
             request = self.requests[row]
             if token == self.eos:
-                self.done[row] = True
-                continue
-            self.tokens[row].append(token)
-            if request.channel is not None:
-                request.channel.put(Token(token))
-            if len(self.tokens[row]) >= request.max_tokens:
+                self.done[row] = self.stopped[row] = True
+            elif not request.emit(Token(token)) or len(request.tokens) >= request.max_tokens:
                 self.done[row] = True
 
     def end(self) -> None:
         pass
 
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = [d or r.ended for d, r in zip(self.done, self.requests, strict=True)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # [B]
+
 
 class BatchingEngine:
-    """The micro-batch engine (encoder-decoders, and the benchmark's baseline). Differs from
-    `ContinuousEngine`: no log-probabilities, and a request can be cancelled only before its
-    micro-batch starts."""
+    """The micro-batch engine (encoder-decoders, and the benchmark's baseline); implements
+    `interface.Engine`. Differs from `ContinuousEngine`: no log-probabilities, and rows join only
+    at micro-batch boundaries."""
 
     name = "microbatch"
     supports_logprobs = False
@@ -74,84 +81,73 @@ class BatchingEngine:
         self,
         model: PrefixModel,
         tokenizer,
-        store: PrefixStore | None = None,
+        *,
         max_batch_size: int = 16,
         mix_prefixes: bool = True,
         wait_seconds: float = 0.005,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.store = store
         self.lock = threading.RLock()  # held while generating; `exclusive` for others using the model
         self.max_batch_size = max_batch_size
         self.mix_prefixes = mix_prefixes
         self.wait_seconds = wait_seconds  # a moment for concurrent requests to arrive together
         self.encoder_decoder = model.base_model.config.is_encoder_decoder
         self.pending: list[Request] = []
+        self.batch: list[Request] = []  # the micro-batch being generated
         self.condition = threading.Condition()
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "generated_tokens": 0, "computed_tokens": 0, "errors": 0}
+        self.counts = new_counts()
         self.running = False
-        self.running_batch = 0
         self.thread: threading.Thread | None = None
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ the interface
     def start(self) -> BatchingEngine:
         self.running = True
         self.thread = threading.Thread(target=self._loop, name="prefixtune-engine", daemon=True)
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def close(self) -> None:
         with self.condition:
             self.running = False
             self.condition.notify_all()
         if self.thread:
             self.thread.join(timeout=30)
+        with self.condition:
+            left, self.pending = [*self.pending, *self.batch], []
+        for request in left:
+            end_request(request, EngineClosed("the engine was closed before this request ended"), self.counts)
 
     def submit(self, request: Request) -> Future:
         with self.condition:
+            if not self.running:
+                raise EngineClosed("the micro-batch engine is not running")
             self.pending.append(request)
-            self.stats["requests"] += 1
+            self.counts["requests"] += 1
             self.condition.notify()
         return request.future
 
-    def generate(self, request: Request, timeout: float | None = None) -> Completion:
-        return self.submit(request).result(timeout)
-
-    def cancel(self, request: Request) -> None:
-        """Drop the request if its micro-batch has not started (a started one runs to its end)."""
+    def cancel(self, request: Request, error: Exception | None = None) -> None:
+        """End the request now (see `interface.Engine.cancel`); a running row is marked done, and
+        its micro-batch ends early once all its rows are."""
         with self.condition:
             if request in self.pending:
                 self.pending.remove(request)
-                self._end(request, Completion([], "cancelled"))
+        end_request(request, error or "cancelled", self.counts)
+
+    def stats(self) -> EngineStats:
+        healthy = self.running and self.thread is not None and self.thread.is_alive()
+        return EngineStats(
+            engine=self.name,
+            healthy=healthy,
+            queue_depth=len(self.pending),
+            running_rows=len(self.batch),
+            **self.counts,
+        )
 
     def exclusive(self) -> threading.RLock:
         """Hold the model between micro-batches (to run it for something else)."""
         return self.lock
-
-    @property
-    def healthy(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-    def computed_tokens(self) -> int:
-        return self.stats["computed_tokens"]
-
-    def queue_depth(self) -> int:
-        return len(self.pending)
-
-    def running_rows(self) -> int:
-        return self.running_batch
-
-    @staticmethod
-    def _end(request: Request, result: Completion | Exception) -> None:
-        if request.channel is not None:
-            request.channel.put(None)
-        if request.future.done():
-            return
-        if isinstance(result, Exception):
-            request.future.set_exception(result)
-        else:
-            request.future.set_result(result)
 
     # ------------------------------------------------------------------ the worker
     def _take_batch(self) -> list[Request]:
@@ -162,12 +158,15 @@ class BatchingEngine:
                 return []
         time.sleep(self.wait_seconds)
         with self.condition:
+            if not self.pending:  # all cancelled meanwhile
+                return []
             first = self.pending[0]
             same = [
                 r for r in self.pending if r.mode() == first.mode() and (self.mix_prefixes or r.prefix == first.prefix)
             ][: self.max_batch_size]
             taken = {id(r) for r in same}
             self.pending = [r for r in self.pending if id(r) not in taken]
+            self.batch = same
             return same
 
     def _loop(self) -> None:
@@ -175,42 +174,34 @@ class BatchingEngine:
             batch = self._take_batch()
             if not batch:
                 continue
-            self.running_batch = len(batch)
             try:
-                batch = self._servable(batch)  # before the lock: the store takes its own lock, then this one
-                with self.lock:
-                    completions = self._run(batch) if batch else []
+                batch = self._servable(batch)
+                if batch:
+                    with self.lock:
+                        self._run(batch)
             except Exception as error:  # one bad batch must not kill the server
-                self.stats["errors"] += len(batch)
+                logger.exception("a micro-batch of %d rows failed; its requests fail, the engine goes on", len(batch))
                 for request in batch:
-                    self._end(request, error)
-                continue
+                    end_request(request, error, self.counts)
             finally:
-                self.running_batch = 0
-            for request, completion in zip(batch, completions, strict=True):
-                self._end(request, completion)
+                self.batch = []
 
     def _servable(self, batch: list[Request]) -> list[Request]:
-        """The rows with their prefix snapshot (taken now from the store, or from the model by name,
-        for requests admitted without one); a row whose prefix fails fails alone."""
+        """The rows with their prefix snapshot (for a request admitted without one, taken now from
+        the model's own prefixes by name); a row whose prefix fails fails alone."""
         kept = []
         for request in batch:
             try:
                 if request.prefix != BASE_NAME and request.prefix_inputs is None:
-                    request.prefix_inputs = self._snapshot(request.prefix)
+                    with self.lock:  # a hidden prefix runs the base
+                        request.prefix_inputs = self.model.prefix_snapshot(request.prefix)
                 kept.append(request)
             except Exception as error:  # noqa: BLE001 - reported to that request only
-                self.stats["errors"] += 1
-                self._end(request, error)
+                logger.exception("prefix %r of a request could not be prepared; that request fails", request.prefix)
+                end_request(request, error, self.counts)
         return kept
 
-    def _snapshot(self, name: str):
-        if self.store is not None:
-            return self.store.snapshot(name)
-        with self.lock:  # a hidden prefix runs the base
-            return self.model.prefix_snapshot(name)
-
-    def _run(self, batch: list[Request]) -> list[Completion]:
+    def _run(self, batch: list[Request]) -> None:
         side = "right" if self.encoder_decoder else "left"
         inputs = pad_batch([{"input_ids": r.prompt_ids} for r in batch], self.tokenizer.pad_token_id, side)
         inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
@@ -227,15 +218,13 @@ class BatchingEngine:
                 torch.manual_seed(first.seed)
         else:
             options["do_sample"] = False
-        streamer = _RowStreamer(batch, self.tokenizer.eos_token_id, self.stats)
+        streamer = _RowStreamer(batch, self.tokenizer.eos_token_id, self.counts)
         prefixes = self.model.stack_prefix_inputs([r.prefix_inputs for r in batch])  # the admitted snapshots
         with torch.no_grad():
-            self.model.base_model.generate(**inputs, **prefixes, streamer=streamer, **options)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        completions = []
-        for request, tokens, done in zip(batch, streamer.tokens, streamer.done, strict=True):
-            self.stats["generated_tokens"] += len(tokens)
-            stopped = done and len(tokens) < request.max_tokens
-            completions.append(Completion(tokens, "stop" if stopped else "length", [Token(t) for t in tokens]))
-        return completions
+            self.model.base_model.generate(
+                **inputs, **prefixes, streamer=streamer, stopping_criteria=StoppingCriteriaList([streamer]), **options
+            )
+        self.counts["batches"] += 1
+        self.counts["batch_rows"] += len(batch)
+        for request, stopped in zip(batch, streamer.stopped, strict=True):
+            end_request(request, "stop" if stopped else "length", self.counts)

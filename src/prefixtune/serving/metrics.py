@@ -7,25 +7,28 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
+from .interface import Engine
+from .store import PrefixStore
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class _EngineCounters:
     """Counters the engine keeps itself (read at scrape time)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self):
         computed = CounterMetricFamily(
             "prefixtune_computed_tokens", "Tokens the engine computed (including for requests cancelled meanwhile)"
         )
-        computed.add_metric([], self.engine.computed_tokens())
+        computed.add_metric([], self.engine.stats().computed_tokens)
         yield computed
 
 
 class Metrics:
-    def __init__(self, engine, store) -> None:
+    def __init__(self, engine: Engine, store: PrefixStore) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -45,8 +48,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        Gauge("prefixtune_queue_depth", "Requests waiting for a row", registry=r).set_function(engine.queue_depth)
-        Gauge("prefixtune_running_rows", "Requests in the running batch", registry=r).set_function(engine.running_rows)
+        Gauge("prefixtune_queue_depth", "Requests waiting for a row", registry=r).set_function(
+            lambda: engine.stats().queue_depth
+        )
+        Gauge("prefixtune_running_rows", "Requests in the running batch", registry=r).set_function(
+            lambda: engine.stats().running_rows
+        )
         Gauge("prefixtune_prefixes_loaded", "Prefixes held in memory", registry=r).set_function(
             lambda: len(store.loaded)
         )

@@ -8,14 +8,22 @@ turned into plain keys/values (and hybrid models' states: no MLP or projection a
 is loaded again. A request takes that snapshot when admitted and both engines serve from it:
 replacing, deleting or evicting the prefix later never touches it, since a replacement is a new
 tensor and nothing writes a served prefix in place.
-Uploads are written to a hidden staging folder, validated by loading them, and only then renamed.
+Uploads are written to a hidden staging folder beside the prefixes, validated by loading them,
+and only then swapped in: the old folder is moved aside (``os.replace``), the new one moved in, and
+the old one removed; if moving the new one in fails, the old one is moved back (and a store that
+finds a moved-aside folder without its prefix at start-up, after a crash between the two moves,
+moves it back too). A delete moves the folder aside first, so a delete that fails leaves the prefix
+served and listed, and answers an error; nothing is removed with errors ignored.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -40,6 +48,14 @@ class UnknownPrefix(KeyError):
     """No prefix by that name (maps to HTTP 404)."""
 
 
+class StoreWriteError(OSError):
+    """The store could not change its folder; the prefix is as it was before (maps to HTTP 500)."""
+
+
+logger = logging.getLogger(__name__)
+OLD_MARK = ".old-"  # <store>/.old-<name>-<hex>: a prefix folder moved aside during a replacement
+
+
 def check_name(name: str) -> str:
     try:
         return check_prefix_name(name)
@@ -55,18 +71,28 @@ class Loaded:
 
 
 class PrefixStore:
-    def __init__(self, model: PrefixModel, folder: str | Path, cache_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        model: PrefixModel,
+        folder: str | Path,
+        cache_bytes: int | None = None,
+        *,
+        exclusive: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        """`exclusive`: the serving engine's `Engine.exclusive`, held while a hidden prefix runs the
+        base model to compute its keys/values (the default suits a store no engine serves)."""
         self.model = model
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes  # None: no limit
         self.lock = threading.RLock()  # guards the store's own state
-        self.exclusive: Callable[[], AbstractContextManager] = nullcontext  # the engine's: to run the base model
+        self.exclusive = exclusive
         self.encoder_decoder = model.base_model.config.is_encoder_decoder
         self.base = Loaded(PromptFormatter(model.tokenizer, encoder_decoder=self.encoder_decoder), None, 0)
         self.load_errors: dict[str, str] = {}
         self.loaded: OrderedDict[str, Loaded] = OrderedDict()  # least recently used first
         self.stats = {"loads": 0, "evictions": 0}
+        self._restore_interrupted()
         self.available = {
             path.name
             for path in self.folder.iterdir()
@@ -139,6 +165,43 @@ class PrefixStore:
                 held -= self.loaded.pop(name).nbytes
                 self.stats["evictions"] += 1
 
+    def _restore_interrupted(self) -> None:
+        """Move back a prefix folder left aside by a replacement that was killed between its moves."""
+        for path in self.folder.glob(f"{OLD_MARK}*"):
+            name = path.name[len(OLD_MARK) :].rsplit("-", 1)[0]
+            if is_prefix_name(name) and not (self.folder / name).exists():
+                logger.warning("restoring prefix %r from %s (a replacement was interrupted)", name, path)
+                os.replace(path, self.folder / name)
+
+    def _aside(self, name: str) -> Path:
+        """Move the prefix folder `name` aside (one atomic rename); StoreWriteError if that fails."""
+        aside = self.folder / f"{OLD_MARK}{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(self.folder / name, aside)
+        except OSError as error:
+            raise StoreWriteError(f"could not move prefix {name!r} aside: {error}") from error
+        return aside
+
+    def _remove(self, path: Path) -> None:
+        """Remove a folder no longer served; a failure is logged (it is not listed, not served again)."""
+        try:
+            shutil.rmtree(path)
+        except OSError:
+            logger.exception("could not remove %s (no longer served; remove it by hand)", path)
+
+    def _swap_in(self, name: str, staging: Path) -> None:
+        """Put `staging` at ``<store>/<name>``: the old folder aside, the new one in, the old one removed."""
+        target = self.folder / name
+        aside = self._aside(name) if target.exists() else None
+        try:
+            os.replace(staging, target)
+        except OSError as error:
+            if aside is not None:
+                os.replace(aside, target)
+            raise StoreWriteError(f"could not put the upload for {name!r} in place: {error}") from error
+        if aside is not None:
+            self._remove(aside)
+
     def upload(self, name: str, weights: bytes, config: bytes) -> None:
         """Validate an uploaded prefix by loading it, then put it in the store under `name`."""
         check_name(name)
@@ -152,24 +215,29 @@ class PrefixStore:
                     self._load(name, staging)
                 except (PrefixFileError, ValueError) as error:
                     raise StoreError(f"rejected upload for {name!r}: {error}") from error
-                target = self.folder / name
-                if target.exists():
-                    shutil.rmtree(target)
-                staging.rename(target)
+                try:
+                    self._swap_in(name, staging)
+                except StoreWriteError:
+                    self.loaded.pop(name, None)  # the new one is not in place: the old files are served
+                    raise
                 self.available.add(name)
                 self.load_errors.pop(name, None)
                 self._evict(keep=name)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging.exists():
+                self._remove(staging)
 
     def delete(self, name: str) -> None:
+        """Stop serving `name` and remove its folder; StoreWriteError (prefix still served) if the
+        folder cannot be moved out of the store."""
         check_name(name)
         with self.lock:
             self.check(name)
+            aside = self._aside(name)
             self.loaded.pop(name, None)  # admitted requests keep their snapshots
             self.available.discard(name)
             self.load_errors.pop(name, None)
-            shutil.rmtree(self.folder / name, ignore_errors=True)
+        self._remove(aside)
 
     def describe(self) -> dict[str, Any]:
         with self.lock:

@@ -42,6 +42,7 @@ from torch import Tensor
 from ..injection import UnsupportedModelError
 from ..loading import ModelLoadError
 from ..model import PrefixModel
+from .interface import EngineClosed, EngineStats, RequestRejected, end_request, new_counts
 from .requests import Request, Token
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,6 @@ def require_vllm() -> None:
             "`bash scripts/setup.sh --vllm` (a second environment, .venv-vllm: vLLM pins another transformers), "
             "then serve with `.venv-vllm/bin/prefixtune serve --engine vllm ...`"
         )
-
-
-class RequestRejected(ValueError):
-    """`submit` refuses the request as given (the server answers 400 with this message)."""
 
 
 @dataclass
@@ -114,7 +111,7 @@ def _stat_logger_class():
     adds up computed tokens: prompt tokens vLLM prefilled itself plus generated tokens."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class EngineStats(StatLoggerBase):
+    class VLLMStatLogger(StatLoggerBase):
         def __init__(self, vllm_config=None, engine_index: int = 0) -> None:
             self.running = 0
             self.waiting = 0
@@ -137,7 +134,7 @@ def _stat_logger_class():
         def log_engine_initialized(self) -> None:
             pass
 
-    return EngineStats
+    return VLLMStatLogger
 
 
 class VLLMEngine:
@@ -162,7 +159,7 @@ class VLLMEngine:
         self.ids = itertools.count()
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> its serving task (engine loop only)
         self.unended: dict[str, Request] = {}  # submitted, not yet ended (any thread)
-        self.counts = {"requests": 0, "generated_tokens": 0, "errors": 0, "cancelled": 0}
+        self.counts = new_counts()  # batches, batch_rows and computed_tokens come from vLLM's stats
         self.loop = asyncio.new_event_loop()
         self.thread: threading.Thread | None = None
         self.llm = None
@@ -189,8 +186,6 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Fail every request not yet ended, shut vLLM's engine core down, stop the loop. Idempotent."""
-        from .interface import EngineClosed
-
         for request in list(self.unended.values()):
             self.cancel(request, EngineClosed("the vLLM engine was closed"))
         llm, self.llm = self.llm, None
@@ -207,25 +202,20 @@ class VLLMEngine:
         with self.lock:
             yield
 
-    def stats(self):
-        from .interface import EngineStats
-
+    def stats(self) -> EngineStats:
+        """Rows and computed tokens as vLLM's scheduler reports them after each step; queue depth:
+        requests not ended and not running (including those on their way into vLLM)."""
         with self.lock:
             counts, unended = dict(self.counts), len(self.unended)
         seen = self.vllm_stats
-        running = min(seen.running, unended)
+        running = min(seen.running, unended)  # vLLM's last report may predate the last requests' end
+        vllm_counts = {"batches": seen.steps, "batch_rows": seen.step_rows, "computed_tokens": seen.computed_tokens}
         return EngineStats(
             engine=self.name,
             healthy=self.llm is not None and not self.llm.errored and bool(self.thread and self.thread.is_alive()),
-            queue_depth=max(unended - running, 0),  # includes requests on their way into vLLM
+            queue_depth=max(unended - running, 0),
             running_rows=running,
-            requests=counts["requests"],
-            batches=seen.steps,
-            batch_rows=seen.step_rows,
-            generated_tokens=counts["generated_tokens"],
-            computed_tokens=seen.computed_tokens,
-            errors=counts["errors"],
-            cancelled=counts["cancelled"],
+            **(counts | vllm_counts),
         )
 
     # ------------------------------------------------------------------ requests
@@ -245,9 +235,8 @@ class VLLMEngine:
         """End the request now (cancelled, or failed with `error`) and abort it in `AsyncLLM`."""
         with self.lock:
             if self.unended.pop(request.engine_id or "", None) is None:
-                return
-            self.counts["errors" if error else "cancelled"] += 1
-        request.fail(error) if error is not None else request.finish("cancelled")
+                return  # ended already, or never admitted
+            end_request(request, error or "cancelled", self.counts)
         if self.thread is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
 
@@ -287,11 +276,11 @@ class VLLMEngine:
             task.cancel()  # its generate() aborts the request in AsyncLLM
 
     async def _serve(self, request: Request, prompt) -> None:
-        request_id = request.engine_id
+        request_id, llm = request.engine_id, self.llm
         try:
             reason = "length"
             params = self._sampling(request, prompt.extra_args())
-            async for output in self.llm.generate(prompt.prompt(), params, request_id):
+            async for output in llm.generate(prompt.prompt(), params, request_id):
                 choice = output.outputs[0]
                 for index, token_id in enumerate(choice.token_ids):
                     if token_id == self.eos:
@@ -301,7 +290,7 @@ class VLLMEngine:
                 reason = "stop" if choice.finish_reason == "stop" else reason
             self._end(request, reason)
         except asyncio.CancelledError:
-            await self.llm.abort(request_id)  # generate() aborted it too; abort is idempotent
+            await llm.abort(request_id)  # generate() has aborted it too; abort is idempotent
         except Exception as error:  # noqa: BLE001 - this request fails, the engine goes on
             logger.exception("vLLM request %s (prefix %r) failed", request_id, request.prefix)
             self.cancel(request, error)
@@ -310,10 +299,8 @@ class VLLMEngine:
 
     def _end(self, request: Request, reason: str) -> None:
         with self.lock:
-            if self.unended.pop(request.engine_id, None) is None:
-                return  # cancelled meanwhile
-            self.counts["generated_tokens"] += len(request.tokens)
-        request.finish(reason)
+            if self.unended.pop(request.engine_id, None) is not None:  # else: cancelled meanwhile
+                end_request(request, reason, self.counts)
 
     def _sampling(self, request: Request, extra_args: dict[str, Any] | None):
         from vllm import SamplingParams
