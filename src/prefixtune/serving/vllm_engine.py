@@ -153,7 +153,7 @@ class VLLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        self.hashes: weakref.WeakKeyDictionary[Tensor, str] = weakref.WeakKeyDictionary()  # snapshot -> its file
+        self.hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot keys/values) -> (it, its file hash)
         self.eos = tokenizer.eos_token_id
         self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
         self.ids = itertools.count()
@@ -260,11 +260,17 @@ class VLLMEngine:
         if key_values is None:
             return prefixed_prompt(None, request.prompt_ids, self.settings.kv_folder)
         with self.lock:  # a snapshot never changes: hashed and written once
-            prompt = prefixed_prompt(
-                key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=self.hashes.get(key_values)
-            )
-            self.hashes[key_values] = prompt.kv_transfer_params[PARAMS_KEY]["prefix"]
+            known = self.hashes.get(id(key_values))
+            known_hash = known[1] if known is not None and known[0]() is key_values else None
+            prompt = prefixed_prompt(key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=known_hash)
+            if known_hash is None:
+                self._remember(key_values, prompt.kv_transfer_params[PARAMS_KEY]["prefix"])
         return prompt
+
+    def _remember(self, key_values: Tensor, prefix_hash: str) -> None:
+        """Keep the snapshot's hash while the snapshot lives (tensors compare by value, so no WeakKeyDictionary)."""
+        ident = id(key_values)
+        self.hashes[ident] = (weakref.ref(key_values, lambda _: self.hashes.pop(ident, None)), prefix_hash)
 
     def _start_task(self, request: Request, prompt) -> None:
         if request.engine_id in self.unended:  # not cancelled on its way here
