@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,16 @@ def write_prefix(folder: Path, name: str, config: PrefixConfig, seed: int) -> No
     PrefixModel(vllm_tiny_model(), config, name=name, tokenizer=tiny_tokenizer()).save_prefix(folder / name)
 
 
+def write_foreign_prefix(folder: Path) -> None:
+    """A prefix trained on another base (other sizes and weights: its fingerprint differs)."""
+    torch.manual_seed(3)
+    other = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1)
+    )  # fmt: skip
+    PrefixModel(other, PrefixConfig(prefix_length=3), name="foreign").save_prefix(folder)
+
+
 def serve_command(model: Path, store: Path, port: int, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -134,6 +145,8 @@ def live(tmp_path_factory):
     store = root / "store"
     for index, (name, config) in enumerate(PREFIXES.items()):
         write_prefix(store, name, config, 100 + index)
+    write_foreign_prefix(store / "foreign")  # bad prefixes the server must refuse on request (it lists them now)
+    write_prefix(store, "too-long", PrefixConfig(prefix_length=MAX_MODEL_LEN, init_std=1.0), 4)
     port = free_port()
     process = subprocess.Popen(serve_command(model, store, port), env=environment())
     url = f"http://127.0.0.1:{port}"
@@ -310,18 +323,19 @@ def test_a_hung_up_stream_is_aborted_in_vllm(live):
 @pytest.mark.slow
 def test_bad_prefixes_get_a_4xx_with_the_reason_and_the_server_stays_up(live, tmp_path):
     url, store, _ = live
-    torch.manual_seed(3)  # a prefix trained on another base: its fingerprint differs
-    other = AutoModelForCausalLM.from_config(
-        LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=1)
-    )  # fmt: skip
-    PrefixModel(other, PrefixConfig(prefix_length=3), name="foreign").save_prefix(store / "foreign")
     wrong = httpx.post(f"{url}/v1/completions", json={"model": "foreign", "prompt": LONG, "max_tokens": 2})
-    assert wrong.status_code == 400 and "fingerprint" in wrong.json()["error"]["message"]
-    write_prefix(store, "too-long", PrefixConfig(prefix_length=MAX_MODEL_LEN, init_std=1.0), 4)
+    assert wrong.status_code == 400 and "different base model" in wrong.json()["error"]["message"]
+    write_foreign_prefix(tmp_path / "upload")
+    files = {
+        "weights": ("prefix.safetensors", (tmp_path / "upload" / "prefix.safetensors").read_bytes()),
+        "config": ("prefix_config.json", (tmp_path / "upload" / "prefix_config.json").read_bytes()),
+    }
+    upload = httpx.put(f"{url}/admin/prefixes/foreign2", files=files, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert upload.status_code == 400 and "different base model" in upload.json()["error"]["message"]
     body = {"model": "too-long", "prompt": LONG, "max_tokens": 2}
     long = httpx.post(f"{url}/v1/completions", json=body)
-    assert 400 <= long.status_code < 500 and str(MAX_MODEL_LEN) in long.json()["error"]["message"]
+    message = long.json()["error"]["message"]
+    assert long.status_code == 400 and f"window of {MAX_MODEL_LEN} tokens" in message and "too-long" in message
     fine = httpx.post(f"{url}/v1/completions", json={"model": "short-kv", "prompt": LONG, "max_tokens": 5})
     assert fine.status_code == 200 and httpx.get(f"{url}/health").json()["engine"] == "vllm"
 
@@ -329,16 +343,15 @@ def test_bad_prefixes_get_a_4xx_with_the_reason_and_the_server_stays_up(live, tm
 @needs_vllm
 @pytest.mark.slow
 def test_a_model_vllm_cannot_load_is_a_clear_error(tmp_path):
-    torch.manual_seed(0)  # head size 8: vLLM's CPU attention takes 32 and more
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    save_model_folder(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())  # save_pretrained writes its own class
+    config["architectures"] = ["NoSuchArchitectureForCausalLM"]  # transformers loads it by model_type; vLLM cannot
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     command = serve_command(tmp_path / "model", tmp_path / "store", free_port())
     result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "vLLM cannot serve model" in result.stdout + result.stderr
-    assert "Traceback" not in result.stdout.split("vLLM cannot serve model")[-1]
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert "vLLM cannot serve model" in output and "NoSuchArchitectureForCausalLM" in output
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the error where vLLM is missing")
