@@ -112,6 +112,8 @@ def serve_command(model: Path, store: Path, port: int, *extra: str) -> list[str]
         "120",
         "--vllm-kv-cache-gb",
         "0.25",
+        "--max-queue",
+        "16",
         "--dtype",
         "float32",
         "--device",
@@ -317,6 +319,25 @@ def test_a_hung_up_stream_is_aborted_in_vllm(live):
     assert metric(url, "prefixtune_running_rows") == 0 and metric(url, "prefixtune_queue_depth") == 0
     assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') - cancelled == 6
     assert metric(url, "prefixtune_computed_tokens") - before < 6 * 120 / 2  # aborted, not run to the end
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_overload_beyond_max_queue_gets_429_with_retry_after_and_every_admitted_request_finishes(live):
+    url, _, _ = live  # --max-queue 16 (serve_command)
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = {"model": "short-kv", "prompt": LONG, "max_tokens": 30}
+            return await asyncio.gather(*(http.post(f"{url}/v1/completions", json=body) for _ in range(48)))
+
+    answers = asyncio.run(flood())
+    codes = sorted({a.status_code for a in answers})
+    assert codes == [200, 429], codes
+    assert all(a.headers["Retry-After"] == "1" for a in answers if a.status_code == 429)
+    assert len({a.json()["choices"][0]["text"] for a in answers if a.status_code == 200}) == 1  # all alike
+    assert metric(url, "prefixtune_rejections_total") >= sum(a.status_code == 429 for a in answers)
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 @needs_vllm
