@@ -36,11 +36,16 @@ from .vllm_private import (
     KVConnectorMetadata,
     KVConnectorRole,
     attention_layers,
+    cache_block_size,
     cache_refusal,
+    connector_option,
     init_logger,
+    layer_device,
     layer_index,
     model_dtype,
+    model_geometry,
     request_block_ids,
+    request_fields,
     tensor_parallel,
     write_layer,
 )
@@ -99,30 +104,32 @@ class PrefixKVConnector(KVConnectorBase_V1):
         refusal = cache_refusal(kv_cache_config)
         if refusal:
             raise ValueError(f"prefixtune's vLLM connector cannot serve prefixes of this model: {refusal}")
-        folder = self._kv_transfer_config.get_from_extra_config("kv_folder", None)
+        folder = connector_option(self, "kv_folder")
         if not folder:
             raise ValueError("prefixtune's vLLM connector needs kv_connector_extra_config={'kv_folder': ...}")
         self.kv_folder = Path(folder)
-        self.block_size: int = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        model = vllm_config.model_config
-        # what every prefix must be: [layers, 2, kv_heads, P, head_dim] over the whole model
-        self.geometry = (model.get_total_num_hidden_layers(), model.get_total_num_kv_heads(), model.get_head_size())
+        self.block_size = cache_block_size(kv_cache_config)
+        self.geometry = model_geometry(vllm_config)  # every prefix is [layers, 2, kv_heads, P, head_dim] of these
         self.dtype = model_dtype(vllm_config)
         self._pending: list[PrefixLoad] = []  # scheduler side: loads for the next step
         self._prefixes: OrderedDict[str, Tensor] = OrderedDict()  # worker side: hash -> [layers, 2, P, heads, hd]
         self._failed_blocks: set[int] = set()
+        self.stats = {"loads": 0, "loaded_tokens": 0, "failed_loads": 0}  # worker side, for tests and metrics
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        _, length, _ = prefix_params(request.kv_transfer_params, request.num_prompt_tokens)
+        """The placeholders not in vLLM's prefix cache yet (`num_computed_tokens`: its hit, block-aligned)."""
+        _, params, prompt_tokens = request_fields(request)
+        _, length, _ = prefix_params(params, prompt_tokens)
         return max(length - num_computed_tokens, 0), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
             return
-        prefix, length, error = prefix_params(request.kv_transfer_params, request.num_prompt_tokens)
+        request_id, params, prompt_tokens = request_fields(request)
+        prefix, length, error = prefix_params(params, prompt_tokens)
         start = length - num_external_tokens
-        self._pending.append(PrefixLoad(request.request_id, prefix, length, start, request_block_ids(blocks), error))
+        self._pending.append(PrefixLoad(request_id, prefix, length, start, request_block_ids(blocks), error))
 
     def build_connector_meta(self, scheduler_output: Any) -> PrefixLoads:
         loads, self._pending = self._pending, []
@@ -137,8 +144,11 @@ class PrefixKVConnector(KVConnectorBase_V1):
         for load in metadata.loads:
             try:
                 self._load(load, layers)
+                self.stats["loads"] += 1
+                self.stats["loaded_tokens"] += load.length - load.start
             except (KVFileError, ValueError, OSError) as error:
                 logger.error("request %s: prefix %s not loaded, failing it: %s", load.request_id, load.prefix, error)
+                self.stats["failed_loads"] += 1
                 first, last = load.start // self.block_size, (load.length - 1) // self.block_size
                 self._failed_blocks.update(load.block_ids[first : last + 1])
 
@@ -146,7 +156,7 @@ class PrefixKVConnector(KVConnectorBase_V1):
         if load.error:
             raise ValueError(load.error)
         key_values = self._prefix(load.prefix, load.length)  # [layers, 2, P, heads, head_dim]
-        device = next(iter(layers.values())).kv_cache.device
+        device = layer_device(next(iter(layers.values())))
         positions = torch.arange(load.start, load.length)
         blocks = torch.tensor(load.block_ids)[positions // self.block_size]
         slots = (blocks * self.block_size + positions % self.block_size).to(device)  # [n]

@@ -30,6 +30,13 @@ PARAMS_KEY = "prefixtune"  # kv_transfer_params = {"prefixtune": {"prefix": <has
 KV_FOLDER = ".vllm-kv"  # inside the store folder; hidden, so the store never lists it as a prefix
 CONNECTOR_CLASS = "PrefixKVConnector"
 CONNECTOR_MODULE = "prefixtune.vllm.connector"
+# SamplingParams options a prefixed prompt must leave unset or at these values (PrefixedPrompt.sampling_params)
+NEUTRAL_WITH_PREFIX = {
+    "prompt_logprobs": None,
+    "prompt_logprob_token_ids": None,
+    "skip_reading_prefix_cache": False,
+    "repetition_penalty": 1.0,
+}
 
 
 class VLLMPrefixError(ValueError):
@@ -55,6 +62,20 @@ class PrefixedPrompt:
     def extra_args(self) -> dict[str, Any] | None:
         """``SamplingParams(extra_args=...)``: vLLM hands ``kv_transfer_params`` to the connector."""
         return None if self.kv_transfer_params is None else {"kv_transfer_params": self.kv_transfer_params}
+
+    def sampling_params(self, **options: Any) -> Any:
+        """``vllm.SamplingParams(**options)`` carrying this prompt's `extra_args`, refusing what would read
+        the placeholders as text: ``prompt_logprobs`` (vLLM then skips the prefix cache, the connector's
+        load included, and computes the placeholders) and ``repetition_penalty`` (vLLM counts prompt
+        tokens, placeholders included; `PrefixModel` counts only the text)."""
+        from vllm import SamplingParams
+
+        if self.prefix_length:
+            refused = [key for key, neutral in NEUTRAL_WITH_PREFIX.items() if options.get(key) not in (None, neutral)]
+            if refused:
+                raise VLLMPrefixError(f"{refused[0]}={options[refused[0]]!r} is not supported with a prefix on vLLM")
+        extra = (options.pop("extra_args", None) or {}) | (self.extra_args() or {})
+        return SamplingParams(**options, extra_args=extra or None)
 
 
 def vllm_refusal(model: PrefixModel) -> str | None:
@@ -97,7 +118,7 @@ class VLLMPrefixes:
         self.max_model_len = max_model_len
         self.placeholder_id = placeholder_id
         self.kv_folder = Path(store.folder) / KV_FOLDER
-        self._hashes: weakref.WeakKeyDictionary[Tensor, str] = weakref.WeakKeyDictionary()
+        self._hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot tensor) -> (the tensor, its hash)
         self._lock = threading.Lock()
 
     def prepare(self, name: str | None, prompt_ids: Sequence[int], max_tokens: int = 0) -> PrefixedPrompt:
@@ -124,12 +145,21 @@ class VLLMPrefixes:
             )
         if key_values is None:
             return prefixed_prompt(None, prompt_ids, self.kv_folder)
-        with self._lock:  # a snapshot never changes, so its file is written and hashed once
-            prompt = prefixed_prompt(
-                key_values, prompt_ids, self.kv_folder, self.placeholder_id, self._hashes.get(key_values)
-            )
-            self._hashes[key_values] = prompt.kv_transfer_params[PARAMS_KEY]["prefix"]
+        with self._lock:
+            known = self._known(key_values)
+            prompt = prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, known)
+            self._remember(key_values, prompt.kv_transfer_params[PARAMS_KEY]["prefix"])
         return prompt
+
+    def _known(self, key_values: Tensor) -> str | None:
+        """The hash of a snapshot seen before (snapshots never change, so each is written and hashed once)."""
+        tensor, prefix_hash = self._hashes.get(id(key_values), (lambda: None, None))
+        return prefix_hash if tensor() is key_values else None
+
+    def _remember(self, key_values: Tensor, prefix_hash: str) -> None:
+        if len(self._hashes) > 4096:  # drop snapshots that are gone
+            self._hashes = {key: entry for key, entry in self._hashes.items() if entry[0]() is not None}
+        self._hashes[id(key_values)] = (weakref.ref(key_values), prefix_hash)
 
 
 def kv_transfer_config(kv_folder: str | Path) -> Any:

@@ -28,12 +28,18 @@ __all__ = [
     "KVConnectorRole",
     "KVTransferConfig",
     "attention_layers",
+    "cache_block_size",
     "cache_refusal",
+    "connector_option",
     "init_logger",
+    "layer_device",
     "layer_index",
     "model_dtype",
+    "model_geometry",
     "request_block_ids",
+    "request_fields",
     "tensor_parallel",
+    "worker_connector",
     "write_layer",
 ]
 
@@ -62,6 +68,30 @@ def cache_refusal(kv_cache_config: KVCacheConfig) -> str | None:
     return None
 
 
+def cache_block_size(kv_cache_config: KVCacheConfig) -> int:
+    """Tokens per block of the (single) group: the scheduler's block ids count in these. A backend may split
+    each into smaller kernel blocks, but a slot ``block_id * block_size + offset`` is the same slot either way."""
+    return kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+
+
+def connector_option(connector: KVConnectorBase_V1, key: str) -> Any:
+    """``KVTransferConfig.kv_connector_extra_config[key]`` (None if unset), as the base class stores it."""
+    return connector._kv_transfer_config.get_from_extra_config(key, None)
+
+
+def model_geometry(vllm_config: Any) -> tuple[int, int, int]:
+    """(decoder layers, KV heads, head size) of the whole model, before tensor/pipeline splitting
+    (``ModelConfig.get_total_num_hidden_layers`` / ``get_total_num_kv_heads`` / ``get_head_size``)."""
+    model = vllm_config.model_config
+    return model.get_total_num_hidden_layers(), model.get_total_num_kv_heads(), model.get_head_size()
+
+
+def request_fields(request: Any) -> tuple[str, dict[str, Any] | None, int]:
+    """(id, ``kv_transfer_params``, prompt length) of a scheduler-side ``vllm.v1.request.Request``; the
+    params come from ``SamplingParams.extra_args["kv_transfer_params"]``."""
+    return request.request_id, request.kv_transfer_params, request.num_prompt_tokens
+
+
 def request_block_ids(blocks: Any) -> list[int]:
     """The block ids of the (single) KV cache group: ``KVCacheBlocks.get_block_ids()`` returns one list
     per group (``vllm/v1/core/kv_cache_manager.py``)."""
@@ -88,6 +118,11 @@ def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(layer_name)
+
+
+def layer_device(layer: torch.nn.Module) -> torch.device:
+    """Where the layer's paged cache lives (``Attention.kv_cache``, bound by the model runner)."""
+    return layer.kv_cache.device
 
 
 def write_layer(layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
@@ -119,3 +154,11 @@ def tensor_parallel() -> tuple[int, int]:
 def model_dtype(vllm_config: Any) -> torch.dtype:
     """The dtype vLLM runs the model in (``ModelConfig.dtype``): the keys/values handed to the writer."""
     return vllm_config.model_config.dtype
+
+
+def worker_connector() -> Any:
+    """This process's worker-side connector (``vllm.distributed.kv_transfer.get_kv_transfer_group``): in-process
+    engines only (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), e.g. to read `PrefixKVConnector.stats` in tests."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()
