@@ -4,6 +4,8 @@ Engines: ``continuous`` (transformers' continuous batching with a prefix per req
 models) and ``microbatch`` (one ``generate()`` per micro-batch; encoder-decoders, and the baseline
 the serving benchmark compares against). ``auto`` picks ``continuous`` where it is exact
 (`continuous_refusal` says where not) and ``microbatch`` elsewhere; ``/health`` names the engine.
+Both implement `interface.Engine`, the only thing the HTTP app uses; `factory.build_app` builds
+engine, store and app in one place.
 """
 
 from __future__ import annotations

@@ -303,13 +303,13 @@ class ContinuousEngine:
         return self
 
     def close(self) -> None:
-        if self.manager is not None:
-            self.manager.stop(block=True, timeout=30)
-            self.manager = None
-        for request_id in list(self.live):
+        for request_id in list(self.live):  # first, so the loop does not finish them while it stops
             live = self.live.pop(request_id, None)
             if live is not None:
                 end_request(live.request, EngineClosed("the engine was closed before this request ended"), self.counts)
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=30)
+            self.manager = None
         self.model.base_model.set_attn_implementation(self.original_attention)
 
     def _running(self) -> bool:

@@ -110,13 +110,12 @@ class BatchingEngine:
     def close(self) -> None:
         with self.condition:
             self.running = False
+            left, self.pending = [*self.pending, *self.batch], []
             self.condition.notify_all()
+        for request in left:  # a running micro-batch then ends at its next step
+            end_request(request, EngineClosed("the engine was closed before this request ended"), self.counts)
         if self.thread:
             self.thread.join(timeout=30)
-        with self.condition:
-            left, self.pending = [*self.pending, *self.batch], []
-        for request in left:
-            end_request(request, EngineClosed("the engine was closed before this request ended"), self.counts)
 
     def submit(self, request: Request) -> Future:
         with self.condition:

@@ -92,7 +92,7 @@ class Engine(Protocol):
     def exclusive(self) -> AbstractContextManager[Any]:
         """A context in which the caller may run the base model with prefixtune's own attention
         (e.g. the store computing a ``hidden`` prefix): the engine runs nothing on the model
-        meanwhile, and keeps its admitted requests. Reentrant on the same thread."""
+        meanwhile, and keeps its admitted requests. Callers do not nest it (no engine promises that)."""
         ...
 
 

@@ -124,9 +124,9 @@ async def stream(generation: Generation) -> AsyncIterator[str]:
                 generation.cancel("timeout")
                 yield sse(error_payload(generation.timeout_message(), 504))
                 break
-            if isinstance(message, Errored):
-                outcome = "error"
-            open_choices -= not isinstance(message, Delta)
+            if not isinstance(message, Delta):  # Ended or Errored: that choice is done
+                open_choices -= 1
+                outcome = "error" if isinstance(message, Errored) else outcome
             for line in chunks.message(message):
                 yield line
         for line in chunks.last() if outcome == "ok" else [sse("[DONE]")]:
