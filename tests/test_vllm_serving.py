@@ -369,7 +369,7 @@ def test_a_model_vllm_cannot_load_is_a_clear_error(tmp_path):
     config["architectures"] = ["NoSuchArchitectureForCausalLM"]  # transformers loads it by model_type; vLLM cannot
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     command = serve_command(tmp_path / "model", tmp_path / "store", free_port())
-    result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in output
     assert "vLLM cannot serve model" in output and "NoSuchArchitectureForCausalLM" in output
