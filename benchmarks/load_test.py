@@ -59,8 +59,8 @@ def base_model(quick: bool):
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=2,  # head size 32: the smallest vLLM's CPU attention takes
+            num_key_value_heads=1,
             max_position_embeddings=512,
         )
         model = AutoModelForCausalLM.from_config(config).eval()

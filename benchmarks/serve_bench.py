@@ -1,17 +1,22 @@
 """S-LoRA-style serving benchmark on loopback: Poisson arrivals, power-law prefix popularity over N
-prefixes, prompt lengths and max_tokens drawn per request; the continuous engine and the old
-micro-batch engine in the same run (ratios side by side: the machine is shared and noisy).
+prefixes, prompt lengths and max_tokens drawn per request; the engines named by --engines
+(microbatch, continuous, vllm) in the same run (ratios side by side: the machine is shared and noisy).
 
 Phases (each bounded in requests and seconds; greedy, streaming clients):
   1. alone:        --alone requests one at a time on the continuous engine (the TTFT of a request alone)
   2. saturation:   all requests at once, N=1 prefix, old engine, then new engine (throughput ratio)
   3. N prefixes:   all requests at once on the new engine with N = 8, 100 and --many prefixes (vs N=1)
   4. half rate:    Poisson arrivals at half the new engine's saturation rate, N = --many (p99 TTFT)
-Every phase's outputs are compared per request with the same request on the other engine / alone:
-greedy outputs must be equal (mismatches are reported, and make the exit status non-zero).
+  5. vllm:         `prefixtune serve --engine vllm` as a subprocess of the vLLM environment's python
+                   (--vllm-python): alone, saturation with 1 prefix, with no prefix (the same requests
+                   on the bare model: vLLM's own throughput) and with --many prefixes, half rate.
+Every phase's outputs are compared per request with the same request on the other engine / alone;
+the vllm phases with `PrefixModel.generate` of each request alone (float32, greedy): outputs must be
+equal (mismatches are reported, and make the exit status non-zero).
 
     .venv/bin/python benchmarks/serve_bench.py                 # SmolLM2-135M (a few minutes on 2 cores)
     .venv/bin/python benchmarks/serve_bench.py --quick         # tiny random Llama, smoke run
+    .venv/bin/python benchmarks/serve_bench.py --engines microbatch,continuous,vllm   # after setup.sh --vllm
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -31,9 +40,12 @@ import torch
 
 from load_test import base_model
 from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.data import PromptFormatter
 from prefixtune.precision import cpu_record
-from prefixtune.serving import Limits, build_app
-from prefixtune.serving.background import running
+from prefixtune.serving import BASE_NAME, Limits, build_app
+from prefixtune.serving.background import free_port, running
+
+ENGINES = ("microbatch", "continuous", "vllm")
 
 
 def write_store(model, tokenizer, folder: Path, count: int, length: int) -> list[str]:
@@ -153,42 +165,125 @@ def serve(engine: str, args, store: Path, phases: Phases):
     return served
 
 
+@contextmanager
+def vllm_server(args, store: Path, model: str, phases: Phases) -> Iterator[str]:
+    """`prefixtune serve --engine vllm` as a subprocess of the vLLM environment's python (vLLM pins
+    another transformers than this one), on a free loopback port; yields its URL."""
+    port = free_port()
+    command = [args.vllm_python, "-m", "prefixtune", "serve", "--engine", "vllm", "--model", model]
+    command += ["--prefix-store", str(store), "--port", str(port), "--max-batch-size", str(args.batch)]
+    command += ["--max-prompt-tokens", "400", "--max-tokens", str(args.max_tokens[1]), "--max-queue", "100000"]
+    command += ["--vllm-kv-cache-gb", str(args.vllm_kv_cache_gb), "--dtype", "float32", "--device", "cpu"]
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    env = os.environ | {"PYTHONPATH": source + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {process.returncode}: {' '.join(command)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - started > args.timeout:
+                raise RuntimeError(f"the vLLM server did not start within {args.timeout} s")
+            time.sleep(1)
+        phases[f"start-up, vllm engine (server process), store of {args.many} (s)"] = {
+            "seconds": time.perf_counter() - started
+        }
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def references(model, tokenizer, store: Path, jobs: list[dict]) -> list[dict]:
+    """Each request generated alone by `PrefixModel.generate` (greedy, float32) from the store's own
+    files: what every engine must answer, as results `summary` compares texts with."""
+    wrapper = PrefixModel(model, name=None, tokenizer=tokenizer)
+    formatter = PromptFormatter(tokenizer)
+    texts = []
+    for job in jobs:
+        name = job["model"]
+        if name != BASE_NAME and name not in wrapper.prefixes:
+            wrapper.load_prefix(store / name, name=name)
+        ids = formatter.prompt_ids(job["prompt"])
+        with torch.no_grad():
+            output = wrapper.generate(
+                input_ids=torch.tensor([ids]),
+                prefix=["" if name == BASE_NAME else name],
+                max_new_tokens=job["max_tokens"],
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, len(ids) :].tolist()
+        if tokenizer.eos_token_id in output:
+            output = output[: output.index(tokenizer.eos_token_id)]
+        texts.append({"text": tokenizer.decode(output, skip_special_tokens=True)})
+    return texts
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description="S-LoRA-style serving benchmark, new vs old engine.")
+    parser = argparse.ArgumentParser(description="S-LoRA-style serving benchmark, engines side by side.")
     parser.add_argument("--quick", action="store_true", help="tiny random Llama (smoke run)")
+    parser.add_argument("--engines", default="microbatch,continuous", help="any of microbatch,continuous,vllm")
     parser.add_argument("--requests", type=int, default=32, help="requests per phase")
     parser.add_argument("--many", type=int, default=1000, help="prefixes in the store and the last N phase")
     parser.add_argument("--alone", type=int, default=8, help="requests sent one at a time (TTFT alone)")
     parser.add_argument("--prefix-length", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(8, 256))
     parser.add_argument("--max-tokens", type=int, nargs=2, default=(8, 128))
-    parser.add_argument("--batch", type=int, default=16, help="rows decoded together (both engines)")
+    parser.add_argument("--batch", type=int, default=16, help="rows decoded together (every engine)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per phase, at most")
+    parser.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM environment")
+    parser.add_argument("--vllm-kv-cache-gb", type=float, default=2.0)
+    parser.add_argument("--note", default="", help="recorded in the JSON, e.g. that the cores were shared")
     parser.add_argument("--json", default="benchmarks/results/serve_bench.json")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    if unknown := set(engines) - set(ENGINES):
+        parser.error(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
 
-    _, tokenizer = base_model(args.quick)
+    model, tokenizer = base_model(args.quick)
     store = Path(tempfile.mkdtemp(prefix="prefixtune-bench-"))
     began = time.perf_counter()
-    model, _ = base_model(args.quick)
     write_store(model, tokenizer, store, args.many, args.prefix_length)
     store_seconds = time.perf_counter() - began
     one_prefix = workload(tokenizer, args.requests, 1, args, seed=1)
     counts = sorted({n for n in (8, 100, args.many) if n <= args.many})
     by_count = {n: workload(tokenizer, args.requests, n, args, seed=1) for n in counts}
-    many = by_count[args.many]
     phases = Phases()
+    old = None
+    if "microbatch" in engines:
+        old = microbatch_arm(args, store, one_prefix, phases)
+    if "continuous" in engines:
+        continuous_arm(args, store, one_prefix, by_count, old, phases)
+    if "vllm" in engines:
+        vllm_arm(args, store, model, tokenizer, one_prefix, by_count[args.many], phases)
+    return report(phases, args, store_seconds)
 
+
+def microbatch_arm(args, store: Path, one_prefix: list[dict], phases: Phases) -> list[dict]:
     app, engine, _ = serve("microbatch", args, store, phases)
     with running(app) as url:
         old, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
     engine.close()
     phases["saturation, 1 prefix, old engine"] = summary(old, seconds, None)
+    return old
 
+
+def continuous_arm(args, store: Path, one_prefix, by_count: dict[int, list[dict]], old, phases: Phases) -> None:
     app, engine, _ = serve("continuous", args, store, phases)
     with running(app) as url:
         alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[: args.alone]]
-        phases["alone"] = summary(alone, sum(r["end"] - r["sent"] for r in alone), old[: args.alone])
+        phases["alone"] = summary(alone, sum(r["end"] - r["sent"] for r in alone), old and old[: args.alone])
         new, seconds = asyncio.run(phase(url, one_prefix, None, args.timeout))
         phases["saturation, 1 prefix, new engine"] = summary(new, seconds, old)
         for count, jobs in by_count.items():
@@ -196,30 +291,76 @@ def main() -> int:
             phases[f"saturation, {count} prefixes, new engine"] = summary(results, seconds, None)
         many_new = results  # the last: --many prefixes, the half-rate phase's reference
         rate = phases[f"saturation, {args.many} prefixes, new engine"]["req_per_s"] / 2
-        half, seconds = asyncio.run(phase(url, many, rate, args.timeout))
+        half, seconds = asyncio.run(phase(url, by_count[args.many], rate, args.timeout))
         phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, new engine"] = summary(half, seconds, many_new)
     engine.close()
-    return report(phases, args, store_seconds)
 
 
-def report(phases: dict, args, store_seconds: float) -> int:
-    many = f"saturation, {args.many} prefixes, new engine"
-    half = next(label for label in phases if label.startswith("half rate"))
-    one = phases["saturation, 1 prefix, new engine"]
+def vllm_arm(args, store: Path, model, tokenizer, one_prefix: list[dict], many: list[dict], phases: Phases) -> None:
+    """The vLLM engine's phases; every answer is compared with `PrefixModel.generate` alone."""
+    plain = [job | {"model": BASE_NAME} for job in one_prefix]  # the same requests without a prefix
+    expected = {key: references(model, tokenizer, store, jobs) for key, jobs in (("one", one_prefix), ("many", many))}
+    expected["plain"] = references(model, tokenizer, store, plain)
+    folder = "smollm2-135m"
+    if args.quick:  # vLLM loads models from folders
+        folder = tempfile.mkdtemp(prefix="prefixtune-bench-model-")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    with vllm_server(args, store, str(folder), phases) as url:
+        alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[: args.alone]]
+        seconds = sum(r["end"] - r["sent"] for r in alone)
+        phases["alone, vllm"] = summary(alone, seconds, expected["one"][: args.alone])
+        for label, jobs, key in (("1 prefix", one_prefix, "one"), ("no prefix", plain, "plain")):
+            results, seconds = asyncio.run(phase(url, jobs, None, args.timeout))
+            phases[f"saturation, {label}, vllm"] = summary(results, seconds, expected[key])
+        results, seconds = asyncio.run(phase(url, many, None, args.timeout))
+        phases[f"saturation, {args.many} prefixes, vllm"] = summary(results, seconds, expected["many"])
+        rate = phases[f"saturation, {args.many} prefixes, vllm"]["req_per_s"] / 2
+        half, seconds = asyncio.run(phase(url, many, rate, args.timeout))
+        phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, vllm"] = summary(half, seconds, expected["many"])
+
+
+def ratios_of(phases: dict, args) -> dict[str, float]:
+    """The goals' ratios, for the engines that ran (each measured side by side in this run)."""
+    ratios: dict[str, float] = {}
+    one = phases.get("saturation, 1 prefix, new engine")
+    old = phases.get("saturation, 1 prefix, old engine")
     # The old and new engines get the same requests and give the same outputs: any count compares.
     # Different prefixes end their outputs at other lengths, so N prefixes vs 1 compares the work
     # done (prompt + generated tokens per second); output tokens per second are in the table too.
-    ratios = {
-        "new/old throughput at saturation (goal >= 1.5)": one["output_tok_per_s"]
-        / phases["saturation, 1 prefix, old engine"]["output_tok_per_s"],
-        **{
-            f"{label.split(', ')[1]} vs 1, new engine, processed tok/s"
-            + (" (goal >= 0.9)" if label == many else ""): p["processed_tok_per_s"] / one["processed_tok_per_s"]
-            for label, p in phases.items()
-            if label.startswith("saturation, ") and label.endswith("prefixes, new engine")
-        },
-        "half-rate p99 TTFT / TTFT alone (goal <= 3)": phases[half]["ttft_p99"] / phases["alone"]["ttft_p50"],
-    }
+    if one and old:
+        ratios["new/old throughput at saturation (goal >= 1.5)"] = one["output_tok_per_s"] / old["output_tok_per_s"]
+    if one:
+        for label, p in phases.items():
+            if label.startswith("saturation, ") and label.endswith("prefixes, new engine"):
+                goal = " (goal >= 0.9)" if label == f"saturation, {args.many} prefixes, new engine" else ""
+                ratios[f"{label.split(', ')[1]} vs 1, new engine, processed tok/s{goal}"] = (
+                    p["processed_tok_per_s"] / one["processed_tok_per_s"]
+                )
+        half = next(label for label in phases if label.startswith("half rate") and label.endswith("new engine"))
+        ratios["half-rate p99 TTFT / TTFT alone (goal <= 3)"] = phases[half]["ttft_p99"] / phases["alone"]["ttft_p50"]
+    vllm_one = phases.get("saturation, 1 prefix, vllm")
+    if vllm_one:
+        many, plain = phases[f"saturation, {args.many} prefixes, vllm"], phases["saturation, no prefix, vllm"]
+        if one:
+            ratios["vllm/continuous throughput at saturation, 1 prefix, output tok/s"] = (
+                vllm_one["output_tok_per_s"] / one["output_tok_per_s"]
+            )
+        ratios[f"{args.many} prefixes vs 1, vllm, processed tok/s (goal >= 0.95)"] = (
+            many["processed_tok_per_s"] / vllm_one["processed_tok_per_s"]
+        )
+        ratios[f"{args.many} prefixes vs no prefix, vllm, processed tok/s (goal >= 0.95)"] = (
+            many["processed_tok_per_s"] / plain["processed_tok_per_s"]
+        )
+        half = next(label for label in phases if label.startswith("half rate") and label.endswith("vllm"))
+        ratios["half-rate p99 TTFT / TTFT alone, vllm (goal <= 3)"] = (
+            phases[half]["ttft_p99"] / phases["alone, vllm"]["ttft_p50"]
+        )
+    return ratios
+
+
+def report(phases: dict, args, store_seconds: float) -> int:
+    ratios = ratios_of(phases, args)
     model = "tiny random Llama" if args.quick else "SmolLM2-135M"
     print(
         f"\n{args.requests} requests/phase, prompts {args.prompt_tokens} tokens, max_tokens {args.max_tokens}, "
@@ -243,7 +384,13 @@ def report(phases: dict, args, store_seconds: float) -> int:
     for label, value in ratios.items():
         print(f"{label}: {value:.2f}x")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(args), "cpu": cpu_record(), "phases": phases, "ratios": ratios}
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "note": args.note,
+    }
+    result = {"args": vars(args), "cpu": cpu_record(), "machine": machine, "phases": phases, "ratios": ratios}
     Path(args.json).write_text(json.dumps(result, indent=2))
     failed = any(p.get("errors") or p.get("mismatches") for p in phases.values())
     print("FAILED: errors or mismatches" if failed else "ok: 0 errors, 0 mismatches")

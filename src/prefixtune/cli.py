@@ -463,8 +463,10 @@ def serve(
     admin_token: str | None = typer.Option(
         None, envvar="PREFIXTUNE_ADMIN_TOKEN", help="Bearer token for the upload/delete endpoints (off without one)."
     ),
-    engine: str = typer.Option("auto", help="continuous | microbatch | auto (continuous unless encoder-decoder)."),
-    max_batch_size: int = typer.Option(16, help="Rows decoded together."),
+    engine: str = typer.Option(
+        "auto", help="continuous | microbatch | vllm | auto (continuous unless encoder-decoder; vllm: setup.sh --vllm)."
+    ),
+    max_batch_size: int = typer.Option(16, help="Rows decoded together (vllm: its max_num_seqs)."),
     max_batch_tokens: int = typer.Option(256, help="Continuous engine: tokens per step (prefill chunk size)."),
     max_prompt_tokens: int = typer.Option(1024),
     max_tokens: int = typer.Option(256, help="Largest max_tokens a request may ask for."),
@@ -472,6 +474,13 @@ def serve(
     max_queue: int = typer.Option(256, help="Waiting requests beyond which the server answers 429."),
     request_timeout: float | None = typer.Option(None, help="Seconds a request may take before it is cancelled (504)."),
     prefix_cache_mb: float | None = typer.Option(None, help="LRU budget for prefix keys/values in memory (MB)."),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: workers the model is split over (tensor parallelism)."),
+    vllm_kv_cache_gb: float | None = typer.Option(None, help="vllm: KV cache size in GiB (CPU and GPU)."),
+    gpu_memory_utilization: float | None = typer.Option(None, help="vllm on GPU: fraction of GPU memory it takes."),
+    max_num_seqs: int | None = typer.Option(None, help="vllm: rows decoded together (default: --max-batch-size)."),
+    max_model_len: int | None = typer.Option(
+        None, help="vllm: prefix placeholders + prompt + output tokens per row (default: the model's window)."
+    ),
     dtype: Dtype = DTYPE,
     device: Device = DEVICE,
     config: Path | None = CONFIG,
@@ -482,8 +491,28 @@ def serve(
     from .loading import load_base_model
     from .serving import Limits, build_app
 
+    vllm = None
+    if engine == "vllm":
+        from .serving.vllm_engine import VLLMSettings, require_vllm
+
+        try:
+            require_vllm()  # before loading anything
+            from .vllm import KV_FOLDER, model_path
+
+            vllm = VLLMSettings(
+                model=model_path(model),
+                kv_folder=str(Path(prefix_store) / KV_FOLDER),
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                kv_cache_gb=vllm_kv_cache_gb,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_num_seqs=max_num_seqs or max_batch_size,
+                max_model_len=max_model_len,
+            )
+        except USER_ERRORS as error:
+            _fail(error)
     try:
-        base, tokenizer = load_base_model(model, dtype=dtype, device=device)
+        base, tokenizer = load_base_model(model, dtype=dtype, device="cpu" if vllm else device)
         limits = Limits(
             max_prompt_tokens=max_prompt_tokens,
             max_tokens=max_tokens,
@@ -503,6 +532,7 @@ def serve(
             model_id=model,
             prefix_cache_bytes=cache_bytes,
             max_batch_tokens=max_batch_tokens,
+            vllm=vllm,
         )
     except USER_ERRORS as error:
         _fail(error)

@@ -15,14 +15,15 @@ import torch
 from torch import Tensor
 
 from ..data import PromptFormatter, pad_batch
-from ..training import PrefixTrainer, TokenizedExamples
+from ..training import PrefixTrainer
 from .loss import full_kl, topk_kl
 from .prefixes import TEACHER
 from .selfstudy import Sample
 
 
-def distill_rows(samples: list[Sample], formatter: PromptFormatter) -> TokenizedExamples:
-    """Student rows: prompt ids (as the server sends them) + the teacher's answer, loss on the answer."""
+def distill_rows(samples: list[Sample], formatter: PromptFormatter) -> list[dict[str, Any]]:
+    """Student rows: prompt ids (as the server sends them) + the teacher's answer, loss on the answer
+    (a list is a map-style dataset to `Trainer`, length-grouped by its rows' ``input_ids``)."""
     rows = []
     for sample in samples:
         prompt = formatter.prompt_ids(sample.prompt)
@@ -30,7 +31,7 @@ def distill_rows(samples: list[Sample], formatter: PromptFormatter) -> Tokenized
         if sample.topk_indices is not None:
             row |= {"topk_indices": sample.topk_indices, "topk_logprobs": sample.topk_logprobs}
         rows.append(row)
-    return TokenizedExamples(rows)
+    return rows
 
 
 def collate(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:

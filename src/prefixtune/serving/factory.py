@@ -19,7 +19,7 @@ from .interface import Engine
 from .server import create_app
 from .store import PrefixStore
 
-ENGINES = ("auto", "continuous", "microbatch")
+ENGINES = ("auto", "continuous", "microbatch", "vllm")
 MAX_PREFIX_ALLOWANCE = 128  # cache positions planned per row for its prefix (a longer one just waits for room)
 
 
@@ -31,10 +31,18 @@ def make_engine(
     max_batch_size: int = 16,
     max_batch_tokens: int = 256,
     max_sequence_tokens: int = 2048,
+    vllm: Any = None,
 ) -> Engine:
-    """An engine over `model` (not started). ``mix_prefixes=False`` baselines use `BatchingEngine` directly."""
+    """An engine over `model` (not started). ``mix_prefixes=False`` baselines use `BatchingEngine` directly;
+    ``engine="vllm"`` needs `vllm` (`vllm_engine.VLLMSettings`) and vLLM installed (setup.sh --vllm)."""
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    if engine == "vllm":
+        from .vllm_engine import VLLMEngine  # imports vLLM only when asked for
+
+        if vllm is None:
+            raise ValueError("engine 'vllm' needs its settings: make_engine(..., vllm=VLLMSettings(...))")
+        return VLLMEngine(model, tokenizer, vllm)
     if engine == "auto":
         engine = "microbatch" if continuous_refusal(model) else "continuous"
     if engine == "continuous":
@@ -60,6 +68,7 @@ def build_app(
     model_id: str = "prefixtune",
     prefix_cache_bytes: int | None = None,
     max_batch_tokens: int = 256,
+    vllm: Any = None,  # `vllm_engine.VLLMSettings`, for engine="vllm"
 ) -> tuple[FastAPI, Engine, PrefixStore]:
     """(FastAPI app, engine, store) over a frozen base model and a prefix folder; the engine is started."""
     limits = limits or Limits()
@@ -72,6 +81,7 @@ def build_app(
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         max_sequence_tokens=longest,
+        vllm=vllm,
     )
     store = PrefixStore(model, store_folder, prefix_cache_bytes, exclusive=server_engine.exclusive)
     server_engine.start()

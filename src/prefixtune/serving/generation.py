@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException
 
 from .context import Served
+from .interface import RequestRejected
 from .requests import Channel, Failed, Finished, Token
 from .requests import Request as EngineRequest
 from .schema import Body, choice_payload, logprobs_payload, usage_payload
@@ -90,7 +91,11 @@ class Generation:
                     channel=Channel(loop),
                     prefix_inputs=self.entry.inputs,
                 )
-                engine.submit(request)
+                try:
+                    engine.submit(request)
+                except RequestRejected as error:  # e.g. prefix + prompt + output beyond the engine's window
+                    self.cancel("error")  # the choices submitted already
+                    raise HTTPException(400, str(error)) from error
                 self.choices.append(Choice(len(self.choices), request))
 
     async def advance(self, choice: Choice) -> bool:

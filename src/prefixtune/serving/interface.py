@@ -27,6 +27,11 @@ from typing import Any, Protocol, Self, runtime_checkable
 from .requests import Completion, Request
 
 
+class RequestRejected(ValueError):
+    """`Engine.submit` refuses this request as given, e.g. it does not fit the engine's window (the
+    server answers 400 with the message; nothing was admitted)."""
+
+
 class EngineClosed(RuntimeError):
     """The engine was closed before the request ended (the request fails with this)."""
 
@@ -69,7 +74,8 @@ class Engine(Protocol):
 
     def submit(self, request: Request) -> Future[Completion]:
         """Admit `request` and return its future (``request.future``) at once; generation happens
-        on the engine's own thread(s), its progress reaches ``request.channel``."""
+        on the engine's own thread(s), its progress reaches ``request.channel``. Raises
+        `RequestRejected` (before admitting anything) for a request it cannot take as given."""
         ...
 
     def cancel(self, request: Request, error: Exception | None = None) -> None:
