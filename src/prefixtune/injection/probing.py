@@ -212,7 +212,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         len(state_modules),
         conv_shape,
         recurrent_shape,
-        layer_shapes if len(set(layer_shapes)) > 1 else (),
+        tuple(layer_shapes) if len(set(layer_shapes)) > 1 else (),
         len(sources),
     )
     return geometry, KeyValuePath(model, ordered, kv_heads, head_dim, state_modules)
