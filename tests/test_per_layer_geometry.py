@@ -102,8 +102,11 @@ def test_each_layers_prefix_is_zero_past_its_own_heads_and_sizes():
         assert not padding.any(), layer
 
 
-@pytest.mark.parametrize("layout", [GEMMA4, SHARED], ids=["gemma4", "kv-shared"])
+@pytest.mark.parametrize(
+    "layout", [GEMMA4, SHARED, SHARED | {"sliding_window": 3}], ids=["gemma4", "kv-shared", "kv-shared-window-3"]
+)
 def test_greedy_and_beam_generate_equal_the_text_as_a_prompt(layout):
+    """`generate` runs Gemma 4's KV-sharing layers on the last token only, even in the prefill."""
     model = prefixed(layout)
     batch = left_padded(ROWS)
     for beams in (1, 2):

@@ -111,6 +111,9 @@ def _prefix_columns(
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
     if window is not None:
         slots = torch.arange(prefix_mask.shape[-1], device=text_mask.device)
+        # The queries are the last T_q text tokens (all of them, except where a model runs only the
+        # tokens it keeps logits for through its KV-sharing layers: Gemma 4 in `generate`).
+        positions = positions[:, positions.shape[1] - query_length :]
         in_window = positions.to(text_mask.device)[:, :, None] - slots < window  # [B, T_q, P]
         prefix = prefix & in_window[:, None]
     if text_mask.dtype != torch.bool:
