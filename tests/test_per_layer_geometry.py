@@ -1,8 +1,8 @@
 """Per-layer prefix geometry: models whose layers differ in key/value heads or head sizes (Gemma 4:
 sliding layers of two 8-wide heads, full layers of one 16-wide head; MiMo-V2-Flash: more heads on
 some layers) get each layer's prefix in that layer's own shape (zero-padded to the largest, see
-`Geometry`), and layers that reuse an earlier layer's keys/values (Gemma 4 KV sharing) see that
-layer's prefix, as they see its text. So an `activations` prefix of text T acts exactly as T does:
+`Geometry`), and layers that reuse an earlier layer's keys/values (Gemma 3n / Gemma 4 KV sharing)
+see that layer's prefix, as they see its text. So an `activations` prefix of text T acts exactly as T does:
 batched with a different prefix (or none) per row, left-padded, in `generate`, through training,
 `compile_prefix`, save/load and the micro-batch engine. Files of uniform models load as before."""
 
@@ -29,6 +29,8 @@ GEMMA4 = {
 }
 SHARED = GEMMA4 | {"num_kv_shared_layers": 2}  # layers 2, 3 reuse layers 0, 1's keys/values
 UNIFORM_SHARED = SHARED | {"per_layer_config": {}, "attention_k_eq_v": False}  # one shape, KV sharing
+# Gemma 3n: one shape for all layers, layers 2, 3 reuse layers 0, 1's keys/values (its sizes are per layer)
+GEMMA3N_SHARED = UNIFORM_SHARED | {"intermediate_size": [64] * 4, "activation_sparsity_pattern": [0.0] * 4}
 TEXTS = {"long": "the restaurant near the river serves cheap french food", "short": "a family friendly pub"}
 ROWS = [[5, 9, 12, 30], [7, 8, 11], [11, 40, 41, 42, 43], [20, 21]]
 ROW_PREFIXES = ["long", "short", "", "long"]
@@ -69,6 +71,8 @@ def test_geometry_has_each_layers_heads_and_sizes_and_reusing_layers_have_no_sli
     assert shared.kv_path.attention_modules == layers[:2]
     uniform = PrefixModel(tiny_model("llama"), name=None)
     assert uniform.geometry.layer_shapes == () and "layer_shapes" not in uniform.fingerprint
+    gemma3n = PrefixModel(build("gemma3n_text", **GEMMA3N_SHARED), name=None).geometry
+    assert (gemma3n.num_layers, gemma3n.layer_shapes, gemma3n.reusing_layers) == (2, (), 2)
 
 
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
@@ -80,8 +84,9 @@ def test_geometry_has_each_layers_heads_and_sizes_and_reusing_layers_have_no_sli
         ("gemma4_text", UNIFORM_SHARED),
         ("gemma4_text", SHARED | {"sliding_window": 3}),  # a window that cuts T off for every x token
         ("mimo_v2_flash", {}),
+        ("gemma3n_text", GEMMA3N_SHARED | {"sliding_window": 3}),
     ],
-    ids=["gemma4", "kv-shared", "uniform-kv-shared", "kv-shared-window-3", "mimo_v2_flash"],
+    ids=["gemma4", "kv-shared", "uniform-kv-shared", "kv-shared-window-3", "mimo_v2_flash", "gemma3n-kv-shared"],
 )
 def test_activations_prefix_equals_its_text_per_row_left_padded(model_type, layout, parameterization):
     """The architecture walk's check (mixed prefixes and a row without one, left-padded, logits of T + x)."""
@@ -103,11 +108,18 @@ def test_each_layers_prefix_is_zero_past_its_own_heads_and_sizes():
 
 
 @pytest.mark.parametrize(
-    "layout", [GEMMA4, SHARED, SHARED | {"sliding_window": 3}], ids=["gemma4", "kv-shared", "kv-shared-window-3"]
+    ("model_type", "layout"),
+    [
+        ("gemma4_text", GEMMA4),
+        ("gemma4_text", SHARED),
+        ("gemma4_text", SHARED | {"sliding_window": 3}),
+        ("gemma3n_text", GEMMA3N_SHARED),
+    ],
+    ids=["gemma4", "kv-shared", "kv-shared-window-3", "gemma3n-kv-shared"],
 )
-def test_greedy_and_beam_generate_equal_the_text_as_a_prompt(layout):
+def test_greedy_and_beam_generate_equal_the_text_as_a_prompt(model_type, layout):
     """`generate` runs Gemma 4's KV-sharing layers on the last token only, even in the prefill."""
-    model = prefixed(layout)
+    model = prefixed(layout, model_type=model_type)
     batch = left_padded(ROWS)
     for beams in (1, 2):
         out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **GREEDY)[:, batch["input_ids"].shape[1] :]
