@@ -74,6 +74,8 @@ SMALL = {
     **dict.fromkeys(("mamba_d_state", "state_size", "ssm_state_size"), 8),
     **dict.fromkeys(("mamba_chunk_size", "chunk_size"), 16),
     **dict.fromkeys(("rotary_dim",), 4),
+    # Gemma 3n / 4 per-layer token embeddings (default 262,144 x 256 per layer: 1 GiB at 4 layers)
+    **{"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
     # windows wider than any walk input; `classify` checks again with a window that binds
     **dict.fromkeys(("sliding_window", "sliding_window_size", "attention_window_size", "window_size"), 64),
 }

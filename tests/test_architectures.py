@@ -23,6 +23,8 @@ STATE_PREFIX_HYBRID = [
     *("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lara_mini"),
     *("mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "lfm2", "lfm2_moe"),
 ]
+# Layers of different key/value heads or head sizes (tests/test_per_layer_geometry.py).
+PER_LAYER_GEOMETRY = ["gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "mimo_v2_flash"]
 HYBRID = ["lfm3", "minimax", "zaya", "jamba"]
 # Types whose `hidden` prefix needs the layer's own arguments, as its decoder layer hands them: a
 # rotary embedding per layer type (Gemma 3 style), the mask a sparse-attention indexer reads
@@ -45,6 +47,7 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
         + DECODER_ONLY_SEQ2SEQ
         + STATE_PREFIX_HYBRID
         + OWN_LAYER_ARGUMENTS
+        + PER_LAYER_GEOMETRY
         + ["llama", "gpt2", "mistral"]
     ):  # exact: with a `kv` and with a `hidden` prefix
         assert by_type[model_type].outcome == "exact", by_type[model_type]

@@ -203,9 +203,8 @@ def test_every_parameterization_and_init_works_on_all_three_places(architecture,
             assert (output - bare).abs().max() > 1e-4, f"{place} layer {layer}: the prefix changes nothing"
     if init == "activations":  # every place starts from the frozen model's own keys/values on the text
         token_ids = init_token_ids(tokenizer, INIT_TEXT, 4)
-        target = text_activations(
-            model.base_model, model.kv_path.attention_modules, token_ids, model.geometry.head_dim
-        ).key_values
+        sizes = model.geometry.kv_heads, model.geometry.head_dim
+        target = text_activations(model.base_model, model.kv_path.attention_modules, token_ids, *sizes).key_values
         with torch.no_grad():
             got = prefix.key_values(model.kv_path)
         if parameterization == "mlp":  # fitted by regression, and reports how well (T5's big activations: poorly)

@@ -56,6 +56,10 @@ def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
     if (geometry.key_head_dim, geometry.value_head_dim) != (geometry.head_dim, geometry.head_dim):
         # keys and values of different head sizes (MLA); absent elsewhere, so older prefix files still load
         sizes |= {"key_head_dim": geometry.key_head_dim, "value_head_dim": geometry.value_head_dim}
+    if geometry.layer_shapes:  # layers of different key/value shapes (Gemma 4); absent elsewhere, as above
+        sizes["layer_shapes"] = [list(shape) for shape in geometry.layer_shapes]
+    if geometry.reusing_layers:  # layers reusing another's keys/values (KV sharing); absent elsewhere
+        sizes["reusing_layers"] = geometry.reusing_layers
     if geometry.state_layers:  # hybrid models' linear-attention states; absent elsewhere, as above
         sizes |= {
             "state_layers": geometry.state_layers,

@@ -18,7 +18,7 @@ class TextActivations:
     """What the frozen model computes on the init text, ``P`` tokens long.
 
     key_values: each layer's real keys/values ``[layers, 2, kv_heads, P, head_dim]`` (zero-padded
-        where key and value head sizes differ, see `Geometry`).
+        where key and value head sizes differ, or past a layer's own heads and sizes, see `Geometry`).
     attention_inputs: each layer's input to attention (already normalised) ``[layers, P, d_model]``.
 
     Hybrid models (see `injection.states`), per linear-attention layer, else None:
@@ -57,6 +57,7 @@ def text_activations(
     model: PreTrainedModel,
     attention_modules: list[nn.Module],
     token_ids: Tensor,
+    kv_heads: int,
     head_dim: int,
     state_modules: list[nn.Module] = (),
 ) -> TextActivations:
@@ -88,7 +89,7 @@ def text_activations(
             hook.remove()
     for call in capture.calls:
         refuse_pooled_keys(model, call, len(token_ids))
-    by_module = {call.module: call.key_values(head_dim)[0] for call in capture.calls}
+    by_module = {call.module: call.key_values(kv_heads, head_dim)[0] for call in capture.calls}
     if attention_modules:
         key_values = torch.stack([by_module[module] for module in attention_modules])
         attention_inputs = torch.stack([inputs[module][0] for module in attention_modules])

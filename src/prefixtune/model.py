@@ -115,7 +115,8 @@ class PrefixModel(nn.Module):
                 prefix.init_vocab(word_embeddings(self.base_model, token_ids), self.kv_path)
             else:
                 modules, states = self.kv_path.attention_modules, self.kv_path.states.modules
-                activations = text_activations(self.base_model, modules, token_ids, self.geometry.head_dim, states)
+                sizes = self.geometry.kv_heads, self.geometry.head_dim
+                activations = text_activations(self.base_model, modules, token_ids, *sizes, states)
                 prefix.init_activations(activations)
         finally:
             self.base_model.train(was_training)

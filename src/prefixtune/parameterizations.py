@@ -1,8 +1,8 @@
 """The three prefix parameterizations. Each is a module whose output is the same thing: every
 layer's prefix keys and values, ``[layers, 2, kv_heads, P, head_dim]`` (grouped-query attention:
 the KV-head count, not the query's; keys and values of different head sizes, as in multi-head
-latent attention: zero-padded to ``head_dim``, see `Geometry`). Only their parameters train; the
-base stays frozen.
+latent attention, and layers of fewer or smaller heads than others: zero-padded, see `Geometry`).
+Only their parameters train; the base stays frozen.
 
 * `KVPrefix`: those keys/values directly.
 * `MLPPrefix`: the paper's reparameterization, a shared ``[P, d_model]`` embedding -> Linear ->
@@ -80,12 +80,11 @@ class Prefix(nn.Module):
                 f"prefix covers no attention or state layer: places {config.places}, model has {list(geometry.places)}"
             )
         self.dropout = nn.Dropout(config.dropout)
-        # Keys and values of different head sizes (MLA): what lies past each one's size is zeroed, so
-        # the output is exactly what attention reads, padded with zeros.
-        used = torch.zeros(1, 2, 1, 1, geometry.head_dim)  # [1, 2, 1, 1, head_dim]
-        used[:, 0, ..., : geometry.key_head_dim] = 1
-        used[:, 1, ..., : geometry.value_head_dim] = 1
-        self.register_buffer("used", None if bool(used.all()) else used, persistent=False)
+        # Keys and values of different head sizes (MLA), layers of fewer or smaller heads (Gemma 4):
+        # what lies past each layer's own heads and sizes is zeroed, so the output is exactly what
+        # attention reads, padded with zeros.
+        used = geometry.used(self.layers)  # [layers, 2, kv_heads, 1, head_dim] or None
+        self.register_buffer("used", used, persistent=False)
 
     def key_values(self, kv_path: KeyValuePath) -> Tensor:
         raise NotImplementedError

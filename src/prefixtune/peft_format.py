@@ -45,11 +45,24 @@ def is_peft_folder(path: str | Path) -> bool:
 
 def check_model(model_config: Any, geometry: Geometry) -> None:
     """Refuse models where a PEFT prefix and ours act differently on the same keys/values, or where
-    ours holds more than keys/values (hybrid models' linear-attention states)."""
+    ours holds more than keys/values (hybrid models' linear-attention states) or other than one
+    shape for every layer (per-layer geometry, KV sharing: see `Geometry`)."""
     if geometry.state_layers:
         raise UnsupportedModelError(
             f"{model_config.model_type}: a PEFT prefix-tuning adapter holds keys/values only, and this model's "
             f"{geometry.state_layers} linear-attention layers take an initial state, so it cannot be converted"
+        )
+    if geometry.layer_shapes:
+        raise UnsupportedModelError(
+            f"{model_config.model_type}: its layers differ in key/value heads or head sizes "
+            f"{sorted(set(geometry.layer_shapes))} (kv_heads, key_head_dim, value_head_dim), and a PEFT prefix-tuning "
+            "adapter has one num_attention_heads and token_dim for all layers, so it cannot be converted"
+        )
+    if geometry.reusing_layers:
+        raise UnsupportedModelError(
+            f"{model_config.model_type}: {geometry.reusing_layers} layers reuse an earlier layer's keys/values (KV "
+            "sharing) and have no prefix of their own, while a PEFT adapter holds one per layer, so it cannot be "
+            "converted"
         )
     if getattr(model_config, "relative_attention_num_buckets", None) is not None:
         raise UnsupportedModelError(

@@ -14,8 +14,9 @@ Differences from the base model, and nothing else, in these modules:
   when the call carries ``prefix_conv_states`` / ``prefix_recurrent_states``: their prefix is an
   initial state, not keys/values (a replacement forward on those module instances).
 * `probing`: a probe forward finds the attention layers (numbered model-wide; encoder-decoders have
-  three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry`;
-  `inject` puts it all in place.
+  three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry`
+  (with each layer's heads and head sizes where layers differ, and layers that reuse another's
+  keys/values tagged with that layer's index); `inject` puts it all in place.
 * `key_value_path`: `KeyValuePath`, hidden states through a layer's frozen key/value path (its
   attention module, called with the arguments its layer really hands it), used at every training
   step of the `hidden` parameterization.

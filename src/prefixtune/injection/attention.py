@@ -6,7 +6,8 @@ They differ from the model's own ``sdpa`` / ``eager`` only when the forward call
 ``[B, layers, P]``: then each layer puts its slice in front of the text's keys/values, adds
 always-visible columns for the valid prefix slots to the mask (T5: with no position bias), and
 hands over to the model's own function. Keys and values of different head sizes (multi-head latent
-attention) are stored zero-padded to ``head_dim`` and cut to the layer's own sizes here.
+attention), and layers of fewer or smaller heads than others (Gemma 4), are stored zero-padded to
+``kv_heads`` x ``head_dim`` and cut to the layer's own heads and sizes here.
 
 The same names are registered with ``AttentionMaskInterface`` (transformers builds padding masks
 through it; a name without a mask function silently gets none). Where transformers skips the mask
@@ -49,9 +50,13 @@ class AttentionCall:
     value: Tensor  # [B, kv_heads, T, value_head_dim]
     mask: Tensor | None = None  # the text mask the layer passed (bool, or additive float)
 
-    def key_values(self, head_dim: int) -> Tensor:
-        """Keys and values as a prefix stores them, zero-padded to `head_dim`: ``[B, 2, kv_heads, T, head_dim]``."""
-        pad = [nn.functional.pad(t, (0, head_dim - t.shape[-1])) for t in (self.key, self.value)]
+    def key_values(self, kv_heads: int, head_dim: int) -> Tensor:
+        """Keys and values as a prefix stores them, zero-padded to `kv_heads` heads of `head_dim`
+        (see `Geometry`): ``[B, 2, kv_heads, T, head_dim]``."""
+        pad = [
+            nn.functional.pad(t, (0, head_dim - t.shape[-1], 0, 0, 0, kv_heads - t.shape[1]))
+            for t in (self.key, self.value)
+        ]
         return torch.stack(pad, dim=1)
 
 
@@ -106,6 +111,9 @@ def _prefix_columns(
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
     if window is not None:
         slots = torch.arange(prefix_mask.shape[-1], device=text_mask.device)
+        # The queries are the last T_q text tokens (all of them, except where a model runs only the
+        # tokens it keeps logits for through its KV-sharing layers: Gemma 4 in `generate`).
+        positions = positions[:, positions.shape[1] - query_length :]
         in_window = positions.to(text_mask.device)[:, :, None] - slots < window  # [B, T_q, P]
         prefix = prefix & in_window[:, None]
     if text_mask.dtype != torch.bool:
@@ -193,9 +201,12 @@ def _prefix_attention(delegate: str) -> Callable:
             if kwargs.get("position_bias") is not None:  # T5: prefix columns get no relative-position bias
                 bias = kwargs["position_bias"]
                 kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], prefix.shape[3]), bias], -1)
-            # Stored zero-padded to head_dim; a no-op slice unless key and value head sizes differ (MLA).
-            key = torch.cat([prefix[:, 0, ..., : key.shape[-1]], key], dim=2)  # [B, kv_heads, P + T, key_head_dim]
-            value = torch.cat([prefix[:, 1, ..., : value.shape[-1]], value], dim=2)
+            # Stored zero-padded to kv_heads x head_dim; a no-op slice unless key and value head sizes
+            # differ (MLA) or this layer has fewer or smaller heads than others (see `Geometry`).
+            key_prefix = prefix[:, 0, : key.shape[1], :, : key.shape[-1]]
+            value_prefix = prefix[:, 1, : value.shape[1], :, : value.shape[-1]]
+            key = torch.cat([key_prefix, key], dim=2)  # [B, kv_heads, P + T, key_head_dim]
+            value = torch.cat([value_prefix, value], dim=2)  # [B, kv_heads, P + T, value_head_dim]
             kwargs["is_causal"] = False  # the mask above says everything
         return function(module, query, key, value, attention_mask, **kwargs)
 

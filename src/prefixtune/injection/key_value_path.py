@@ -35,11 +35,12 @@ class KeyValuePath:
         self,
         model: PreTrainedModel,
         attention_modules: list[nn.Module],
+        kv_heads: int,
         head_dim: int,
         state_modules: list[nn.Module] | None = None,
     ) -> None:
         self.model = model
-        self.head_dim = head_dim
+        self.kv_heads, self.head_dim = kv_heads, head_dim
         self.attention_modules = attention_modules
         self.states = StatePath(state_modules or [])
         self.recorded: dict[tuple, list[tuple[tuple, dict]]] = {}
@@ -66,7 +67,7 @@ class KeyValuePath:
                 f"{model_kind(self.model)}: {type(module).__name__} cannot be called again with its own arguments and "
                 f"other hidden states, so the `hidden` parameterization cannot follow it: {error}"
             ) from error
-        return capture.calls[-1].key_values(self.head_dim)[0]
+        return capture.calls[-1].key_values(self.kv_heads, self.head_dim)[0]
 
     def layer_arguments(self, length: int, dtype: torch.dtype) -> list[tuple[tuple, dict]]:
         """Each attention module's (args, kwargs) in a forward of the frozen model on `length` tokens."""

@@ -52,6 +52,17 @@ class Geometry:
     larger one, keys sit in ``[..., :key_head_dim]`` and values in ``[..., :value_head_dim]``, and
     the rest is zeros (attention never reads it). Elsewhere all three are equal.
 
+    Models whose layers differ in key/value shape (Gemma 4: sliding layers 256-wide, full layers
+    512-wide with fewer heads; MiMo-V2-Flash: more heads on some layers) have ``layer_shapes``, one
+    ``(kv_heads, key_head_dim, value_head_dim)`` per layer; ``kv_heads`` and the head sizes are then
+    the largest over layers, and each layer's slice is zero past its own heads and sizes, so the
+    layout stays ``[layers, 2, kv_heads, P, head_dim]`` (at the cost of those zeros). Uniform models
+    have ``layer_shapes == ()``.
+
+    ``reusing_layers`` counts attention layers that make no keys/values of their own but reuse an
+    earlier layer's (Gemma 3n / Gemma 4 KV sharing): they have no prefix slice; they read the
+    slice of the layer whose keys/values they reuse, as they read that layer's text keys/values.
+
     Hybrid models also have ``state_layers`` linear-attention layers (see `states`), whose prefix
     is an initial state: conv ``conv_state_shape`` ``[conv_dim, K-1]`` and recurrent
     ``recurrent_state_shape`` ``[v_heads, k_head_dim, v_head_dim]``, the same for every such layer.
@@ -68,11 +79,29 @@ class Geometry:
     state_layers: int = 0
     conv_state_shape: tuple[int, ...] = ()  # [conv_dim, K-1]
     recurrent_state_shape: tuple[int, ...] = ()  # [v_heads, k_head_dim, v_head_dim]
+    layer_shapes: tuple[tuple[int, int, int], ...] = ()  # per layer (kv_heads, key_head_dim, value_head_dim)
+    reusing_layers: int = 0
 
     def __post_init__(self) -> None:
         for field in ("key_head_dim", "value_head_dim"):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, self.head_dim)
+
+    def layer_shape(self, layer: int) -> tuple[int, int, int]:
+        """(kv_heads, key_head_dim, value_head_dim) of one layer."""
+        if self.layer_shapes:
+            return self.layer_shapes[layer]
+        return self.kv_heads, self.key_head_dim, self.value_head_dim
+
+    def used(self, layers: tuple[int, ...]) -> Tensor | None:
+        """Which entries of these layers' keys/values attention reads, ``[layers, 2, kv_heads, 1,
+        head_dim]`` (1 read, 0 padding), or None where it reads them all."""
+        used = torch.zeros(len(layers), 2, self.kv_heads, 1, self.head_dim)
+        for row, layer in enumerate(layers):
+            heads, key_head_dim, value_head_dim = self.layer_shape(layer)
+            used[row, 0, :heads, :, :key_head_dim] = 1
+            used[row, 1, :heads, :, :value_head_dim] = 1
+        return None if bool(used.all()) else used
 
     def layers_for(self, places: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(sorted(layer for place in places for layer in self.places.get(place, ())))
@@ -124,10 +153,11 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     set_attn_implementation(model, name if name.startswith("prefixtune_") else f"prefixtune_{name}")
 
     calls = _probe(model).calls
+    sources = _reused_key_values(calls)
     by_place: dict[str, list[nn.Module]] = {place: [] for place in PLACES}
     for call in calls:
         modules = by_place[_place(model, call)]
-        if all(call.module is not seen for seen in modules):
+        if call.module not in sources and all(call.module is not seen for seen in modules):
             modules.append(call.module)
     ordered = [module for place in PLACES for module in by_place[place]]
     state_modules = find_state_layers(model, model_kind(model))
@@ -141,7 +171,9 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     for place, modules in by_place.items():
         for module in modules:
             module.prefixtune_place = place
-    _tag_windowed_layers(model, by_place["decoder"])
+    for module, source in sources.items():  # KV sharing: the prefix slice of the keys/values it reuses
+        module.prefixtune_layer, module.prefixtune_place = source.prefixtune_layer, source.prefixtune_place
+    _tag_windowed_layers(model, by_place["decoder"] + [m for m in sources if m.prefixtune_place == "decoder"])
     places, start = {}, 0
     for place in PLACES:
         if by_place[place]:
@@ -149,7 +181,10 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
             start += len(by_place[place])
     places = places or {"decoder": ()}  # pure state-space models: only the decoder's state layers
     _refuse_own_attention(model, calls)  # before the cache layout: e.g. compressed keys are refused as such
-    kv_heads, key_head_dim, value_head_dim = _key_value_shape(model, calls) if calls else (0, 0, 0)
+    layer_shapes = _key_value_shapes(model, calls, ordered) if calls else []  # none: pure state-space models
+    kv_heads, key_head_dim, value_head_dim = (
+        tuple(max(sizes) for sizes in zip(*layer_shapes, strict=True)) if layer_shapes else (0, 0, 0)
+    )
     shapes = {state_shapes(module) for module in state_modules}
     if len(shapes) > 1:
         raise UnsupportedModelError(
@@ -184,8 +219,24 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         len(state_modules),
         conv_shape,
         recurrent_shape,
+        tuple(layer_shapes) if len(set(layer_shapes)) > 1 else (),
+        len(sources),
     )
-    return geometry, KeyValuePath(model, ordered, head_dim, state_modules)
+    return geometry, KeyValuePath(model, ordered, kv_heads, head_dim, state_modules)
+
+
+def _reused_key_values(calls: list[AttentionCall]) -> dict[nn.Module, nn.Module]:
+    """Attention modules that attend to keys/values another module made (KV sharing: Gemma 3n and
+    Gemma 4 hand later layers the very key/value tensors of an earlier layer) -> that module."""
+    made_by: dict[int, nn.Module] = {}
+    sources: dict[nn.Module, nn.Module] = {}
+    for call in calls:
+        source = made_by.get(id(call.key))
+        if source is not None and source is not call.module:
+            sources[call.module] = sources.get(source, source)
+        else:
+            made_by.setdefault(id(call.key), call.module)
+    return sources
 
 
 def _tag_windowed_layers(model: PreTrainedModel, modules: list[nn.Module]) -> None:
@@ -245,22 +296,20 @@ def _refuse_own_attention(model: PreTrainedModel, calls: list[AttentionCall]) ->
                 )
 
 
-def _key_value_shape(model: PreTrainedModel, calls: list[AttentionCall]) -> tuple[int, int, int]:
-    """(kv_heads, key_head_dim, value_head_dim), the same for every layer, with one key and value
-    per token (a prefix slot stands for one token)."""
+def _key_value_shapes(
+    model: PreTrainedModel, calls: list[AttentionCall], ordered: list[nn.Module]
+) -> list[tuple[int, int, int]]:
+    """Each layer's (kv_heads, key_head_dim, value_head_dim), with one key and value per token (a
+    prefix slot stands for one token) and as many key heads as value heads."""
     kind = model_kind(model)
-    shapes = {(call.key.shape[1], call.key.shape[3], call.value.shape[1], call.value.shape[3]) for call in calls}
-    if len(shapes) != 1:
-        raise UnsupportedModelError(
-            f"{kind}: layers disagree on key/value shapes (kv_heads, key_head_dim, value kv_heads, value_head_dim) "
-            f"{sorted(shapes)}; a prefix has one shape for all layers"
-        )
-    ((kv_heads, key_head_dim, value_heads, value_head_dim),) = shapes
-    if value_heads != kv_heads:
-        raise UnsupportedModelError(f"{kind}: {kv_heads} key heads but {value_heads} value heads")
+    shapes: dict[nn.Module, tuple[int, int, int]] = {}
     for call in calls:
+        (_, kv_heads, _, key_head_dim), (_, value_heads, _, value_head_dim) = call.key.shape, call.value.shape
+        if value_heads != kv_heads:
+            raise UnsupportedModelError(f"{kind}: {kv_heads} key heads but {value_heads} value heads")
         refuse_pooled_keys(model, call, _probe_length(model, call))
-    return kv_heads, key_head_dim, value_head_dim
+        shapes.setdefault(call.module, (kv_heads, key_head_dim, value_head_dim))
+    return [shapes[module] for module in ordered]
 
 
 def _probe_length(model: PreTrainedModel, call: AttentionCall) -> int:

@@ -220,7 +220,8 @@ def continuous_refusal(model: PrefixModel) -> str | None:
     """Why the continuous engine cannot serve `model` exactly (None: it can). It writes a prefix into
     the paged cache as plain keys/values at positions 0..P-1 and runs the base on per-request ``sdpa``, so
     it is exact only where `PrefixModel` needs nothing more: not for encoder-decoders, latent
-    attention (keys and values of different head sizes), sliding-window or chunked layers (the
+    attention (keys and values of different head sizes), layers of different key/value shapes or
+    reusing another layer's keys/values (Gemma 4), sliding-window or chunked layers (the
     prefix is windowed like its tokens), or models whose positions do not start at 0 for the first
     cache slot (BART-family decoders, RoBERTa's ``padding_idx`` offset), nor models that cannot run
     on ``sdpa`` at all (attention sinks: transformers refuses them there), nor for hybrid models
@@ -239,6 +240,10 @@ def continuous_refusal(model: PrefixModel) -> str | None:
         )
     if geometry.key_head_dim != geometry.value_head_dim:
         return f"{kind} has keys and values of different head sizes (latent attention)"
+    if geometry.layer_shapes:
+        return f"{kind} has layers of different key/value heads or head sizes (the paged cache holds one shape)"
+    if geometry.reusing_layers:
+        return f"{kind} has layers that reuse an earlier layer's keys/values (KV sharing)"
     if any(getattr(m, "prefixtune_window", None) or getattr(m, "prefixtune_chunk", None) for m in base.modules()):
         return f"{kind} has sliding-window or chunked attention layers"
     if counts_own_positions(base.get_decoder()) or first_position(base) != 0:
