@@ -206,16 +206,18 @@ def test_microbatch_engine_serves_mixed_prefixes_and_the_continuous_one_refuses_
     model = PrefixModel(build("gemma4_text", **layout), name=None, tokenizer=tiny_tokenizer())
     with pytest.raises(UnsupportedModelError, match=f"not exact here: Gemma4ForCausalLM .*{reason}"):
         ContinuousEngine(model, tiny_tokenizer())
-    engine = make_engine(model, tiny_tokenizer(), PrefixStore(model, tmp_path / "store"), "auto")
+    store = PrefixStore(model, tmp_path / "store")
+    engine = make_engine(model, tiny_tokenizer(), engine="auto")
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, *TEXTS)]
     engine.wait_seconds = 0.2
     engine.start()
     try:
-        results = [future.result(timeout=120) for future in [engine.submit(Request(r, n, 5)) for r, n in jobs]]
+        requests = [Request(r, n, 5, prefix_inputs=None if n == BASE_NAME else store.snapshot(n)) for r, n in jobs]
+        results = [future.result(timeout=120) for future in [engine.submit(request) for request in requests]]
     finally:
-        engine.stop()
-    assert engine.stats["batches"] < len(jobs)  # really batched, prefixes mixed
+        engine.close()
+    assert engine.stats().batches < len(jobs)  # really batched, prefixes mixed
     for (row, name), result in zip(jobs, results, strict=True):
         options = GREEDY | {"max_new_tokens": 5, "eos_token_id": SPECIAL["eos"]}
         prefix = ["" if name == BASE_NAME else name]

@@ -454,6 +454,22 @@ def distill(options: DistillOptions) -> None:
     console.print(Text(f"wrote {options.output}"), soft_wrap=True)
 
 
+def _vllm_settings(model: str, prefix_store: str, dtype: str, **options: Any):
+    """vLLM's settings for `serve --engine vllm`, checked before anything loads; ``auto`` resolves
+    here, so vLLM and the base that compiles prefixes run in one precision."""
+    import torch
+
+    from .precision import resolve_dtype
+    from .serving.vllm_engine import VLLMSettings, require_vllm
+
+    require_vllm()
+    from .vllm import KV_FOLDER, model_path
+
+    resolved, _ = resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    kv_folder = str(Path(prefix_store) / KV_FOLDER)
+    return VLLMSettings(model=model_path(model), kv_folder=kv_folder, dtype=dtype_name(resolved), **options)
+
+
 @app.command()
 def serve(
     prefix_store: str = typer.Option(..., help="Folder of prefixes, one subfolder per name."),
@@ -493,16 +509,11 @@ def serve(
 
     vllm = None
     if engine == "vllm":
-        from .serving.vllm_engine import VLLMSettings, require_vllm
-
         try:
-            require_vllm()  # before loading anything
-            from .vllm import KV_FOLDER, model_path
-
-            vllm = VLLMSettings(
-                model=model_path(model),
-                kv_folder=str(Path(prefix_store) / KV_FOLDER),
-                dtype=dtype,
+            vllm = _vllm_settings(
+                model,
+                prefix_store,
+                dtype,
                 tensor_parallel_size=tensor_parallel_size,
                 kv_cache_gb=vllm_kv_cache_gb,
                 gpu_memory_utilization=gpu_memory_utilization,
@@ -511,8 +522,8 @@ def serve(
             )
         except USER_ERRORS as error:
             _fail(error)
-    try:
-        base, tokenizer = load_base_model(model, dtype=dtype, device="cpu" if vllm else device)
+    try:  # with vLLM, the base here (the store's fingerprints, compiling prefixes) runs in vLLM's precision
+        base, tokenizer = load_base_model(model, dtype=vllm.dtype if vllm else dtype, device="cpu" if vllm else device)
         limits = Limits(
             max_prompt_tokens=max_prompt_tokens,
             max_tokens=max_tokens,

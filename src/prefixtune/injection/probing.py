@@ -193,20 +193,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
     (conv_shape, recurrent_shape), *_ = shapes or {((), ())}
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if not getattr(model, "_prefixtune_injected", None):
-        hooks = [model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)]
-        # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
-        # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
-        decoder = model.get_decoder()
-        if not ordered:  # pure state-space models: no positions to shift
-            pass
-        elif model.config.is_encoder_decoder or counts_own_positions(decoder):
-            hooks += shift_stack_positions(decoder, places["decoder"])
-        else:
-            hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
-        _accept_prefix_in_generate(model)
-        install_state_layers(state_modules)
-        hooks += carry_state_kwargs(model) if state_modules else []
-        model._prefixtune_injected = Injected(original, hooks)
+        model._prefixtune_injected = Injected(original, _install_hooks(model, places, bool(ordered), state_modules))
     head_dim = max(key_head_dim, value_head_dim)
     geometry = Geometry(
         len(ordered),
@@ -223,6 +210,27 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         len(sources),
     )
     return geometry, KeyValuePath(model, ordered, kv_heads, head_dim, state_modules)
+
+
+def _install_hooks(
+    model: PreTrainedModel, places: dict[str, tuple[int, ...]], has_attention: bool, state_modules: list[nn.Module]
+) -> list:
+    """The hooks `inject` installs once per model (mask cache, position shift, state arguments), and
+    the state layers' replacement forwards; `remove` undoes them."""
+    hooks = [model.register_forward_pre_hook(new_mask_cache, with_kwargs=True)]
+    # Decoder text follows its prefix (as with Li & Liang's past_key_values); encoder positions
+    # stay put, as in the paper's BART, so an encoder prefix never moves the source text.
+    decoder = model.get_decoder()
+    if not has_attention:  # pure state-space models: no positions to shift
+        pass
+    elif model.config.is_encoder_decoder or counts_own_positions(decoder):
+        hooks += shift_stack_positions(decoder, places["decoder"])
+    else:
+        hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
+    _accept_prefix_in_generate(model)
+    install_state_layers(state_modules)
+    hooks += carry_state_kwargs(model) if state_modules else []
+    return hooks
 
 
 def _reused_key_values(calls: list[AttentionCall]) -> dict[nn.Module, nn.Module]:
