@@ -303,16 +303,15 @@ def test_a_distilled_prefix_serves_beside_trained_ones_token_identical_to_genera
     reference = reference_model(store_folder)
     reference.load_prefix(store_folder / "handbook", name="handbook")
     served = reference_model(store_folder)
-    store = PrefixStore(served, store_folder)
     engine = ContinuousEngine(served, served.tokenizer, max_batch_size=6, max_batch_tokens=8).start()
-    store.exclusive = engine.exclusive
+    store = PrefixStore(served, store_folder, exclusive=engine.exclusive)
     jobs = [
         (p, n, 6 + 3 * i % 11)
         for i, (p, n) in enumerate((p, n) for p in SERVED for n in ("handbook", "formal-blog", BASE_NAME))
     ]
     futures = [engine.submit(Request(prompt_ids(p), n, m, prefix_inputs=store.snapshot(n))) for p, n, m in jobs]
     results = [future.result(timeout=120).token_ids for future in futures]
-    engine.stop()
+    engine.close()
     for (prompt, name, max_tokens), got in zip(jobs, results, strict=True):
         assert got == alone(reference, prompt, name, max_tokens), (prompt, name)
     changed = [alone(reference, p, "handbook", 10) != alone(reference, p, BASE_NAME, 10) for p in SERVED]

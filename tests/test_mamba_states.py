@@ -179,16 +179,18 @@ def test_mamba2_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_
     model = PrefixModel(mamba("bamba"), name=None, tokenizer=tiny_tokenizer())
     with pytest.raises(UnsupportedModelError, match="not exact here: .*initial state"):  # a paged KV cache only
         ContinuousEngine(model, tiny_tokenizer())
-    engine = make_engine(model, tiny_tokenizer(), PrefixStore(model, tmp_path / "store"), "auto")
+    store = PrefixStore(model, tmp_path / "store")
+    engine = make_engine(model, tiny_tokenizer(), engine="auto")
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
     engine.wait_seconds = 0.2
     engine.start()
     try:
-        results = [future.result(timeout=120) for future in [engine.submit(Request(r, n, 4)) for r, n in jobs]]
+        requests = [Request(r, n, 4, prefix_inputs=None if n == BASE_NAME else store.snapshot(n)) for r, n in jobs]
+        results = [future.result(timeout=120) for future in [engine.submit(request) for request in requests]]
     finally:
-        engine.stop()
-    assert engine.stats["batches"] < len(jobs)
+        engine.close()
+    assert engine.stats().batches < len(jobs)
     for (row, name), result in zip(jobs, results, strict=True):
         want = source.generate(
             input_ids=torch.tensor([row]),
