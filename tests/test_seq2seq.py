@@ -119,9 +119,12 @@ def test_prefix_with_vanishing_attention_leaves_each_place_unchanged(architectur
     vanishing_keys(prefixed, "default", reference)
     # every attention layer of that place computes what it computes without the prefix ...
     for layer, (output, bare) in enumerate(attention_with_and_without_prefix(prefixed, place)):
-        torch.testing.assert_close(output, bare, atol=1e-5, rtol=0, msg=lambda m, layer=layer: f"layer {layer}: {m}")
+        # T5's unscaled attention on a random model: sdpa's AVX512 kernels reorder the float32 sums once
+        # prefix columns are added (2e-5 seen here, an AVX512-BF16/AMX CPU); the prefix's own effect is > 1e-3
+        torch.testing.assert_close(output, bare, atol=1e-4, rtol=1e-5, msg=lambda m, layer=layer: f"layer {layer}: {m}")
     # ... and so does the whole model (decoder place: with its text at the positions after the prefix)
-    torch.testing.assert_close(forward_logits(prefixed), forward_logits(reference), atol=1e-4, rtol=1e-5)
+    # (1.4e-4 seen on T5 here, for the reason above; the prefix's own effect is > 1e-3)
+    torch.testing.assert_close(forward_logits(prefixed), forward_logits(reference), atol=3e-4, rtol=1e-5)
     # the same prefix with attracting keys changes every layer of that place: the prefix is really there
     vanishing_keys(prefixed, "default", reference, sign=-1.0)
     for output, bare in attention_with_and_without_prefix(prefixed, place):
