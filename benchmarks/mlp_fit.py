@@ -44,7 +44,9 @@ def main() -> None:
         (base, tokenizer), name = load_base_model("smollm2-135m", dtype="float32"), "smollm2-135m"
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     token_ids = init_token_ids(tokenizer, INIT_TEXT, args.prefix_length)
-    activations = text_activations(base, model.kv_path.attention_modules, token_ids, model.geometry.head_dim)
+    activations = text_activations(
+        base, model.kv_path.attention_modules, token_ids, model.geometry.kv_heads, model.geometry.head_dim
+    )
     config = PrefixConfig(
         prefix_length=args.prefix_length,
         parameterization="mlp",

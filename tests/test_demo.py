@@ -20,7 +20,7 @@ def test_demo_trains_compares_and_writes_its_prefix_and_results(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tiny")
     output = tmp_path / "demo"
     result = CliRunner().invoke(
-        app, ["demo", "--model", str(tmp_path / "tiny"), "--steps", "3", "--output", str(output)]
+        app, ["demo", "--model", str(tmp_path / "tiny"), "--steps", "3", "--output", str(output), "--dtype", "float32"]
     )
     assert result.exit_code == 0, result.output
     assert "bare" in result.output and "with prefix" in result.output

@@ -64,6 +64,16 @@ def test_a_model_that_mixes_packed_sequences_is_refused(monkeypatch):
         check_packing(model, rows_for(tokenizer), "p", tokenizer.pad_token_id)
 
 
+def test_a_bfloat16_base_packs_within_its_rounding_and_mixing_is_still_refused(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    model = PrefixModel(tiny_model("llama").to(torch.bfloat16), name=None, tokenizer=tokenizer)
+    model.add_prefix("p", PrefixConfig(prefix_length=3, init_std=0.5))
+    check_packing(model, rows_for(tokenizer), "p", tokenizer.pad_token_id)  # bf16 rounding is not mixing
+    monkeypatch.setattr(PackedCollator, "__call__", lambda self, rows: dict(self.flatten(rows)))
+    with pytest.raises(ConfigError, match="mixes packed sequences"):
+        check_packing(model, rows_for(tokenizer), "p", tokenizer.pad_token_id)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("packing")
@@ -81,6 +91,7 @@ def workspace(tmp_path_factory) -> Path:
 def train(workspace: Path, output: Path, *extra: str):
     args = ["train", "--model", str(workspace / "tiny"), "--data", str(workspace / "train.jsonl")]
     args += ["--output", str(output), "--prefix-length", "4", "--steps", "6", "--batch-size", "8", "--lr", "3e-2"]
+    args += ["--dtype", "float32"]  # the curves are compared closely (auto may pick bfloat16)
     return CliRunner().invoke(app, [*args, "--warmup-steps", "1", "--logging-steps", "1", *extra])
 
 

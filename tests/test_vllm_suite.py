@@ -28,13 +28,14 @@ def test_the_vllm_tests_pass_in_the_vllm_environment():
     files.remove("tests/test_vllm_suite.py")
     environment = os.environ | {"PYTHONPATH": str(ROOT / "src")}  # this checkout, whichever one the venv was made from
     result = subprocess.run(
-        [str(VLLM_PYTHON), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files],
+        [str(VLLM_PYTHON), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files],
         cwd=ROOT,
         env=environment,
         capture_output=True,
         text=True,
         timeout=3600,
     )
-    report = result.stdout[-8000:] + result.stderr[-4000:]
+    failures = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    report = "\n".join(failures) + "\n" + result.stdout[-8000:] + result.stderr[-4000:]
     assert result.returncode == 0, report
     assert "could not import 'vllm'" not in result.stdout, report  # skipped for want of vLLM: not run at all
