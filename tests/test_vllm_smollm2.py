@@ -29,7 +29,7 @@ PREFIXES = {
 
 
 def test_smollm2_batch_of_mixed_prefixes_and_a_bare_row_equals_prefix_model_generate(tmp_path):
-    model, tokenizer = load_base_model("smollm2-135m")
+    model, tokenizer = load_base_model("smollm2-135m", dtype="float32")  # vLLM runs float32 here
     prefixed = PrefixModel(model, name=None, tokenizer=tokenizer)
     for name, config in PREFIXES.items():
         prefixed.add_prefix(name, config)
