@@ -12,8 +12,17 @@ from architecture_walk import build, relative_error
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.conv_states import mix
-from test_hybrid_states import ROW_PREFIXES, ROWS, TEXTS, TOLERANCE, left_padded, text_ids
-from tiny import SPECIAL, tiny_tokenizer
+from test_hybrid_states import (
+    ROW_PREFIXES,
+    ROWS,
+    TOLERANCE,
+    assert_generate_equals_the_text_as_prompt,
+    bare_logits,
+    left_padded,
+    text_ids,
+    with_text_prefixes,
+)
+from tiny import tiny_tokenizer
 
 MODEL_TYPES = ["lfm2", "lfm2_moe"]
 # Two convolution layers around attention (kernel conv_L_cache = 3: conv state of 2 columns).
@@ -33,15 +42,7 @@ def conv_model(model_type: str, **overrides):
 
 
 def hybrid(model_type: str, parameterization: str = "kv") -> PrefixModel:
-    model = PrefixModel(conv_model(model_type), name=None, tokenizer=tiny_tokenizer())
-    for name, text in TEXTS.items():
-        model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
-    return model
-
-
-def bare_logits(model: PrefixModel, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad(), model.disable_prefix():
-        return model(input_ids=torch.tensor([ids])).logits[0]
+    return with_text_prefixes(conv_model(model_type), parameterization)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -81,16 +82,7 @@ def test_activations_conv_state_prefix_equals_its_text_per_row_left_padded(model
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_generate_keeps_the_conv_states_greedy_and_beam(model_type):
-    model = hybrid(model_type)
-    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
-    for beams in (1, 2):
-        batch = left_padded(ROWS)
-        out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **options)[:, batch["input_ids"].shape[1] :]
-        for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
-            ids = text_ids(name) + row
-            with model.disable_prefix():
-                want = model.generate(input_ids=torch.tensor([ids]), num_beams=beams, **options)[0, len(ids) :]
-            assert out[i].tolist() == want.tolist(), (beams, name)
+    assert_generate_equals_the_text_as_prompt(hybrid(model_type), max_new_tokens=5)
 
 
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])

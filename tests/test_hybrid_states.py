@@ -62,12 +62,17 @@ def layout(model_type: str) -> dict:
     return LAYOUTS.get(model_type, LAYOUT)
 
 
-def hybrid(model_type: str, parameterization: str = "kv", **overrides) -> PrefixModel:
-    """A tiny hybrid with an `activations` prefix per text."""
-    model = PrefixModel(build(model_type, **layout(model_type) | overrides), name=None, tokenizer=tiny_tokenizer())
+def with_text_prefixes(base, parameterization: str = "kv") -> PrefixModel:
+    """`base` with an `activations` prefix per text (also the Mamba-2 and short-conv tests' models)."""
+    model = PrefixModel(base, name=None, tokenizer=tiny_tokenizer())
     for name, text in TEXTS.items():
         model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
     return model
+
+
+def hybrid(model_type: str, parameterization: str = "kv", **overrides) -> PrefixModel:
+    """A tiny hybrid with an `activations` prefix per text."""
+    return with_text_prefixes(build(model_type, **layout(model_type) | overrides), parameterization)
 
 
 def bare_logits(model: PrefixModel, ids: list[int]) -> torch.Tensor:
@@ -125,8 +130,18 @@ def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type
 def test_generate_keeps_the_states_greedy_and_beam(model_type):
     """The prefill starts each linear layer from the row's prefix state; the cache then holds the
     state after prefix and text, so every generated token equals the bare model's on T + x."""
-    model = hybrid(model_type)
-    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
+    assert_generate_equals_the_text_as_prompt(hybrid(model_type), max_new_tokens=6)
+
+
+def assert_generate_equals_the_text_as_prompt(model: PrefixModel, max_new_tokens: int) -> None:
+    """Greedy and beam `generate` over the left-padded rows, a prefix per row, equal the bare model's
+    on each row's text + row (also the Mamba-2 and short-conv tests' check)."""
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": SPECIAL["pad"],
+        "eos_token_id": None,
+    }
     for beams in (1, 2):
         batch = left_padded(ROWS)
         out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **options)[:, batch["input_ids"].shape[1] :]

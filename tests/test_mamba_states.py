@@ -14,7 +14,16 @@ from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.mamba_states import CLASSES, mix
 from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
-from test_hybrid_states import ROW_PREFIXES, ROWS, TEXTS, TOLERANCE, left_padded, text_ids
+from test_hybrid_states import (
+    ROW_PREFIXES,
+    ROWS,
+    TOLERANCE,
+    assert_generate_equals_the_text_as_prompt,
+    bare_logits,
+    left_padded,
+    text_ids,
+    with_text_prefixes,
+)
 from tiny import SPECIAL, tiny_tokenizer
 
 MODEL_TYPES = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2"]
@@ -42,15 +51,7 @@ def mamba(model_type: str, **overrides):
 
 def hybrid(model_type: str, parameterization: str = "kv") -> PrefixModel:
     """A tiny Mamba-2 model with an `activations` prefix per text."""
-    model = PrefixModel(mamba(model_type), name=None, tokenizer=tiny_tokenizer())
-    for name, text in TEXTS.items():
-        model.add_prefix(name, PrefixConfig(None, parameterization, init="activations", init_text=text))
-    return model
-
-
-def bare_logits(model: PrefixModel, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad(), model.disable_prefix():
-        return model(input_ids=torch.tensor([ids])).logits[0]
+    return with_text_prefixes(mamba(model_type), parameterization)
 
 
 def mixers(model) -> list[torch.nn.Module]:
@@ -108,16 +109,7 @@ def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_generate_keeps_the_states_greedy_and_beam(model_type):
-    model = hybrid(model_type)
-    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
-    for beams in (1, 2):
-        batch = left_padded(ROWS)
-        out = model.generate(**batch, prefix=ROW_PREFIXES, num_beams=beams, **options)[:, batch["input_ids"].shape[1] :]
-        for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
-            ids = text_ids(name) + row
-            with model.disable_prefix():
-                want = model.generate(input_ids=torch.tensor([ids]), num_beams=beams, **options)[0, len(ids) :]
-            assert out[i].tolist() == want.tolist(), (beams, name)
+    assert_generate_equals_the_text_as_prompt(hybrid(model_type), max_new_tokens=5)
 
 
 @pytest.mark.parametrize(
