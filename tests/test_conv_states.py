@@ -9,20 +9,21 @@ import torch
 from transformers import DynamicCache
 
 from architecture_walk import build, relative_error
-from prefixtune import PrefixConfig, PrefixModel
+from prefixtune import PrefixModel
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.conv_states import mix
 from test_hybrid_states import (
     ROW_PREFIXES,
     ROWS,
     TOLERANCE,
+    assert_checkpointing_changes_nothing,
     assert_generate_equals_the_text_as_prompt,
     bare_logits,
     left_padded,
+    step_gradients,
     text_ids,
     with_text_prefixes,
 )
-from tiny import tiny_tokenizer
 
 MODEL_TYPES = ["lfm2", "lfm2_moe"]
 # Two convolution layers around attention (kernel conv_L_cache = 3: conv state of 2 columns).
@@ -87,27 +88,11 @@ def test_generate_keeps_the_conv_states_greedy_and_beam(model_type):
 
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
 def test_gradients_reach_every_conv_state_and_checkpointing_changes_nothing(parameterization):
-    results = []
-    for checkpointing in (False, True):
-        base = conv_model("lfm2")
-        torch.manual_seed(0)
-        config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
-        model = PrefixModel(base, config, tokenizer=tiny_tokenizer())
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        batch = left_padded(ROWS[:3])
-        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
-        loss.backward()
-        parameters = model.prefixes["default"].named_parameters()
-        grads = {name: p.grad.clone() for name, p in parameters if p.numel()}  # no recurrent state: empty
-        results.append((loss.detach(), grads))
-    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    results = step_gradients(lambda: conv_model("lfm2"), parameterization)
+    (_, grads), _ = results
     name = "prefix_conv_states" if parameterization == "kv" else "prefix_state_hidden"
     assert (grads[name].flatten(1).abs().sum(-1) > 0).all()  # both convolution layers
-    torch.testing.assert_close(loss_checkpointed, loss, atol=1e-6, rtol=0)
-    for key, grad in grads.items():
-        torch.testing.assert_close(grads_checkpointed[key], grad, atol=1e-6, rtol=1e-5)
+    assert_checkpointing_changes_nothing(results)
 
 
 def test_save_and_load_keep_the_conv_states_and_refuse_another_kernel(tmp_path):

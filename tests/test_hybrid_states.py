@@ -168,11 +168,27 @@ def test_vocab_and_random_inits_give_states_their_counterparts():
     assert 0 < random.prefix_recurrent_states.std() < 0.05 and 0 < random.prefix_conv_states.std() < 0.05
 
 
-@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
-def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(parameterization):
+def generated_alone(model: PrefixModel, row: list[int], name: str, max_new_tokens: int) -> list[int]:
+    """What greedy `generate` gives `row` alone under prefix `name` (`BASE_NAME`: none), cut at end of
+    sequence: the reference a served request must equal (also the Mamba-2 serving test's)."""
+    want = model.generate(
+        input_ids=torch.tensor([row]),
+        prefix=["" if name == BASE_NAME else name],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=SPECIAL["eos"],
+        pad_token_id=SPECIAL["pad"],
+    )[0, len(row) :].tolist()
+    return want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
+
+
+def step_gradients(make_base, parameterization: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(loss, prefix gradients) of one training step on the left-padded rows, from the same seed,
+    without and with gradient checkpointing; the frozen base gets no gradient. Empty parameters
+    (a state kind the model lacks) have none. Shared by the Mamba-2 and short-conv tests."""
     results = []
     for checkpointing in (False, True):
-        base = build("qwen3_next", **LAYOUT)
+        base = make_base()
         torch.manual_seed(0)
         config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
         model = PrefixModel(base, config, tokenizer=tiny_tokenizer())
@@ -182,16 +198,27 @@ def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(pa
         batch = left_padded(ROWS[:3])
         loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
         loss.backward()
-        grads = {name: p.grad.clone() for name, p in model.prefixes["default"].named_parameters()}
+        grads = {name: p.grad.clone() for name, p in model.prefixes["default"].named_parameters() if p.numel()}
         assert all(p.grad is None for p in base.parameters())
         results.append((loss.detach(), grads))
+    return results
+
+
+def assert_checkpointing_changes_nothing(results: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> None:
     (loss, grads), (loss_checkpointed, grads_checkpointed) = results
-    states = ["prefix_conv_states", "prefix_recurrent_states"] if parameterization == "kv" else ["prefix_state_hidden"]
-    for name in states:
-        assert grads[name].abs().sum() > 0, name
     torch.testing.assert_close(loss_checkpointed, loss, atol=1e-6, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(parameterization):
+    results = step_gradients(lambda: build("qwen3_next", **LAYOUT), parameterization)
+    (_, grads), _ = results
+    states = ["prefix_conv_states", "prefix_recurrent_states"] if parameterization == "kv" else ["prefix_state_hidden"]
+    for name in states:
+        assert grads[name].abs().sum() > 0, name
+    assert_checkpointing_changes_nothing(results)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -270,15 +297,7 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     held = source.prefixes["mid"]  # the store's budget counts the states too
     assert store.loaded["mid"].nbytes == sum(held.state_dict()[key].nbytes for key in held.state_dict())
     for (row, name), result in zip(jobs, results, strict=True):
-        want = source.generate(
-            input_ids=torch.tensor([row]),
-            prefix=["" if name == BASE_NAME else name],
-            max_new_tokens=5,
-            do_sample=False,
-            eos_token_id=SPECIAL["eos"],
-            pad_token_id=SPECIAL["pad"],
-        )[0, len(row) :].tolist()
-        want = want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
+        want = generated_alone(source, row, name, 5)
         assert result.token_ids == want, (row, name)
 
     app, server_engine, _ = build_app(build("qwen3_5_text", **LAYOUT), tiny_tokenizer(), tmp_path / "store")

@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from architecture_walk import build, relative_error
-from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefixtune import PrefixModel, UnsupportedModelError
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.mamba_states import CLASSES, mix
 from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
@@ -18,13 +18,16 @@ from test_hybrid_states import (
     ROW_PREFIXES,
     ROWS,
     TOLERANCE,
+    assert_checkpointing_changes_nothing,
     assert_generate_equals_the_text_as_prompt,
     bare_logits,
+    generated_alone,
     left_padded,
+    step_gradients,
     text_ids,
     with_text_prefixes,
 )
-from tiny import SPECIAL, tiny_tokenizer
+from tiny import tiny_tokenizer
 
 MODEL_TYPES = ["mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2"]
 # Two mixers around an attention layer where the type allows it (walk configs: kernel 4, chunk 16, 4 heads x 16).
@@ -116,29 +119,12 @@ def test_generate_keeps_the_states_greedy_and_beam(model_type):
     ("model_type", "parameterization"), [("bamba", "kv"), ("falcon_h1", "hidden"), ("mamba2", "kv")]
 )
 def test_gradients_reach_every_state_and_checkpointing_changes_nothing(model_type, parameterization):
-    results = []
-    for checkpointing in (False, True):
-        base = mamba(model_type)
-        torch.manual_seed(0)
-        config = PrefixConfig(prefix_length=4, parameterization=parameterization, init_std=0.5)
-        model = PrefixModel(base, config, tokenizer=tiny_tokenizer())
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        batch = left_padded(ROWS[:3])
-        loss = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
-        loss.backward()
-        parameters = model.prefixes["default"].named_parameters()
-        grads = {name: p.grad.clone() for name, p in parameters if p.numel()}  # Mamba-2 has no keys/values
-        assert all(p.grad is None for p in base.parameters())
-        results.append((loss.detach(), grads))
-    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    results = step_gradients(lambda: mamba(model_type), parameterization)
+    (_, grads), _ = results
     states = ["prefix_conv_states", "prefix_recurrent_states"] if parameterization == "kv" else ["prefix_state_hidden"]
     for name in states:  # every state layer gets a gradient
         assert (grads[name].flatten(1).abs().sum(-1) > 0).all(), name
-    torch.testing.assert_close(loss_checkpointed, loss, atol=1e-6, rtol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grads_checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+    assert_checkpointing_changes_nothing(results)
 
 
 @pytest.mark.parametrize("model_type", HIDDEN_TYPES)
@@ -184,13 +170,5 @@ def test_mamba2_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_
         engine.close()
     assert engine.stats().batches < len(jobs)
     for (row, name), result in zip(jobs, results, strict=True):
-        want = source.generate(
-            input_ids=torch.tensor([row]),
-            prefix=["" if name == BASE_NAME else name],
-            max_new_tokens=4,
-            do_sample=False,
-            eos_token_id=SPECIAL["eos"],
-            pad_token_id=SPECIAL["pad"],
-        )[0, len(row) :].tolist()
-        want = want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
+        want = generated_alone(source, row, name, 4)
         assert result.token_ids == want, (row, name)
