@@ -32,6 +32,7 @@ Timings interleave the variants round by round and report medians, so machine no
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -51,6 +52,18 @@ from prefixtune.files import WEIGHTS_NAME
 from prefixtune.precision import cpu_record
 
 PARAMETERIZATIONS = ("kv", "mlp", "hidden")
+
+
+def floor_step(base, ids: torch.Tensor) -> None:
+    """The frozen model's forward + backward to its input embeddings: what any prefix step costs at least."""
+    embeddings = base.get_input_embeddings()(ids).detach().requires_grad_()
+    base(inputs_embeds=embeddings, labels=ids).loss.backward()
+
+
+def prefix_step(model: PrefixModel, ids: torch.Tensor, name: str) -> None:
+    """One training step's forward + backward with prefix `name`."""
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids, prefix=name).loss.backward()
 
 
 def base_model(quick: bool, dtype: torch.dtype = torch.float32):
@@ -100,16 +113,10 @@ def train_steps(quick: bool, rounds: int) -> dict:
         base_model(quick).train(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
     )
 
-    def floor() -> None:
-        embeddings = base.get_input_embeddings()(ids).detach().requires_grad_()
-        base(inputs_embeds=embeddings, labels=ids).loss.backward()
+    floor = functools.partial(floor_step, base, ids)
 
     def ours(name: str):
-        def step() -> None:
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids, prefix=name).loss.backward()
-
-        return step
+        return functools.partial(prefix_step, model, ids, name)
 
     def peft() -> None:
         peft_model.zero_grad(set_to_none=True)
@@ -173,16 +180,10 @@ def hybrid_train_step(model_type: str, quick: bool, ids: torch.Tensor, rounds: i
     for name in ("kv", "hidden"):
         model.add_prefix(name, PrefixConfig(prefix_length=10, parameterization=name))
 
-    def floor() -> None:
-        embeddings = base.get_input_embeddings()(ids).detach().requires_grad_()
-        base(inputs_embeds=embeddings, labels=ids).loss.backward()
+    floor = functools.partial(floor_step, base, ids)
 
     def ours(name: str):
-        def step() -> None:
-            model.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids, prefix=name).loss.backward()
-
-        return step
+        return functools.partial(prefix_step, model, ids, name)
 
     steps = {"floor": floor, "kv": ours("kv"), "hidden": ours("hidden")}
     seconds = interleaved(steps, rounds, clock=time.process_time)
