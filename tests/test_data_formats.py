@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from prefixtune.cli import app
 from prefixtune.data import DataError, read_examples
-from tiny import tiny_model, tiny_tokenizer
 
 WORDS = "restaurant food cheap expensive near river city centre pub coffee shop".split()
 
@@ -26,14 +25,6 @@ def rows() -> list[dict[str, str]]:
     rng = random.Random(0)
     prompts = [" ".join(rng.sample(WORDS, 3)) for _ in range(24)]
     return [{"prompt": prompt, "completion": f"the {prompt} is good"} for prompt in prompts]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -49,6 +40,7 @@ def train(tiny_folder: Path, output: Path, data: str, *extra: str) -> dict[str, 
     return load_file(output / "prefix" / "prefix.safetensors")
 
 
+@pytest.mark.slow
 def test_jsonl_csv_parquet_shards_and_saved_folder_train_identical_prefixes(tiny_folder, tmp_path, rows):
     jsonl = write_jsonl(tmp_path / "rows.jsonl", rows)
     datasets.Dataset.from_list([{"mr": r["prompt"], "ref": r["completion"]} for r in rows]).to_csv(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from prefixtune import PrefixModel
@@ -14,6 +15,7 @@ from prefixtune.evaluation import generate_completions, score
 from tiny import tiny_model, tiny_tokenizer
 
 
+@pytest.mark.slow
 def test_demo_trains_compares_and_writes_its_prefix_and_results(tmp_path):
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     model.save_pretrained(tmp_path / "tiny")

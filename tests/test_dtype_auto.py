@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from prefixtune import cli, load_base_model, precision
 from prefixtune.precision import SlowPrecisionWarning, cpu_record, resolve_dtype
 from prefixtune.training import TrainOptions
-from tiny import tiny_model, tiny_tokenizer
 
 AVX2_EPYC = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
 SAPPHIRE_RAPIDS = {**AVX2_EPYC, "avx512_f": True, "avx512_bf16": True, "amx_bf16": True, "amx_tile": True}
@@ -38,14 +37,6 @@ def fake_cuda(monkeypatch, bf16: bool) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     monkeypatch.setattr(precision, "cpu_capabilities", lambda: pytest.fail("the CPU was asked about a GPU"))
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_auto_is_float32_on_a_cpu_without_native_bf16(monkeypatch):

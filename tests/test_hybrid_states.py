@@ -22,7 +22,7 @@ from prefixtune.serving import (
     build_app,
     make_engine,
 )
-from tiny import SPECIAL, tiny_model, tiny_tokenizer
+from tiny import SPECIAL, generated_alone, tiny_model, tiny_tokenizer
 
 MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid", "lara_mini"]
 # Two linear-attention layers around an attention layer; convolution kernel 4 (conv state: 3 columns).
@@ -166,20 +166,6 @@ def test_vocab_and_random_inits_give_states_their_counterparts():
         assert want.abs().max() > 0
     random = model.add_prefix("random", PrefixConfig(prefix_length=5, init_std=0.02))
     assert 0 < random.prefix_recurrent_states.std() < 0.05 and 0 < random.prefix_conv_states.std() < 0.05
-
-
-def generated_alone(model: PrefixModel, row: list[int], name: str, max_new_tokens: int) -> list[int]:
-    """What greedy `generate` gives `row` alone under prefix `name` (`BASE_NAME`: none), cut at end of
-    sequence: the reference a served request must equal (also the Mamba-2 serving test's)."""
-    want = model.generate(
-        input_ids=torch.tensor([row]),
-        prefix=["" if name == BASE_NAME else name],
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=SPECIAL["eos"],
-        pad_token_id=SPECIAL["pad"],
-    )[0, len(row) :].tolist()
-    return want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
 
 
 def step_gradients(make_base, parameterization: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:

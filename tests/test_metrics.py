@@ -37,6 +37,7 @@ def official(name: str, value: float) -> float:
     return value / 100 if name in PERCENT else value
 
 
+@pytest.mark.slow
 @needs_e2e
 @needs_java
 def test_prefixtune_score_reproduces_the_official_scripts_five_scores(tmp_path):

@@ -5,7 +5,6 @@ the unpacked run, and a model that would mix packed sequences is refused."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,8 @@ from prefixtune.cli import app
 from prefixtune.config import ConfigError
 from prefixtune.data import Example, PromptFormatter
 from prefixtune.packing import PackedCollator, check_packing, packed_example_losses, padded_example_losses
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, tiny_workspace
 
-WORDS = "restaurant food cheap expensive near river city centre pub coffee shop".split()
 PAIRS = [("cheap food", "the food is good"), ("near the river city", "a pub"), ("coffee", "it is a coffee shop near")]
 
 
@@ -76,16 +74,7 @@ def test_a_bfloat16_base_packs_within_its_rounding_and_mixing_is_still_refused(m
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("packing")
-    tiny_model("llama").save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(32):
-        prompt = " ".join(rng.sample(WORDS, rng.randint(1, 6)))
-        rows.append(json.dumps({"prompt": prompt, "completion": f"the {prompt} is good"}))
-    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("packing"), {"train": 32}, words=(1, 6))
 
 
 def train(workspace: Path, output: Path, *extra: str):
@@ -95,6 +84,7 @@ def train(workspace: Path, output: Path, *extra: str):
     return CliRunner().invoke(app, [*args, "--warmup-steps", "1", "--logging-steps", "1", *extra])
 
 
+@pytest.mark.slow
 def test_packed_training_follows_the_unpacked_run(workspace, tmp_path):
     for name, flags in (("padded", ()), ("packed", ("--packing",))):
         result = train(workspace, tmp_path / name, *flags)

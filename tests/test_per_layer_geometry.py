@@ -107,6 +107,7 @@ def test_each_layers_prefix_is_zero_past_its_own_heads_and_sizes():
         assert not padding.any(), layer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "layout"),
     [

@@ -9,17 +9,9 @@ from safetensors.torch import load_file
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.loading import ModelLoadError
-from tiny import left_padded, needs_smollm2, tiny_model, tiny_tokenizer
+from tiny import left_padded, needs_smollm2
 
 PROMPTS = [[5, 9, 12, 30, 7, 8], [7, 8, 22], [11, 40, 41, 42, 43, 44, 45, 46]]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def trained_prefix(folder, dtype: str, output) -> torch.Tensor:

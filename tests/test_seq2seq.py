@@ -185,6 +185,7 @@ def test_mixed_prefix_batch_equals_single_rows(architecture):
     assert generated.tolist() != bare.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", SEQ2SEQ)
 @pytest.mark.parametrize("parameterization", ["kv", "mlp", "hidden"])
 @pytest.mark.parametrize("init", ["random", "vocab", "activations"])
@@ -226,6 +227,7 @@ def loss_and_gradients(model: PrefixModel) -> tuple[torch.Tensor, dict[str, torc
     return loss.detach(), {name: p.grad.clone() for name, p in model.prefixes.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", SEQ2SEQ)
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
 def test_training_changes_only_the_prefix_and_checkpointing_gives_the_same_gradients(architecture, parameterization):
@@ -303,6 +305,7 @@ def test_t5_prefix_columns_get_no_position_bias():
     torch.testing.assert_close(outputs["attention"], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_trains_and_evaluates_a_seq2seq_prefix(tmp_path, tokenizer):
     import json
 

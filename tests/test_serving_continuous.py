@@ -49,6 +49,7 @@ def metric(url: str, name: str) -> float:
     return total
 
 
+@pytest.mark.slow
 def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_request_alone(tmp_path):
     write_store(tmp_path / "store")
     reference = reference_model(tmp_path / "store")
@@ -65,6 +66,7 @@ def test_mixed_prefix_continuous_batching_with_chunked_prefill_equals_each_reque
     assert len({tuple(r.token_ids) for (p, _, _), r in zip(jobs, results, strict=True) if p == PROMPTS[0]}) > 1
 
 
+@pytest.mark.slow
 def test_an_exception_in_one_row_fails_that_request_alone(tmp_path, monkeypatch):
     write_store(tmp_path / "store")
     reference = reference_model(tmp_path / "store")
@@ -188,6 +190,7 @@ def test_a_non_streaming_client_that_hangs_up_is_cancelled_too(live):
     assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') == cancelled + 1
 
 
+@pytest.mark.slow
 def test_overload_beyond_max_queue_gets_429_with_retry_after_and_the_server_stays_healthy(tmp_path):
     write_store(tmp_path / "store")
     limits = Limits(max_tokens=60, max_queue=2)
@@ -211,6 +214,7 @@ def test_overload_beyond_max_queue_gets_429_with_retry_after_and_the_server_stay
     assert healthy.status_code == 200 and healthy.json()["engine"] == "continuous"
 
 
+@pytest.mark.slow
 def test_request_timeout_cancels_and_answers_504(tmp_path):
     write_store(tmp_path / "store")
     limits = Limits(max_tokens=120, request_timeout=0.05)
@@ -454,6 +458,7 @@ def test_continuous_engine_runs_the_base_on_per_request_paged_attention_and_rest
     assert model.base_model.config._attn_implementation == before
 
 
+@pytest.mark.slow
 def test_loading_a_prefix_pauses_the_continuous_engine_only_if_it_runs_the_base(tmp_path):
     """kv and mlp prefixes give their keys/values from their own parameters: loading them while the
     engine decodes does not stop it (a 1,000-prefix store loads on first use, under load); a hidden

@@ -107,6 +107,7 @@ def test_cancel_ends_a_running_request_at_once_and_no_token_follows(name):
     assert stats.cancelled == 1 and stats.computed_tokens < 120  # the engine stopped computing it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_cancel_with_an_error_fails_the_request_and_close_fails_what_is_left(name):
     engine = engine_over_tiny_llama(name)
@@ -171,6 +172,7 @@ def sse_events(response: httpx.Response) -> list:
     return [line if line == "[DONE]" else json.loads(line) for line in lines]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_a_stream_past_request_timeout_ends_with_a_504_event_and_done(tmp_path, name):
     write_store(tmp_path / "store")

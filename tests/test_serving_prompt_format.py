@@ -63,6 +63,7 @@ def recording_loader(seen: list[list[int]]):
     return load
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["chat", "custom"])
 def test_serve_generate_and_eval_send_the_model_the_ids_training_used(workspace, monkeypatch, name):
     saved = json.loads((workspace / "store" / name / "prefix_config.json").read_text())["prompt_format"]

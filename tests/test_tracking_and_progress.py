@@ -34,6 +34,7 @@ def train(workspace: Path, output: Path, *extra: str):
     return CliRunner().invoke(app, [*args, "--warmup-steps", "1", "--logging-steps", "1", *extra])
 
 
+@pytest.mark.slow
 def test_tensorboard_event_file_holds_the_logged_training_losses(workspace, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -70,6 +71,7 @@ def test_unknown_or_missing_trackers_are_refused_before_training(workspace, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_training_shows_one_progress_bar_with_loss_lr_and_tokens_per_second_and_no_log_dicts(workspace, tmp_path):
     result = train(workspace, tmp_path / "run")
     assert result.exit_code == 0, result.output

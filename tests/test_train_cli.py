@@ -28,27 +28,16 @@ from prefixtune.cli import app, console
 from prefixtune.data import PromptFormatter
 from prefixtune.evaluation import generate_completions
 from prefixtune.files import read_meta
-from tiny import tiny_model, tiny_tokenizer
+from tiny import DATA_WORDS as WORDS
+from tiny import tiny_workspace
 
 HERE = Path(__file__).parent
-WORDS = "restaurant food cheap expensive near river city centre pub coffee shop".split()
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A tiny Llama + tokenizer folder and a learnable JSONL dataset (completion copies the prompt)."""
-    root = tmp_path_factory.mktemp("train")
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    rng = random.Random(0)
-    for split, size in (("train", 64), ("validation", 16)):
-        rows = []
-        for _ in range(size):
-            prompt = " ".join(rng.sample(WORDS, 3))
-            rows.append(json.dumps({"prompt": prompt, "completion": f"the {prompt} is good"}))
-        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("train"), {"train": 64, "validation": 16}, words=(3, 3))
 
 
 def train_args(workspace: Path, output: Path, *extra: str) -> list[str]:
@@ -82,6 +71,7 @@ def final_prefix(output: Path) -> dict[str, torch.Tensor]:
     return load_file(output / "prefix" / "prefix.safetensors")
 
 
+@pytest.mark.slow
 def test_short_training_lowers_validation_loss_and_writes_everything(workspace, tmp_path, monkeypatch):
     output = tmp_path / "run"
     result = run_cli(
@@ -167,6 +157,7 @@ def test_short_training_lowers_validation_loss_and_writes_everything(workspace, 
     assert ["prompt", "bare", "trained"] in cells and ["cheap food", bare, trained] in cells, result.output
 
 
+@pytest.mark.slow
 def test_yaml_config_sets_options_and_flags_override(workspace, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -348,6 +339,7 @@ def test_existing_run_is_not_overwritten_without_resume(workspace, tmp_path):
     assert folder_digest(output) == before
 
 
+@pytest.mark.slow
 def test_multi_task_training_trains_one_prefix_per_task_in_mixed_batches(workspace, tmp_path):
     rng = random.Random(1)
     rows = []
@@ -413,6 +405,7 @@ def float32_eval_losses(workspace, tmp_path_factory) -> list[float]:
     return eval_losses(workspace, tmp_path_factory.mktemp("float32") / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "loss_scaled"),
     [(("--dtype", "bfloat16"), False), (("--bf16",), False), (("--dtype", "float16"), True)],
@@ -437,6 +430,7 @@ def test_contradictory_precisions_are_refused_naming_them(workspace, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_length_grouping_lowers_padding_and_is_what_trainer_samples_with(workspace, tmp_path, monkeypatch):
     from prefixtune import training
 

@@ -15,27 +15,15 @@ from typer.testing import CliRunner
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.cli import app
 from prefixtune.data import read_examples
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_workspace
 
 trl = pytest.importorskip("trl")
-WORDS = "restaurant food cheap expensive near river city centre pub coffee shop".split()
 STEPS, BATCH, LR, SEED = 6, 4, 3e-2, 0
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    import random
-
-    root = tmp_path_factory.mktemp("trl")
-    tiny_model("llama").save_pretrained(root / "tiny")
-    tiny_tokenizer().save_pretrained(root / "tiny")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(24):
-        prompt = " ".join(rng.sample(WORDS, rng.randint(1, 4)))
-        rows.append(json.dumps({"prompt": prompt, "completion": f"the {prompt} is good"}))
-    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("trl"), {"train": 24}, words=(1, 4))
 
 
 def sft_prefix(workspace: Path, output: Path) -> tuple[PrefixModel, list[float]]:
@@ -70,6 +58,7 @@ def sft_prefix(workspace: Path, output: Path) -> tuple[PrefixModel, list[float]]
     return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_sft_trainer_trains_a_prefix_like_prefixtune_train_and_saves_one_prefixtune_loads(workspace, tmp_path):
     args = ["train", "--model", str(workspace / "tiny"), "--data", str(workspace / "train.jsonl")]
     args += ["--output", str(tmp_path / "cli"), "--prefix-length", "4", "--steps", str(STEPS)]
@@ -98,6 +87,7 @@ def test_sft_trainer_trains_a_prefix_like_prefixtune_train_and_saves_one_prefixt
         torch.testing.assert_close(sft_prefix_file[key], cli_prefix[key], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_trl_example_trains_and_saves_a_prefix_prefixtune_loads(workspace, tmp_path):
     import subprocess
     import sys

@@ -41,6 +41,7 @@ def wrap(base) -> PrefixModel:
     return PrefixModel(base, PrefixConfig(prefix_length=3, init_std=1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("architecture", "attn_implementation"), MODELS)
 def test_disable_prefix_runs_the_bare_model_through_the_same_object(architecture, attn_implementation):
     bare = fresh(architecture, attn_implementation)
@@ -75,6 +76,7 @@ def hooks(model) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("architecture", "attn_implementation"), MODELS)
 def test_unload_returns_the_base_model_as_it_was(architecture, attn_implementation):
     reference = fresh(architecture, attn_implementation)

