@@ -32,6 +32,7 @@ from .attention import (
     refuse_pooled_keys,
 )
 from .key_value_path import KeyValuePath, run_on_dummy_tokens
+from .mamba1_states import carry_to_mixers
 from .mamba_states import carry_state_kwargs
 from .positions import counts_own_positions, position_shifter, shift_stack_positions
 from .states import STATE_KWARGS, find_state_layers, state_shapes
@@ -230,6 +231,7 @@ def _install_hooks(
     _accept_prefix_in_generate(model)
     install_state_layers(state_modules)
     hooks += carry_state_kwargs(model) if state_modules else []
+    hooks += carry_to_mixers(model, state_modules)  # after carry_state_kwargs: it reads the base model's call
     return hooks
 
 

@@ -1,6 +1,6 @@
 """The registration point for state layers: what `states` needs to know of each kind of layer whose
-prefix is an initial state (Gated DeltaNet in `states`, Mamba-2 mixers in `mamba_states`, short
-convolutions in `conv_states`), keyed by module class name.
+prefix is an initial state (Gated DeltaNet in `states`, Mamba-2 mixers in `mamba_states`, Mamba-1
+mixers in `mamba1_states`, short convolutions in `conv_states`), keyed by module class name.
 
 A kind gives two functions of a module:
 
