@@ -25,8 +25,8 @@ STATE_PREFIX_HYBRID = [
     *("mamba2", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "lfm2", "lfm2_moe"),
     *("mamba", "falcon_mamba", "jamba"),
 ]
-# Layers of different key/value heads or head sizes (tests/test_per_layer_geometry.py).
-PER_LAYER_GEOMETRY = ["gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "mimo_v2_flash"]
+# Layers of different key/value heads or head sizes, or reusing another layer's (tests/test_per_layer_geometry.py).
+PER_LAYER_GEOMETRY = ["gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "mimo_v2_flash", "gemma3n_text"]
 HYBRID = ["lfm3", "minimax", "zaya"]
 # Types whose `hidden` prefix needs the layer's own arguments, as its decoder layer hands them: a
 # rotary embedding per layer type (Gemma 3 style), the mask a sparse-attention indexer reads
@@ -53,13 +53,13 @@ def test_every_causal_lm_type_is_exact_or_refused_and_readme_shows_the_walk():
         + ["llama", "gpt2", "mistral"]
     ):  # exact: with a `kv` and with a `hidden` prefix
         assert by_type[model_type].outcome == "exact", by_type[model_type]
-    for model_type in HYBRID + ["diffllama", "doge", "deepseek_v4"]:
+    for model_type in HYBRID + ["diffllama", "doge", "deepseek_v4", "recurrent_gemma", "reformer"]:
         assert by_type[model_type].outcome == "refused", by_type[model_type]
     # Zamba 2's shared attention reads the hidden states concatenated with the embeddings: `hidden` cannot follow it
     assert by_type["zamba2"].outcome == "kv exact, hidden refused", by_type["zamba2"]
     for outcome in outcomes:  # a refusal names the model type (or its class) and a reason
         if "refused" in outcome.outcome:
-            assert re.search(r"\w+(ForCausalLM|Model|ForConditionalGeneration)\b", outcome.detail), outcome
+            assert re.search(r"\w+(ForCausalLM|Model|ForConditionalGeneration|WithLMHead)\b", outcome.detail), outcome
     # README's table is for the transformers version it names; under another one, only the above holds.
     readme = set(README.read_text().splitlines())
     if table(outcomes).splitlines()[0] in readme:
