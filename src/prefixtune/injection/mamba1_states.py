@@ -10,8 +10,8 @@ state only from its cache, for all rows alike and before the left pads. So `mix`
 torch path (its projections, ``causal_conv1d_fn``, the dt/B/C norms of Falcon-Mamba and Jamba, the
 recurrent branch of ``mamba_selective_scan`` and output projection), differing in exactly three points:
 
-1. the conv state is put right before each row's first real token (`conv_window`), as the term it
-   adds to the model's own convolution (`conv_state_term`; zero for a zero state);
+1. the conv state is put right before each row's first real token, as the term it adds to the
+   model's own convolution (`state_kinds.state_conv`; zero for a zero state);
 2. the time step ``dt`` is 0 at padding positions, so the SSM state crosses left pads unchanged (the
    model's own gives pads ``softplus(dt_bias)``, leaving a zero state zero but decaying any other);
    for that, the bias and ``softplus`` are applied here, in the order and precision the scan applies them;
@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from ..transformers_private import with_accelerate_hooks
-from .state_kinds import STATE_KWARGS, Shapes, StateKind, conv_state_term, conv_window
+from .state_kinds import STATE_KWARGS, Shapes, StateKind, state_conv
 
 CLASSES = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
 _CARRIED = "prefixtune_states"  # the attribute of the fresh attention mask that carries the states
@@ -96,11 +96,8 @@ def mix(
     own = sys.modules[type(module).__module__]  # the modeling file's functions
     length, dtype = hidden.shape[1], hidden.dtype
     inputs, gate = module.in_proj(own.apply_mask_to_padding_states(hidden, mask)).transpose(1, 2).chunk(2, dim=1)
-    weight = module.conv1d.weight.squeeze(1)  # inputs, gate [B, I, T]; weight [I, K]
-    window = conv_window(inputs, mask, conv_state)  # [B, I, K-1+T]
-    x = own.causal_conv1d_fn(inputs, weight, module.conv1d.bias, activation=None)
-    x = F.pad(x + conv_state_term(window, inputs, weight), (0, window.shape[-1] - length))[:, :, :length]
-    x = ACT2FN[module.activation](x).to(dtype)  # on the model's own layout (a cut of K-1+T columns): same rounding
+    x, window = state_conv(own, module.conv1d, inputs, mask, conv_state)  # inputs, gate, x [B, I, T]
+    x = ACT2FN[module.activation](F.pad(x, (0, window.shape[-1] - length))[:, :, :length])  # the model's own layout
     x = own.apply_mask_to_padding_states(x.transpose(1, 2), mask)  # [B, T, I]
     time_step, B, C = _selective_inputs(module, x)
     dt = F.softplus(time_step + module.dt_proj.bias.float()[..., None])
