@@ -1,7 +1,8 @@
 """Mamba-2 mixers (Mamba-2, Bamba, Granite 4.0 hybrid, Nemotron-H, Falcon-H1, Zamba 2): a prefix gives each mixer an
 initial conv + SSM state, so an `activations` prefix of text T acts exactly as T does: batched with a different
 prefix (or none) per row, left-padded, in `generate`, through training, checkpointing, save/load and the
-micro-batch serving engine. The replacement forward is the mixer's own, bit for bit, from zero states."""
+micro-batch serving engine (Zamba 2's `hidden` prefix at its shared attention's wider input). The replacement
+forward is the mixer's own, bit for bit, from zero states."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from architecture_walk import build, relative_error
-from prefixtune import PrefixModel, UnsupportedModelError
+from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.mamba1_states import CLASSES as MAMBA1_CLASSES
 from prefixtune.injection.mamba_states import CLASSES, mix
@@ -38,8 +39,6 @@ LAYOUTS = {
     # Mamba-1 (tests/test_mamba1_states.py), Jamba: attention every 2nd layer from layer 1 (intermediate 64, kernel 4)
     "jamba": {"num_hidden_layers": 3},
 }
-# Zamba 2's shared attention reads hidden states and embeddings concatenated: its `hidden` prefix is refused.
-HIDDEN_TYPES = [model_type for model_type in MODEL_TYPES if model_type != "zamba2"]
 
 
 def mamba(model_type: str, **overrides):
@@ -92,10 +91,6 @@ def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type
     """Mixed prefixes per row (long: five scan chunks; short: fewer tokens than the conv state; none),
     left-padded by 0..5 tokens, each row equal to the bare model on T + x; without the states the long
     row is off."""
-    if parameterization == "hidden" and model_type not in HIDDEN_TYPES:
-        with pytest.raises(UnsupportedModelError, match="Zamba2Attention reads 64-wide inputs.*use 'kv'"):
-            hybrid(model_type, parameterization)
-        return
     assert_state_prefixes_equal_their_text(hybrid(model_type, parameterization))
 
 
@@ -105,13 +100,14 @@ def test_generate_keeps_the_states_greedy_and_beam(model_type):
 
 
 @pytest.mark.parametrize(
-    ("model_type", "parameterization"), [("bamba", "kv"), ("falcon_h1", "hidden"), ("mamba2", "kv")]
+    ("model_type", "parameterization"),
+    [("bamba", "kv"), ("falcon_h1", "hidden"), ("mamba2", "kv"), ("zamba2", "hidden")],
 )
 def test_gradients_reach_every_state_and_checkpointing_changes_nothing(model_type, parameterization):
     assert_gradients_reach_every_state_layer(lambda: mamba(model_type), parameterization)
 
 
-@pytest.mark.parametrize("model_type", HIDDEN_TYPES)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
     """`hidden` compiles to direct states with the same logits; the file round-trips them and carries
     the state geometry in its fingerprint, so a base with another SSM state size is refused by name."""
@@ -122,6 +118,22 @@ def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
     other = mamba(model_type, **{state_size or "mamba_d_state": 4})
     with pytest.raises(PrefixFileError, match=r"recurrent_state_shape: prefix was trained on \[4, 16, 8\]"):
         PrefixModel.from_pretrained(other, tmp_path / "long")
+
+
+def test_zamba2_hidden_prefix_holds_its_shared_attentions_wider_input_and_vocab_init_is_refused():
+    """Zamba 2's shared attention reads the hidden states concatenated with the token embeddings
+    (2 x 32 wide): its `hidden` prefix holds inputs of that width, in the fingerprint; a `vocab` init
+    (32-wide word embeddings) cannot stand for them and is refused with the widths."""
+    model = hybrid("zamba2", "hidden")
+    assert model.geometry.attention_input_size == 64 and model.fingerprint["attention_input_size"] == 64
+    assert model.prefixes["long"].prefix_hidden.shape[-1] == 64
+    assert model.prefixes["long"].prefix_state_hidden.shape[-1] == 32  # the mixers read the hidden states
+    assert (
+        "attention_input_size" not in hybrid("bamba").fingerprint and hybrid("bamba").geometry.attention_input_size == 0
+    )
+    with pytest.raises(UnsupportedModelError, match="reads 64-wide inputs, the word embeddings are 32 wide"):
+        model.add_prefix("v", PrefixConfig(prefix_length=3, parameterization="hidden", init="vocab", init_text="a b c"))
+    assert "v" not in model.prefixes
 
 
 def test_mamba2_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
