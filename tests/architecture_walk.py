@@ -96,6 +96,13 @@ LAYOUTS = {
     "rwkv": {"attention_hidden_size": 32},  # its default (4096) is not derived from hidden_size
     # LFM2-MoE's default config names no layer kinds: a convolution layer, then attention (both dense)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 2},
+    # Gemma 3n: per-layer sizes are lists; KV sharing needs a sliding and a full layer both before and
+    # among the shared ones (layers 2, 3 reuse layers 0, 1's keys/values)
+    "gemma3n_text": {"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2}
+    | {"num_kv_shared_layers": 2, "intermediate_size": [64] * 4, "activation_sparsity_pattern": [0.0] * 4},
+    "dots1": {"n_shared_experts": 1},  # its default (None) multiplies a size
+    "reformer": {"axial_pos_embds_dim": [16, 16]},  # axial position factors must sum to the hidden size
+    "recurrent_gemma": {"num_hidden_layers": 3},  # two recurrent layers, then attention (its block pattern)
 }
 
 

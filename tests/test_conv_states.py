@@ -8,20 +8,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from architecture_walk import build, relative_error
+from architecture_walk import build
 from prefixtune import PrefixModel
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.conv_states import mix
 from test_hybrid_states import (
-    ROW_PREFIXES,
-    ROWS,
-    TOLERANCE,
-    assert_checkpointing_changes_nothing,
+    assert_compile_and_reload_keep_the_states,
     assert_generate_equals_the_text_as_prompt,
-    bare_logits,
-    left_padded,
-    step_gradients,
-    text_ids,
+    assert_gradients_reach_every_state_layer,
+    assert_state_prefixes_equal_their_text,
     with_text_prefixes,
 )
 
@@ -69,16 +64,7 @@ def test_mix_without_a_conv_state_is_the_layers_own_forward_bit_for_bit(model_ty
 def test_activations_conv_state_prefix_equals_its_text_per_row_left_padded(model_type, parameterization):
     model = hybrid(model_type, parameterization)
     assert model.geometry.conv_state_shape == (32, 2) and model.geometry.recurrent_state_shape == (0,)
-    with torch.no_grad():
-        logits = model(**left_padded(ROWS), prefix=ROW_PREFIXES).logits
-    for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
-        want = bare_logits(model, text_ids(name) + row)[-len(row) :]
-        assert relative_error(logits[i, -len(row) :], want) <= TOLERANCE, (name, row)
-    with torch.no_grad():  # without the conv states (attention prefix only) the long row is off
-        inputs = model.prefix_inputs("long", 1)
-        inputs["prefix_conv_states"] = torch.zeros_like(inputs["prefix_conv_states"])
-        without = model.base_model(input_ids=torch.tensor([ROWS[0]]), **inputs).logits[0]
-    assert relative_error(without, logits[0]) > 10 * TOLERANCE
+    assert_state_prefixes_equal_their_text(model)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -88,23 +74,10 @@ def test_generate_keeps_the_conv_states_greedy_and_beam(model_type):
 
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
 def test_gradients_reach_every_conv_state_and_checkpointing_changes_nothing(parameterization):
-    results = step_gradients(lambda: conv_model("lfm2"), parameterization)
-    (_, grads), _ = results
-    name = "prefix_conv_states" if parameterization == "kv" else "prefix_state_hidden"
-    assert (grads[name].flatten(1).abs().sum(-1) > 0).all()  # both convolution layers
-    assert_checkpointing_changes_nothing(results)
+    assert_gradients_reach_every_state_layer(lambda: conv_model("lfm2"), parameterization, ("prefix_conv_states",))
 
 
 def test_save_and_load_keep_the_conv_states_and_refuse_another_kernel(tmp_path):
-    model = hybrid("lfm2", "hidden")
-    batch = left_padded(ROWS)
-    with torch.no_grad():
-        before = model(**batch, prefix=ROW_PREFIXES).logits
-        model.compile_prefix("long")
-        torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
-    model.save_prefix(tmp_path / "long", name="long")
-    again = PrefixModel.from_pretrained(conv_model("lfm2"), tmp_path / "long")
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
+    assert_compile_and_reload_keep_the_states(hybrid("lfm2", "hidden"), conv_model("lfm2"), tmp_path / "long")
     with pytest.raises(PrefixFileError, match=r"conv_state_shape: prefix was trained on \[32, 2\]"):
         PrefixModel.from_pretrained(conv_model("lfm2", conv_L_cache=4), tmp_path / "long")

@@ -22,7 +22,7 @@ from prefixtune.serving import (
     build_app,
     make_engine,
 )
-from tiny import SPECIAL, generated_alone, tiny_model, tiny_tokenizer
+from tiny import SPECIAL, generated_alone, left_padded, tiny_model, tiny_tokenizer
 
 MODEL_TYPES = ["qwen3_next", "qwen3_5_text", "olmo_hybrid", "lara_mini"]
 # Two linear-attention layers around an attention layer; convolution kernel 4 (conv state: 3 columns).
@@ -48,14 +48,6 @@ TOLERANCE = 1e-4
 
 def text_ids(name: str) -> list[int]:
     return tiny_tokenizer()(TEXTS[name], add_special_tokens=False)["input_ids"] if name else []
-
-
-def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    return {
-        "input_ids": torch.tensor([[SPECIAL["pad"]] * (width - len(row)) + row for row in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows]),
-    }
 
 
 def layout(model_type: str) -> dict:
@@ -110,20 +102,27 @@ def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type
     """Mixed prefixes per row (long over two delta-rule chunks, shorter than the conv state, none),
     left-padded by 0..5 tokens, each row equal to the bare model on T + x."""
     model = hybrid(model_type, parameterization)
+    assert_state_prefixes_equal_their_text(model)
+    with torch.no_grad():
+        unpadded = model(input_ids=torch.tensor([ROWS[0]]), prefix="long").logits[0]
+    assert relative_error(unpadded, bare_logits(model, text_ids("long") + ROWS[0])[-len(ROWS[0]) :]) <= TOLERANCE
+
+
+def assert_state_prefixes_equal_their_text(model: PrefixModel) -> None:
+    """The left-padded rows, a prefix per row (`ROW_PREFIXES`), each equal to the bare model on its
+    text + row; without the states (attention prefix only) the long row is off, well past the
+    tolerance: the states matter (also the Mamba-1/2 and short-conv tests' check)."""
     with torch.no_grad():
         logits = model(**left_padded(ROWS), prefix=ROW_PREFIXES).logits
-        unpadded = model(input_ids=torch.tensor([ROWS[0]]), prefix="long").logits[0]
     for i, (name, row) in enumerate(zip(ROW_PREFIXES, ROWS, strict=True)):
         want = bare_logits(model, text_ids(name) + row)[-len(row) :]
         assert relative_error(logits[i, -len(row) :], want) <= TOLERANCE, (name, row)
-    assert relative_error(unpadded, bare_logits(model, text_ids("long") + ROWS[0])[-len(ROWS[0]) :]) <= TOLERANCE
-    # the states matter: without them (attention prefix only) the long row is off, well past the tolerance
     with torch.no_grad():
         inputs = model.prefix_inputs("long", 1)
         for key in ("prefix_conv_states", "prefix_recurrent_states"):
             inputs[key] = torch.zeros_like(inputs[key])
         without = model.base_model(input_ids=torch.tensor([ROWS[0]]), **inputs).logits[0]
-    assert relative_error(without, unpadded) > 10 * TOLERANCE
+    assert relative_error(without, logits[0]) > 10 * TOLERANCE
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -168,6 +167,21 @@ def test_vocab_and_random_inits_give_states_their_counterparts():
     assert 0 < random.prefix_recurrent_states.std() < 0.05 and 0 < random.prefix_conv_states.std() < 0.05
 
 
+def served(engine: BatchingEngine, store: PrefixStore, jobs: list[tuple[list[int], str]], max_new_tokens: int) -> list:
+    """The engine's results for (row, prefix name) requests submitted at once (`BASE_NAME`: none),
+    started and closed here (also the Mamba-2 and per-layer geometry serving tests')."""
+    engine.wait_seconds = 0.2
+    engine.start()
+    try:
+        requests = [
+            Request(row, name, max_new_tokens, prefix_inputs=None if name == BASE_NAME else store.snapshot(name))
+            for row, name in jobs
+        ]
+        return [future.result(timeout=120) for future in [engine.submit(request) for request in requests]]
+    finally:
+        engine.close()
+
+
 def step_gradients(make_base, parameterization: str) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """(loss, prefix gradients) of one training step on the left-padded rows, from the same seed,
     without and with gradient checkpointing; the frozen base gets no gradient. Empty parameters
@@ -199,12 +213,38 @@ def assert_checkpointing_changes_nothing(results: list[tuple[torch.Tensor, dict[
 
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
 def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(parameterization):
-    results = step_gradients(lambda: build("qwen3_next", **LAYOUT), parameterization)
+    assert_gradients_reach_every_state_layer(lambda: build("qwen3_next", **LAYOUT), parameterization)
+
+
+def assert_gradients_reach_every_state_layer(
+    make_base, parameterization: str, states: tuple[str, ...] = ("prefix_conv_states", "prefix_recurrent_states")
+) -> None:
+    """One training step (`step_gradients`) gives every state layer a gradient (`kv`: in each of
+    `states`; `hidden`: in its inputs), the same with gradient checkpointing (also the Mamba-1/2 and
+    short-conv tests' check)."""
+    results = step_gradients(make_base, parameterization)
     (_, grads), _ = results
-    states = ["prefix_conv_states", "prefix_recurrent_states"] if parameterization == "kv" else ["prefix_state_hidden"]
-    for name in states:
-        assert grads[name].abs().sum() > 0, name
+    for name in states if parameterization == "kv" else ("prefix_state_hidden",):
+        assert (grads[name].flatten(1).abs().sum(-1) > 0).all(), name
     assert_checkpointing_changes_nothing(results)
+
+
+def assert_compile_and_reload_keep_the_states(model: PrefixModel, fresh_base, path) -> None:
+    """`model`'s `hidden` prefix "long" compiles to direct states with the same logits over the
+    left-padded rows, and saved to `path` and loaded onto `fresh_base` gives the same states and
+    logits (also the Mamba-1/2 and short-conv tests' check)."""
+    batch = left_padded(ROWS)
+    with torch.no_grad():
+        before = model(**batch, prefix=ROW_PREFIXES).logits
+        model.compile_prefix("long")
+        assert model.prefix_configs["long"].parameterization == "kv"
+        torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
+    model.save_prefix(path, name="long")
+    again = PrefixModel.from_pretrained(fresh_base, path)
+    for key in ("prefix_conv_states", "prefix_recurrent_states"):
+        torch.testing.assert_close(again.prefixes["long"].state_dict()[key], model.prefixes["long"].state_dict()[key])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -212,18 +252,7 @@ def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
     """`hidden` compiles to direct states with the same logits; the file round-trips them and
     carries the state geometry in its fingerprint, so another geometry is refused by name."""
     model = hybrid(model_type, "hidden")
-    batch = left_padded(ROWS)
-    with torch.no_grad():
-        before = model(**batch, prefix=ROW_PREFIXES).logits
-        model.compile_prefix("long")
-        assert model.prefix_configs["long"].parameterization == "kv"
-        torch.testing.assert_close(model(**batch, prefix=ROW_PREFIXES).logits, before, atol=1e-5, rtol=0)
-    model.save_prefix(tmp_path / "long", name="long")
-    again = PrefixModel.from_pretrained(build(model_type, **layout(model_type)), tmp_path / "long")
-    for key in ("prefix_conv_states", "prefix_recurrent_states"):
-        torch.testing.assert_close(again.prefixes["long"].state_dict()[key], model.prefixes["long"].state_dict()[key])
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch, prefix="long").logits, model(**batch, prefix="long").logits)
+    assert_compile_and_reload_keep_the_states(model, build(model_type, **layout(model_type)), tmp_path / "long")
     other_kernel = build(model_type, **layout(model_type), linear_conv_kernel_dim=3)
     with pytest.raises(PrefixFileError, match="conv_state_shape: prefix was trained on \\[64, 3\\], this base has"):
         PrefixModel.from_pretrained(other_kernel, tmp_path / "long")
@@ -272,13 +301,7 @@ def test_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
     store = PrefixStore(model, tmp_path / "store", exclusive=engine.exclusive)
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
-    engine.wait_seconds = 0.2
-    engine.start()
-    try:
-        futures = [engine.submit(Request(row, name, 5, prefix_inputs=store.snapshot(name))) for row, name in jobs]
-        results = [future.result(timeout=120) for future in futures]
-    finally:
-        engine.close()
+    results = served(engine, store, jobs, 5)
     assert engine.stats().batches < len(jobs)  # really batched, prefixes mixed
     held = source.prefixes["mid"]  # the store's budget counts the states too
     assert store.loaded["mid"].nbytes == sum(held.state_dict()[key].nbytes for key in held.state_dict())

@@ -16,8 +16,9 @@ import torch
 
 from architecture_walk import build, check
 from prefixtune import PrefixConfig, PrefixFileError, PrefixModel, UnsupportedModelError
-from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, Request, make_engine
-from tiny import SPECIAL, tiny_model, tiny_tokenizer
+from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, make_engine
+from test_hybrid_states import served
+from tiny import SPECIAL, left_padded, tiny_model, tiny_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FULL = {"head_dim": 16, "num_key_value_heads": 1}  # full-attention layers: fewer, wider heads
@@ -47,14 +48,6 @@ def prefixed(layout: dict, parameterization: str = "kv", model_type: str = "gemm
 
 def text_ids(name: str) -> list[int]:
     return tiny_tokenizer()(TEXTS[name], add_special_tokens=False)["input_ids"] if name else []
-
-
-def left_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    return {
-        "input_ids": torch.tensor([[SPECIAL["pad"]] * (width - len(row)) + row for row in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows]),
-    }
 
 
 def test_geometry_has_each_layers_heads_and_sizes_and_reusing_layers_have_no_slice_of_their_own():
@@ -211,13 +204,7 @@ def test_microbatch_engine_serves_mixed_prefixes_and_the_continuous_one_refuses_
     engine = make_engine(model, tiny_tokenizer(), engine="auto")
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, *TEXTS)]
-    engine.wait_seconds = 0.2
-    engine.start()
-    try:
-        requests = [Request(r, n, 5, prefix_inputs=None if n == BASE_NAME else store.snapshot(n)) for r, n in jobs]
-        results = [future.result(timeout=120) for future in [engine.submit(request) for request in requests]]
-    finally:
-        engine.close()
+    results = served(engine, store, jobs, 5)
     assert engine.stats().batches < len(jobs)  # really batched, prefixes mixed
     for (row, name), result in zip(jobs, results, strict=True):
         options = GREEDY | {"max_new_tokens": 5, "eos_token_id": SPECIAL["eos"]}

@@ -60,6 +60,8 @@ def fingerprint(model: PreTrainedModel, geometry: Geometry) -> dict[str, Any]:
         sizes["layer_shapes"] = [list(shape) for shape in geometry.layer_shapes]
     if geometry.reusing_layers:  # layers reusing another's keys/values (KV sharing); absent elsewhere
         sizes["reusing_layers"] = geometry.reusing_layers
+    if geometry.attention_input_size:  # attention reading wider inputs (Zamba 2); absent elsewhere
+        sizes["attention_input_size"] = geometry.attention_input_size
     if geometry.state_layers:  # hybrid models' linear-attention states; absent elsewhere, as above
         sizes |= {
             "state_layers": geometry.state_layers,

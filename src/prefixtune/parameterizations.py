@@ -192,13 +192,14 @@ class MLPPrefix(Prefix):
 
 
 class HiddenPrefix(Prefix):
-    """Per-layer hidden-space prefix sent through each layer's own frozen key/value path."""
+    """Per-layer hidden-space prefix sent through each layer's own frozen key/value path: one input
+    ``[P, width]`` per layer, ``width`` what its attention reads (`Geometry.attention_input_size`)."""
 
     runs_base_model = True
 
     def __init__(self, config: PrefixConfig, length: int, geometry: Geometry) -> None:
         super().__init__(config, length, geometry)
-        shape = (len(self.layers), length, geometry.hidden_size)
+        shape = (len(self.layers), length, geometry.attention_input_size or geometry.hidden_size)
         self.prefix_hidden = nn.Parameter(torch.randn(shape) * config.init_std)
         if self.state_layers:  # the linear-attention layers' inputs, [state_layers, P, d_model]
             shape = (self.state_layers, length, geometry.hidden_size)
@@ -212,6 +213,11 @@ class HiddenPrefix(Prefix):
 
     @torch.no_grad()
     def init_vocab(self, embeddings: Tensor, kv_path: KeyValuePath) -> None:
+        if self.geometry.attention_input_size:  # Zamba 2: attention reads more than a token's embedding
+            raise UnsupportedModelError(
+                f"vocab init of a `hidden` prefix: attention here reads {self.geometry.attention_input_size}-wide "
+                f"inputs, the word embeddings are {embeddings.shape[-1]} wide; use init='activations' or 'random'"
+            )
         self.prefix_hidden.copy_(embeddings.expand_as(self.prefix_hidden))
         if self.state_layers:
             self.prefix_state_hidden.copy_(embeddings.expand_as(self.prefix_state_hidden))

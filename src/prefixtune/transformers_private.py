@@ -73,6 +73,16 @@ def _check_attn_implementation() -> str | None:
     return None if found == "eager" else f"PretrainedConfig._attn_implementation is {found!r}, expected 'eager'"
 
 
+def _check_quantized_flag() -> str | None:
+    import inspect
+
+    from transformers.quantizers import HfQuantizer
+
+    if "config._is_quantized = True" in inspect.getsource(inspect.getmodule(HfQuantizer)):
+        return None
+    return "transformers.quantizers.base no longer sets config._is_quantized on a quantized model's modules"
+
+
 def _check_checkpointing_function() -> str | None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -347,6 +357,26 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
             ),
         )
     ),
+    # Mamba-1 mixers (injection/mamba1_states.py): the same, from their modeling files.
+    *(
+        PrivateAPI(
+            f"transformers.models.{model_type}.modeling_{model_type}:{function}",
+            "internal, unexported: the initial-state forward of Mamba-1 mixers calls the modeling file's own "
+            f"{function}, as the mixer's own forward does",
+            parameters,
+        )
+        for model_type in ("mamba", "falcon_mamba", "jamba")
+        for function, parameters in (
+            ("apply_mask_to_padding_states", ("hidden_states", "attention_mask")),
+            ("causal_conv1d_fn", ("hidden_states", "weight", "bias", "activation")),
+        )
+    ),
+    PrivateAPI(
+        "transformers.quantizers:HfQuantizer._is_quantized",  # the config attribute its preprocess_model sets
+        "internal: Falcon-Mamba's and Jamba's mixers compute their time step another way on quantized models "
+        "(config._is_quantized, set by the quantizer); their initial-state forward does as they do",
+        check=_check_quantized_flag,
+    ),
     PrivateAPI(
         "transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet.fix_query_key_value_ordering",
         "internal: the initial-state forward splits Qwen3-Next's fused projection as the layer's own forward does",
@@ -360,8 +390,8 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     ),
     PrivateAPI(
         "transformers.activations:ACT2FN",
-        "internal: the Mamba-2 initial-state forward applies the mixer's activation by the name its config gives, "
-        "as the mixer's own forward does (same function, same rounding)",
+        "internal: the Mamba-1 and Mamba-2 initial-state forwards apply the mixer's activation by the name its "
+        "config gives, as the mixer's own forward does (same function, same rounding)",
     ),
     PrivateAPI(
         "transformers.integrations:get_available_reporting_integrations",

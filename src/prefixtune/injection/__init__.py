@@ -10,9 +10,10 @@ Differences from the base model, and nothing else, in these modules:
   model computes exactly what it did before.
 * `positions`: text positions shift per row by that row's prefix length: the prefix owns positions
   ``0..P-1``. Positions come from the attention mask, so left padding is exact.
-* `states`: hybrid models' linear-attention layers (Gated DeltaNet) start from the prefix's state
-  when the call carries ``prefix_conv_states`` / ``prefix_recurrent_states``: their prefix is an
-  initial state, not keys/values (a replacement forward on those module instances).
+* `states`: hybrid models' linear-attention layers (Gated DeltaNet; Mamba-1 and Mamba-2 mixers and
+  short convolutions registered from `mamba1_states`, `mamba_states`, `conv_states`) start from the
+  prefix's state when the call carries ``prefix_conv_states`` / ``prefix_recurrent_states``: their
+  prefix is an initial state, not keys/values (a replacement forward on those module instances).
 * `probing`: a probe forward finds the attention layers (numbered model-wide; encoder-decoders have
   three places: encoder self-, decoder self- and cross-attention), giving the prefix `Geometry`
   (with each layer's heads and head sizes where layers differ, and layers that reuse another's

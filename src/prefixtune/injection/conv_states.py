@@ -9,7 +9,7 @@ transformers' own forward takes a conv state only from its cache, for all rows a
 left pads. So `mix` is the model's own computation (its projections, ``causal_conv1d_fn`` and output
 projection, from the model's own modeling file), differing only in that the conv state is put right
 before each row's first real token, as the term it adds to the model's own convolution
-(`conv_state_term`, zero for a zero state: without a prefix `mix` is transformers' forward bit for
+(`state_kinds.state_conv`, zero for a zero state: without a prefix `mix` is transformers' forward bit for
 bit, which tests/test_conv_states.py checks).
 """
 
@@ -20,7 +20,7 @@ import sys
 from torch import Tensor, nn
 
 from ..transformers_private import with_accelerate_hooks
-from .state_kinds import Shapes, StateKind, conv_state_term, conv_window
+from .state_kinds import Shapes, StateKind, state_conv
 
 
 def shapes(module: nn.Module) -> Shapes:
@@ -41,9 +41,7 @@ def mix(
     own = sys.modules[type(module).__module__]  # the modeling file's functions (or the kernels replacing them)
     hidden = own.apply_mask_to_padding_states(hidden, mask)
     B, C, x = module.in_proj(hidden).transpose(-1, -2).chunk(3, dim=-2)  # each [B, d_model, T]
-    inputs, weight = B * x, module.conv.weight.squeeze(1)  # [B, d_model, T], [d_model, K]
-    window = conv_window(inputs, mask, conv_state)  # [B, d_model, K-1+T]
-    convolved = own.causal_conv1d_fn(inputs, weight, module.conv.bias) + conv_state_term(window, inputs, weight)
+    convolved, window = state_conv(own, module.conv, B * x, mask, conv_state)  # [B, d_model, T], [.., K-1+T]
     output = module.out_proj((C * convolved).transpose(-1, -2).contiguous())
     return output, window, None
 

@@ -11,8 +11,8 @@ state before the left pads and decays the SSM state across them. So `mix` is the
 torch path (its projections, ``causal_conv1d_fn``, ``mamba2_chunk_scan``, gated norm and output
 projection, taken from the model's own modeling file), differing in exactly three points:
 
-1. the conv state is put right before each row's first real token (`conv_window`), as the term it
-   adds to the model's own convolution (`conv_state_term`; zero for a zero state);
+1. the conv state is put right before each row's first real token, as the term it adds to the
+   model's own convolution (`state_kinds.state_conv`; zero for a zero state);
 2. the time step ``dt`` is 0 at padding positions, so the SSM state crosses left pads unchanged (the
    model's own computes ``softplus(dt + dt_bias)`` there, leaving a zero state zero but decaying any
    other); for that, ``softplus``, ``dt_bias`` and the ``dt`` clamp are applied here, in the order
@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from ..transformers_private import with_accelerate_hooks
-from .state_kinds import STATE_KWARGS, Shapes, StateKind, conv_state_term, conv_window
+from .state_kinds import STATE_KWARGS, Shapes, StateKind, state_conv
 
 
 def shapes(module: nn.Module) -> Shapes:
@@ -83,10 +83,8 @@ def mix(
     projected = _project(module, own.apply_mask_to_padding_states(hidden, mask))
     A = -torch.exp(module.A_log.float())
     gate, xbc, dt = projected.split([module.intermediate_size, module.conv_dim, module.num_heads], dim=-1)
-    inputs, weight = xbc.transpose(1, 2), module.conv1d.weight.squeeze(1)  # [B, conv_dim, T], [conv_dim, K]
-    window = conv_window(inputs, mask, conv_state)  # [B, conv_dim, K-1+T]
-    xbc = own.causal_conv1d_fn(inputs, weight, module.conv1d.bias, activation=None)
-    xbc = F.pad(xbc + conv_state_term(window, inputs, weight), (0, window.shape[-1] - length))[:, :, :length]
+    xbc, window = state_conv(own, module.conv1d, xbc.transpose(1, 2), mask, conv_state)  # [B, conv_dim, T], [.., K-1+T]
+    xbc = F.pad(xbc, (0, window.shape[-1] - length))[:, :, :length]
     xbc = ACT2FN[module.activation](xbc)  # on the layout of the model's own (a cut of K-1+T columns): same rounding
     xbc = own.apply_mask_to_padding_states(xbc.transpose(1, 2), mask)
     groups = module.n_groups * module.ssm_state_size

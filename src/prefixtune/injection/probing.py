@@ -31,7 +31,8 @@ from .attention import (
     new_mask_cache,
     refuse_pooled_keys,
 )
-from .key_value_path import KeyValuePath, run_on_dummy_tokens
+from .key_value_path import KeyValuePath, attention_input, run_on_dummy_tokens
+from .mamba1_states import carry_to_mixers
 from .mamba_states import carry_state_kwargs
 from .positions import counts_own_positions, position_shifter, shift_stack_positions
 from .states import STATE_KWARGS, find_state_layers, state_shapes
@@ -59,6 +60,11 @@ class Geometry:
     layout stays ``[layers, 2, kv_heads, P, head_dim]`` (at the cost of those zeros). Uniform models
     have ``layer_shapes == ()``.
 
+    ``attention_input_size`` is the width of what attention modules make their keys/values from,
+    where that is not ``hidden_size`` (Zamba 2's shared attention reads the hidden states
+    concatenated with the token embeddings, 2 x ``hidden_size``), else 0; a `hidden` prefix holds
+    inputs of that width.
+
     ``reusing_layers`` counts attention layers that make no keys/values of their own but reuse an
     earlier layer's (Gemma 3n / Gemma 4 KV sharing): they have no prefix slice; they read the
     slice of the layer whose keys/values they reuse, as they read that layer's text keys/values.
@@ -81,6 +87,7 @@ class Geometry:
     recurrent_state_shape: tuple[int, ...] = ()  # [v_heads, k_head_dim, v_head_dim]
     layer_shapes: tuple[tuple[int, int, int], ...] = ()  # per layer (kv_heads, key_head_dim, value_head_dim)
     reusing_layers: int = 0
+    attention_input_size: int = 0  # what attention makes keys/values from, where not hidden_size (Zamba 2); 0: it is
 
     def __post_init__(self) -> None:
         for field in ("key_head_dim", "value_head_dim"):
@@ -124,6 +131,25 @@ def _probe(model: PreTrainedModel) -> Capture:
     capture = Capture()
     run_on_dummy_tokens(model, 3, 2, prefixtune_capture=capture)
     return capture
+
+
+def _attention_input_size(model: PreTrainedModel, modules: list[nn.Module], hidden_size: int) -> int:
+    """`Geometry.attention_input_size`, from one more dummy forward: the width every attention
+    module reads its keys/values' input at, where that is not `hidden_size`; 0 where it is, or where
+    modules differ (`KeyValuePath` then refuses a `hidden` prefix with the widths)."""
+    widths: dict[nn.Module, int] = {}
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        widths.setdefault(module, attention_input(args, kwargs).shape[-1])
+
+    hooks = [module.register_forward_pre_hook(keep, with_kwargs=True) for module in modules]
+    try:
+        run_on_dummy_tokens(model, 3, 2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    sizes = set(widths.values())
+    return sizes.pop() if len(sizes) == 1 and hidden_size not in sizes else 0
 
 
 def _place(model: PreTrainedModel, call: AttentionCall) -> str:
@@ -208,6 +234,7 @@ def inject(model: PreTrainedModel) -> tuple[Geometry, KeyValuePath]:
         recurrent_shape,
         tuple(layer_shapes) if len(set(layer_shapes)) > 1 else (),
         len(sources),
+        _attention_input_size(model, ordered, hidden_size),
     )
     return geometry, KeyValuePath(model, ordered, kv_heads, head_dim, state_modules)
 
@@ -230,6 +257,7 @@ def _install_hooks(
     _accept_prefix_in_generate(model)
     install_state_layers(state_modules)
     hooks += carry_state_kwargs(model) if state_modules else []
+    hooks += carry_to_mixers(model, state_modules)  # after carry_state_kwargs: it reads the base model's call
     return hooks
 
 

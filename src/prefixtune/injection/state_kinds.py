@@ -1,6 +1,6 @@
 """The registration point for state layers: what `states` needs to know of each kind of layer whose
-prefix is an initial state (Gated DeltaNet in `states`, Mamba-2 mixers in `mamba_states`, short
-convolutions in `conv_states`), keyed by module class name.
+prefix is an initial state (Gated DeltaNet in `states`, Mamba-2 mixers in `mamba_states`, Mamba-1
+mixers in `mamba1_states`, short convolutions in `conv_states`), keyed by module class name.
 
 A kind gives two functions of a module:
 
@@ -60,3 +60,15 @@ def conv_state_term(window: Tensor, inputs: Tensor, weight: Tensor) -> Tensor:
     zero, so a layer without a prefix computes bit for bit what the model's own does."""
     difference = window - F.pad(inputs, (window.shape[-1] - inputs.shape[-1], 0))
     return F.conv1d(difference.to(weight.dtype), weight.unsqueeze(1), groups=weight.shape[0]).to(inputs.dtype)
+
+
+def state_conv(own, conv: nn.Conv1d, inputs: Tensor, mask: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's own causal depthwise convolution (``own.causal_conv1d_fn`` of its modeling file,
+    no activation) of ``inputs`` ``[B, C, T]``, with the conv state ``[B, C, K-1]`` right before each
+    row's first real token (`conv_window`, `conv_state_term`): (output ``[B, C, T]``, the window
+    ``[B, C, K-1+T]`` the cache keeps the last K columns of). Shared by the Mamba-1, Mamba-2 and
+    short-convolution kinds."""
+    weight = conv.weight.squeeze(1)  # [C, K]
+    window = conv_window(inputs, mask, conv_state)
+    output = own.causal_conv1d_fn(inputs, weight, conv.bias, activation=None)
+    return output + conv_state_term(window, inputs, weight), window

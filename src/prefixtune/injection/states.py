@@ -42,6 +42,8 @@ from transformers import DynamicCache, PreTrainedModel
 from ..transformers_private import linear_attention_layers, with_accelerate_hooks
 from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
 from .conv_states import STATE_KINDS as SHORT_CONV_KINDS
+from .mamba1_states import STATE_KINDS as MAMBA1_KINDS
+from .mamba1_states import carried_states
 from .mamba_states import STATE_KINDS as MAMBA2_KINDS
 from .state_kinds import STATE_KWARGS, Shapes, StateKind
 
@@ -119,8 +121,8 @@ def prefixed_forward(
     **kwargs,
 ) -> Tensor:
     """The layer's forward with the prefix states as its initial state (module docstring: what differs)."""
-    conv_states = kwargs.get(STATE_KWARGS[0])  # [B, state_layers, conv_dim, K-1]
-    recurrent_states = kwargs.get(STATE_KWARGS[1])  # [B, state_layers, v_heads, k_dim, v_dim]
+    # [B, state_layers, conv_dim, K-1], [B, state_layers, v_heads, k_dim, v_dim] (Mamba-1: on the mask)
+    conv_states, recurrent_states = carried_states(attention_mask) or [kwargs.get(key) for key in STATE_KWARGS]
     kwargs = {key: value for key, value in kwargs.items() if key not in _INJECTION_KWARGS}
     if conv_states is None or (cache is not None and cache.get_conv_state(module.layer_idx) is not None):
         return own_forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
@@ -239,6 +241,7 @@ def mix(
 # Every kind of state layer prefixtune follows, by module class name: the registration point (see `state_kinds`).
 STATE_KINDS: dict[str, StateKind] = {
     **dict.fromkeys(_INPUTS, StateKind(_gated_deltanet_shapes, mix)),
+    **MAMBA1_KINDS,
     **MAMBA2_KINDS,
     **SHORT_CONV_KINDS,
 }
