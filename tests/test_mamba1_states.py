@@ -9,20 +9,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import test_hybrid_states as checks
 from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
 from prefixtune.files import PrefixFileError
 from prefixtune.injection.mamba1_states import CLASSES, mix
-from prefixtune.serving import BASE_NAME, BatchingEngine, ContinuousEngine, PrefixStore, make_engine
-from test_hybrid_states import (
-    ROWS,
-    assert_compile_and_reload_keep_the_states,
-    assert_generate_equals_the_text_as_prompt,
-    assert_gradients_reach_every_state_layer,
-    assert_state_prefixes_equal_their_text,
-    generated_alone,
-    served,
-)
-from test_mamba_states import hybrid, mamba, mixers
+from test_mamba_states import assert_served_per_row_exactly, hybrid, mamba, mixers
 from tiny import left_padded, tiny_tokenizer
 
 MODEL_TYPES = ["mamba", "falcon_mamba", "jamba"]
@@ -59,18 +50,18 @@ def test_activations_state_prefix_equals_its_text_per_row_left_padded(model_type
     0..5 tokens, each row equal to the bare model on T + x; without the states the long row is off."""
     model = hybrid(model_type, parameterization)
     assert model.geometry.conv_state_shape == (64, 3) and model.geometry.recurrent_state_shape == (64, 8)
-    assert_state_prefixes_equal_their_text(model)
+    checks.assert_state_prefixes_equal_their_text(model)
 
 
 @pytest.mark.slow  # the models' own scan loops over tokens in Python: 5-30 s per type (shared cores)
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_generate_keeps_the_states_greedy_and_beam(model_type):
-    assert_generate_equals_the_text_as_prompt(hybrid(model_type), max_new_tokens=5)
+    checks.assert_generate_equals_the_text_as_prompt(hybrid(model_type), max_new_tokens=5)
 
 
 @pytest.mark.parametrize(("model_type", "parameterization"), [("mamba", "kv"), ("jamba", "hidden")])
 def test_gradients_reach_every_state_and_checkpointing_changes_nothing(model_type, parameterization):
-    assert_gradients_reach_every_state_layer(lambda: mamba(model_type), parameterization)
+    checks.assert_gradients_reach_every_state_layer(lambda: mamba(model_type), parameterization)
 
 
 def test_a_checkpointed_replay_uses_the_states_of_its_own_call_after_another_forward():
@@ -84,7 +75,7 @@ def test_a_checkpointed_replay_uses_the_states_of_its_own_call_after_another_for
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
-        batch = left_padded(ROWS[:3])
+        batch = left_padded(checks.ROWS[:3])
         loss = model(**batch, labels=batch["input_ids"], prefix="default").loss
         model(**batch, prefix="other").logits.sum()  # its graph is dropped unused
         loss.backward()
@@ -98,7 +89,7 @@ def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
     """`hidden` compiles to direct states with the same logits; the file round-trips them and carries
     the state geometry in its fingerprint, so a base with another SSM state size is refused by name."""
     model = hybrid(model_type, "hidden")
-    assert_compile_and_reload_keep_the_states(model, mamba(model_type), tmp_path / "long")
+    checks.assert_compile_and_reload_keep_the_states(model, mamba(model_type), tmp_path / "long")
     assert model.fingerprint["recurrent_state_shape"] == [64, 8]
     other = mamba(model_type, **{"mamba_d_state" if model_type == "jamba" else "state_size": 4})
     with pytest.raises(PrefixFileError, match=r"recurrent_state_shape: prefix was trained on \[64, 8\]"):
@@ -107,7 +98,7 @@ def test_compile_save_and_load_keep_the_states(tmp_path, model_type):
 
 def test_mlp_prefix_is_refused_and_after_unload_the_mixers_and_layers_run_their_own_forward():
     base = mamba("jamba")
-    ids = torch.tensor([ROWS[0]])
+    ids = torch.tensor([checks.ROWS[0]])
     with torch.no_grad():
         want = base(input_ids=ids).logits
     model = PrefixModel(base, PrefixConfig(prefix_length=2), tokenizer=tiny_tokenizer())
@@ -124,16 +115,4 @@ def test_mlp_prefix_is_refused_and_after_unload_the_mixers_and_layers_run_their_
 
 @pytest.mark.slow  # greedy generation through the models' own token loop, nine requests
 def test_mamba1_models_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
-    source = hybrid("jamba")
-    for name in ("mid", "short"):
-        source.save_prefix(tmp_path / "store" / name, name=name)
-    model = PrefixModel(mamba("jamba"), name=None, tokenizer=tiny_tokenizer())
-    with pytest.raises(UnsupportedModelError, match="not exact here: .*initial state"):  # a paged KV cache only
-        ContinuousEngine(model, tiny_tokenizer())
-    engine = make_engine(model, tiny_tokenizer(), engine="auto")
-    assert isinstance(engine, BatchingEngine)
-    jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
-    results = served(engine, PrefixStore(model, tmp_path / "store"), jobs, 4)
-    assert engine.stats().batches < len(jobs)
-    for (row, name), result in zip(jobs, results, strict=True):
-        assert result.token_ids == generated_alone(source, row, name, 4), (row, name)
+    assert_served_per_row_exactly("jamba", tmp_path)

@@ -128,27 +128,30 @@ def test_zamba2_hidden_prefix_holds_its_shared_attentions_wider_input_and_vocab_
     assert model.geometry.attention_input_size == 64 and model.fingerprint["attention_input_size"] == 64
     assert model.prefixes["long"].prefix_hidden.shape[-1] == 64
     assert model.prefixes["long"].prefix_state_hidden.shape[-1] == 32  # the mixers read the hidden states
-    assert (
-        "attention_input_size" not in hybrid("bamba").fingerprint and hybrid("bamba").geometry.attention_input_size == 0
-    )
+    bamba = hybrid("bamba")
+    assert bamba.geometry.attention_input_size == 0 and "attention_input_size" not in bamba.fingerprint
     with pytest.raises(UnsupportedModelError, match="reads 64-wide inputs, the word embeddings are 32 wide"):
         model.add_prefix("v", PrefixConfig(prefix_length=3, parameterization="hidden", init="vocab", init_text="a b c"))
     assert "v" not in model.prefixes
 
 
 def test_mamba2_hybrids_are_served_by_the_microbatch_engine_per_row_exactly(tmp_path):
-    source = hybrid("bamba")
+    assert_served_per_row_exactly("bamba", tmp_path)
+
+
+def assert_served_per_row_exactly(model_type: str, tmp_path) -> None:
+    """`--engine auto` picks the micro-batch engine (the continuous one refuses: a paged KV cache
+    only); rows with mixed prefixes, batched, equal `generate` of each row alone (also Mamba-1's)."""
+    source = hybrid(model_type)
     for name in ("mid", "short"):
         source.save_prefix(tmp_path / "store" / name, name=name)
-    model = PrefixModel(mamba("bamba"), name=None, tokenizer=tiny_tokenizer())
-    with pytest.raises(UnsupportedModelError, match="not exact here: .*initial state"):  # a paged KV cache only
+    model = PrefixModel(mamba(model_type), name=None, tokenizer=tiny_tokenizer())
+    with pytest.raises(UnsupportedModelError, match="not exact here: .*initial state"):
         ContinuousEngine(model, tiny_tokenizer())
-    store = PrefixStore(model, tmp_path / "store")
     engine = make_engine(model, tiny_tokenizer(), engine="auto")
     assert isinstance(engine, BatchingEngine)
     jobs = [(row, name) for row in ROWS[:3] for name in (BASE_NAME, "mid", "short")]
-    results = served(engine, store, jobs, 4)
+    results = served(engine, PrefixStore(model, tmp_path / "store"), jobs, 4)
     assert engine.stats().batches < len(jobs)
     for (row, name), result in zip(jobs, results, strict=True):
-        want = generated_alone(source, row, name, 4)
-        assert result.token_ids == want, (row, name)
+        assert result.token_ids == generated_alone(source, row, name, 4), (row, name)

@@ -54,9 +54,9 @@ class KeyValuePath:
         if model_input.shape[-1] != hidden.shape[-1]:
             raise UnsupportedModelError(
                 f"{model_kind(self.model)}: {type(module).__name__} reads {model_input.shape[-1]}-wide inputs, not "
-                f"the model's hidden size {hidden.shape[-1]} (e.g. Zamba 2's shared attention reads the hidden "
-                "states concatenated with the token embeddings), while a `hidden` prefix holds one [P, hidden_size] "
-                "input per layer, so the `hidden` parameterization cannot follow it; use 'kv'"
+                f"the {hidden.shape[-1]}-wide ones a `hidden` prefix holds here (its attention modules read inputs "
+                "of different widths, see Geometry.attention_input_size), so the `hidden` parameterization cannot "
+                "follow it; use 'kv'"
             )
         args = tuple(hidden if value is model_input else value for value in args)
         kwargs = {key: hidden if value is model_input else value for key, value in kwargs.items()}

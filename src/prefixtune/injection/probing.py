@@ -137,6 +137,8 @@ def _attention_input_size(model: PreTrainedModel, modules: list[nn.Module], hidd
     """`Geometry.attention_input_size`, from one more dummy forward: the width every attention
     module reads its keys/values' input at, where that is not `hidden_size`; 0 where it is, or where
     modules differ (`KeyValuePath` then refuses a `hidden` prefix with the widths)."""
+    if not modules:  # pure state-space models
+        return 0
     widths: dict[nn.Module, int] = {}
 
     def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
