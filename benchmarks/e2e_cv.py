@@ -33,11 +33,11 @@ the final check on validation.csv is the honest estimate, and the goal compares 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -215,6 +215,14 @@ def select_recipe(base: Setting, base_row: dict, levers: dict[str, list[dict]]) 
 
 
 # --------------------------------------------------------------------------- running the stages
+class Incomplete(Exception):
+    """A stage's runs are not all in the store (other shards still at work on them)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
 @dataclass
 class Context:
     """What every run needs: the protocol, the frozen base, the data and where results go."""
@@ -233,6 +241,7 @@ class Context:
             assignment = mr_folds(self.examples, self.protocol.folds)
             held_out = {mr for mr, f in assignment.items() if f == fold}
             self.splits[fold] = split(self.examples, held_out, self.protocol, self.formatter)
+            gc.freeze()  # the Trainer's gc.collect() at every run then skips the data (~1 s a run here)
         return self.splits[fold]
 
 
@@ -280,7 +289,7 @@ def cross_validate(context: Context, settings: dict[str, Setting], stage: str) -
     summaries = {name: summarize(s, context.store.runs, context.protocol, folds) for name, s in settings.items()}
     missing = [name for name, row in summaries.items() if row is None]
     if missing:
-        raise SystemExit(f"stage {stage!r}: runs of {missing} are not done yet (other shards still running?)")
+        raise Incomplete(stage, f"stage {stage!r}: runs of {missing} are not done yet")
     return summaries
 
 
@@ -295,7 +304,7 @@ def final_check(context: Context, recipe: Setting, validation: str) -> dict:
     run_jobs(context, [(recipe, fold, seed, data) for seed in context.protocol.seeds], "final")
     row = summarize(recipe, context.store.runs, context.protocol, [fold])
     if row is None:
-        raise SystemExit("stage 'final': runs not done yet (other shards still running?)")
+        raise Incomplete("final", "stage 'final': runs not done yet")
     return {**row, "validation": validation, "mrs": len(groups)}
 
 
@@ -310,20 +319,21 @@ def goals(baselines: dict, recipe_row: dict, final: dict | None) -> dict:
     return result
 
 
-def run_protocol(context: Context, validation: str, stages: list[str], levers: dict[str, list[dict]]) -> dict:
-    """The stages in order; the summary so far (written after each stage by `main`)."""
+def run_protocol(
+    context: Context, validation: str, stages: list[str], levers: dict[str, list[dict]], baselines: dict[str, Setting]
+) -> dict:
+    """The stages in order; the summary of those done."""
     summary: dict = {"protocol": asdict(context.protocol), "stages_done": []}
-    baselines = cross_validate(context, BASELINES, "baselines")
+    baselines = cross_validate(context, baselines, "baselines")
     summary |= {"baselines": baselines, "stages_done": ["baselines"]}
     if "levers" not in stages:
         return summary
     base_name = best_parameterization(baselines)
     base = BASELINES[base_name]
     tried, skipped = lever_settings(base, levers)
-    lever_rows = {
-        lever: list(cross_validate(context, {str(i): s for i, s in enumerate(settings)}, "levers").values())
-        for lever, settings in tried.items()
-    }
+    flat = {f"{lever}/{i}": s for lever, settings in tried.items() for i, s in enumerate(settings)}
+    measured = cross_validate(context, flat, "levers")  # all levers' runs first, then any shard may stop
+    lever_rows = {lever: [measured[f"{lever}/{i}"] for i in range(len(tried[lever]))] for lever in tried}
     recipe, decisions = select_recipe(base, baselines[base_name], lever_rows)
     summary |= {
         "recipe_base": base_name,
@@ -410,7 +420,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train", default="../shared/data/e2e/train.csv")
     parser.add_argument("--validation", default="../shared/data/e2e/validation.csv", help="final check only")
     parser.add_argument("--output", default="benchmarks/results/e2e_cv")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=None, help="K (default 5; --quick: 2)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -419,13 +429,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--inner-fraction", type=float, default=0.1)
     parser.add_argument("--inner-rows", type=int, default=256, help="at most this many inner-fold rows")
+    parser.add_argument("--baselines", default=None, help="a slice: these e2e_grid.BASELINES only (--stages baselines)")
     parser.add_argument("--levers", default=None, help="comma-separated subset of e2e_grid.LEVERS (default: all)")
     parser.add_argument("--stages", default="final", choices=STAGES, help="run the stages up to this one")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--shard", default="0/1", help="i/N: run job j of each stage when j %% N == i")
+    parser.add_argument("--note", default="", help="stored in summary.json (e.g. 'a slice, not the protocol')")
     parser.add_argument("--quick", action="store_true", help="tiny random model, tiny budget: checks it all runs")
     args = parser.parse_args(argv)
+    args.folds = args.folds or (2 if args.quick else 5)
     if args.quick:
         args.steps, args.batch_size, args.max_new_tokens = min(args.steps, 4), min(args.batch_size, 4), 8
         args.eval_limit = min(args.eval_limit or 2, 2)
@@ -433,13 +446,22 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def grid_of(args: argparse.Namespace) -> tuple[dict[str, Setting], dict[str, list[dict]]]:
+    """The baselines and levers asked for (every one by default), or a clear error."""
+    grid = QUICK_LEVERS if args.quick else LEVERS
+    baselines = args.baselines.split(",") if args.baselines else list(BASELINES)
+    levers = args.levers.split(",") if args.levers else list(grid)
+    for option, names, known in (("--baselines", baselines, BASELINES), ("--levers", levers, grid)):
+        if set(names) - set(known):
+            raise SystemExit(f"{option}: unknown {sorted(set(names) - set(known))}; expected some of {list(known)}")
+    if args.baselines and args.stages != "baselines":
+        raise SystemExit("--baselines (a slice) goes with --stages baselines: the selection needs every baseline")
+    return {name: BASELINES[name] for name in baselines}, {name: grid[name] for name in levers}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = arguments(argv)
-    grid = QUICK_LEVERS if args.quick else LEVERS
-    names = args.levers.split(",") if args.levers else list(grid)
-    unknown = sorted(set(names) - set(grid))
-    if unknown:
-        raise SystemExit(f"--levers: unknown {unknown}; expected some of {sorted(grid)}")
+    baselines, levers = grid_of(args)
     examples = read_examples(args.train)
     protocol = Protocol(
         args.folds,
@@ -454,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.dtype,
         args.device,
         args.quick,
-        names,
+        list(levers),
     )
     if len(protocol.seeds) < 2:
         raise SystemExit("--seeds: at least two (a standard deviation over seeds needs them; the protocol uses 3)")
@@ -471,8 +493,15 @@ def main(argv: list[str] | None = None) -> dict:
         protocol, store, pristine, PromptFormatter(tokenizer), examples, (index, count), args.eval_batch_size
     )
     stages = list(STAGES[: STAGES.index(args.stages) + 1])
-    summary = run_protocol(context, args.validation, stages, {name: grid[name] for name in names})
-    summary |= {"record": device_record(args.device, args.dtype), "trained_now": store.trained, "runs": len(store.runs)}
+    try:
+        summary = run_protocol(context, args.validation, stages, levers, baselines)
+    except Incomplete as error:
+        if count > 1 and error.stage == args.stages:  # this shard's share of its stage is done
+            print(f"shard {args.shard}: its {store.trained} runs of stage {args.stages!r} done; others still running")
+            return {"trained_now": store.trained}
+        raise SystemExit(f"{error} (an earlier stage's shards not finished?)") from error
+    record = device_record(args.device, args.dtype)
+    summary |= {"note": args.note, "record": record, "trained_now": store.trained, "runs": len(store.runs)}
     if count == 1:  # shards write their runs only; one process (count 1) writes the summary
         (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(summary))
@@ -484,4 +513,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()
