@@ -37,7 +37,10 @@ import gc
 import hashlib
 import json
 import math
+import re
+import shutil
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +96,9 @@ def split(examples: list[Example], held_out: set[str], protocol: Protocol, forma
 # --------------------------------------------------------------------------- protocol and its results
 @dataclass
 class Protocol:
+    """Everything runs depend on besides their setting, fold and seed (`protocol.json`): a folder's runs
+    are resumed only under the same protocol."""
+
     folds: int
     seeds: list[int]
     steps: int
@@ -253,7 +259,7 @@ def run_jobs(context: Context, jobs: list[tuple[Setting, int | str, int, Split]]
         if number % count != index or key in context.store.runs:
             continue
         print(f"[{stage}] {number + 1}/{len(jobs)} {setting.method} {key}", flush=True)
-        output = str(context.store.folder / "trainer")
+        output = tempfile.mkdtemp(prefix="e2e_cv-trainer-")  # the Trainer's output_dir; it saves nothing there
         row = train_and_decode(
             setting,
             context.pristine,
@@ -265,6 +271,7 @@ def run_jobs(context: Context, jobs: list[tuple[Setting, int | str, int, Split]]
             seed,
             output,
         )
+        shutil.rmtree(output, ignore_errors=True)
         context.store.append(
             {
                 "key": key,
@@ -375,6 +382,24 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(summary: dict, path: Path) -> None:
+    """Time to quality: each setting's mean BLEU (± SE over seeds) against its mean training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {**summary.get("baselines", {}), **({"recipe": summary["recipe_cv"]} if "recipe_cv" in summary else {})}
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, row in rows.items():
+        bleu = row["sacrebleu"]
+        axes.errorbar(row["train_seconds"], bleu["mean"], yerr=bleu["se"], marker="o", capsize=3, label=name)
+    axes.set(xlabel="training seconds per run (steps only)", ylabel="cross-validated sacreBLEU (± SE)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 # --------------------------------------------------------------------------- models and the command line
 def quick_base(examples: list[Example]):
     """A tiny random Llama and a word-level tokenizer over the data's words (no download, seconds)."""
@@ -439,6 +464,11 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny random model, tiny budget: checks it all runs")
     args = parser.parse_args(argv)
     args.folds = args.folds or (2 if args.quick else 5)
+    shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if not shard or int(shard[1]) >= int(shard[2]):
+        parser.error(f"--shard: expected i/N with 0 <= i < N, got {args.shard!r}")
+    if args.folds < 2:
+        parser.error(f"--folds: expected at least 2, got {args.folds}")
     if args.quick:
         args.steps, args.batch_size, args.max_new_tokens = min(args.steps, 4), min(args.batch_size, 4), 8
         args.eval_limit = min(args.eval_limit or 2, 2)
@@ -459,9 +489,8 @@ def grid_of(args: argparse.Namespace) -> tuple[dict[str, Setting], dict[str, lis
     return {name: BASELINES[name] for name in baselines}, {name: grid[name] for name in levers}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = arguments(argv)
-    baselines, levers = grid_of(args)
+def make_context(args: argparse.Namespace, levers: dict[str, list[dict]]) -> Context:
+    """The protocol from the arguments, the frozen base (tiny with --quick), the data and the store."""
     examples = read_examples(args.train)
     protocol = Protocol(
         args.folds,
@@ -487,11 +516,16 @@ def main(argv: list[str] | None = None) -> dict:
         from prefixtune import load_base_model
 
         pristine, tokenizer = load_base_model("smollm2-135m", dtype=args.dtype, device=args.device)
-    index, count = (int(x) for x in args.shard.split("/"))
+    shard = tuple(int(x) for x in args.shard.split("/"))
     store = Store(Path(args.output), protocol, args.shard)
-    context = Context(
-        protocol, store, pristine, PromptFormatter(tokenizer), examples, (index, count), args.eval_batch_size
-    )
+    return Context(protocol, store, pristine, PromptFormatter(tokenizer), examples, shard, args.eval_batch_size)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arguments(argv)
+    baselines, levers = grid_of(args)
+    context = make_context(args, levers)
+    store, count = context.store, context.shard[1]
     stages = list(STAGES[: STAGES.index(args.stages) + 1])
     try:
         summary = run_protocol(context, args.validation, stages, levers, baselines)
@@ -504,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary |= {"note": args.note, "record": record, "trained_now": store.trained, "runs": len(store.runs)}
     if count == 1:  # shards write their runs only; one process (count 1) writes the summary
         (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot(summary, Path(args.output) / "bleu_vs_train_seconds.png")
     print(table(summary))
     print(
         f"{store.trained} runs trained now, {len(store.runs) - store.trained} already there; "

@@ -105,6 +105,7 @@ def test_quick_protocol_rows_for_every_method_resume_and_validation_only_in_the_
         assert result["trainable_parameters"] > 0 and result["seconds_per_step"] > 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["stages_done"] == list(e2e_cv.STAGES)
     assert first["record"]["cpu"]["cpu_capability"]
+    assert (tmp_path / "out" / "bleu_vs_train_seconds.png").is_file()  # time to quality
 
     # Again with other validation references: every cross-validation run is resumed (none trained),
     # the selection is the same, and only the final check reran, on the new references.
