@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import e2e_cv  # noqa: E402
 from e2e_grid import BASELINES, METHODS, Setting, lever_settings  # noqa: E402
 from prefixtune.data import read_examples  # noqa: E402
+from tiny import needs_smollm2  # noqa: E402
 
 E2E_DATA = next(
     (
@@ -132,3 +133,42 @@ def test_shards_split_a_stage_and_one_process_then_finds_every_run_done(tmp_path
     assert merged["baselines"]["ours kv"]["sacrebleu"]["n"] == 3
     with pytest.raises(SystemExit, match="--baselines"):
         e2e_cv.main([*common[:-2], "--stages", "levers"])  # a slice of the baselines cannot select
+
+
+TRAINABLE = {  # SmolLM2-135M: 30 layers, 3 kv heads x 64, P=10
+    "PEFT prefix tuning": 115_200,
+    "PEFT CartridgeConfig": 103_680,  # its first virtual token stays frozen (PEFT's default)
+    "PEFT LoRA r=8": 460_800,
+    "full fine-tuning": 134_515_008,
+    "ours kv": 115_200,
+    "ours mlp": 6_210_944,
+    "ours hidden": 172_800,
+}
+
+
+@pytest.mark.slow  # the real SmolLM2, 8 runs of 2 steps (minutes on a shared CPU)
+@needs_smollm2
+@needs_e2e
+def test_every_method_trains_and_decodes_on_the_real_smollm2(tmp_path):
+    from e2e_grid import EARLY_STOPPING
+    from e2e_run import Budget, train_and_decode
+    from prefixtune import load_base_model
+    from prefixtune.data import PromptFormatter
+
+    examples = read_examples(E2E_DATA / "train.csv")
+    base, tokenizer = load_base_model("smollm2-135m", dtype="bfloat16")
+    formatter = PromptFormatter(tokenizer)
+    protocol = e2e_cv.Protocol(5, [0, 1], 2, 2, 8, 2, 0.1, 4, "-", "bfloat16", "cpu", False)
+    held_out = {mr for mr, fold in e2e_cv.mr_folds(examples, 5).items() if fold == 0}
+    data = e2e_cv.split(examples, held_out, protocol, formatter)
+    settings = dict(BASELINES)
+    stopping = {**EARLY_STOPPING, "evaluations": 2, "patience": 1}
+    settings["ours hidden, best-of-N, beam 4"] = BASELINES["ours hidden"].changed(**stopping, num_beams=4)
+    for name, setting in settings.items():
+        row = train_and_decode(
+            setting, base, formatter, data.train, data.inner, data.prompts, Budget(2, 2, 8), 0, str(tmp_path)
+        )
+        assert row["trainable_parameters"] == TRAINABLE.get(name, TRAINABLE["ours hidden"]), name
+        assert row["steps_done"] == 2 and row["seconds_per_step"] > 0, name
+        assert len(row["hypotheses"]) == 2 and all(isinstance(h, str) for h in row["hypotheses"]), name
+    assert [step for step, _ in row["inner_losses"]] == [1, 2] and row["best_step"] in (1, 2)
