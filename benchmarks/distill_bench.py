@@ -1,25 +1,31 @@
-"""Context distillation benchmark: distil the committed ferry handbook (invented facts + voice rules,
-1,314 SmolLM2 tokens) into a P=32 prefix and measure, side by side in one run:
+"""Context distillation benchmark: distil the committed ferry handbook (invented facts written as
+questions and answers, plus voice rules; about 1,270 SmolLM2 tokens) into a P=32 prefix and measure,
+side by side in one run, each phase written to the JSON as soon as it is measured:
 
-  1. time to distil (self-study samples + training) with `prefixtune.distill`;
-  2. quality on the handbook's questions (exact answer match) for the teacher (base + handbook as
-     the system message), the bare model and the student, and KL / top-1 agreement to the teacher on
-     held-out self-study prompts (the distill report);
-  3. PEFT's `CartridgeConfig` (KV prefix, first token frozen, init from the handbook's KV) trained on
-     the same samples, steps, batch size and learning rate with the same loss: KL, top-1, accuracy;
-     step time and peak memory, ours with gradient checkpointing (PEFT refuses it for prompt
-     learning), each in its own process;
-  4. serving the same requests through the server (continuous engine): the full handbook in every
-     prompt vs the distilled prefix: throughput, TTFT p50, and the outputs compared.
+  1. `distil`: time to distil (self-study samples + training) with `prefixtune.distill`, and the
+     distill report (KL / top-1 / ROUGE-L to the teacher on held-out self-study prompts);
+  2. `quality`: accuracy on the handbook's evaluation questions (`questions.jsonl`, worded unlike
+     the handbook and never shown to self-study: exact answer match, the answer string contained in
+     the greedy output) for the teacher (base + handbook before the prompt), the bare model, the
+     student and the truncated context (its first P tokens);
+  3. `peft_cartridge`: PEFT's `CartridgeConfig` (KV prefix, first token frozen, init from the same
+     P tokens' keys/values) trained on the same samples, steps, batch size, learning rate schedule
+     and loss: KL, top-1, accuracy;
+  4. `step`: step time and peak memory of one training step, ours with gradient checkpointing (PEFT
+     refuses it for prompt learning: it raises on `gradient_checkpointing_enable`), each in its own process;
+  5. `serving`: the same requests through the server (continuous engine), the full handbook in every
+     prompt vs the distilled prefix: throughput, TTFT p50, and the outputs compared;
+  6. `goals`: each goal of issue 19, measured value against its target.
 
-    nice -n 10 .venv/bin/python benchmarks/distill_bench.py            # SmolLM2-135M, the recorded run
-    .venv/bin/python benchmarks/distill_bench.py --samples 16 --steps 4 --requests 8   # a short check
+    nice -n 5 .venv/bin/python benchmarks/distill_bench.py     # SmolLM2-135M, the recorded run
+    .venv/bin/python benchmarks/distill_bench.py --quick       # tiny random Llama: a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -35,32 +41,85 @@ import torch
 HERE = Path(__file__).parent
 CONTEXT = HERE / "distill_context" / "handbook.md"
 QUESTIONS = HERE / "distill_context" / "questions.jsonl"
-RESULTS = HERE / "results" / "distill_bench.json"
+RESULTS = HERE / "results" / "distill_bench" / "distill_bench.json"
+TEMPLATE = "Q: {prompt}\n"  # the handbook's own Q/A layout; ends in a newline as the server's base template
+QUICK = {"samples": 8, "steps": 2, "batch_size": 4, "max_answer_tokens": 6, "max_prompt_tokens": 8}
+QUICK |= {"question_tokens": 4, "questions": 4, "requests": 4, "measure_steps": 1, "dtype": "float32"}
 
 
-def arguments() -> argparse.Namespace:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=96, help="self-study prompts the teacher writes")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--quick", action="store_true", help="tiny random Llama, a few samples/steps (smoke run)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=40, help="self-study prompts the teacher writes")
+    parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--prefix-length", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--max-answer-tokens", type=int, default=64)
-    parser.add_argument("--question-tokens", type=int, default=24, help="greedy tokens per handbook question")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--template", default=TEMPLATE)
+    parser.add_argument("--chat-template", action="store_true", help="the handbook as the system message instead")
+    parser.add_argument("--max-prompt-tokens", type=int, default=24)
+    parser.add_argument("--chunk-tokens", type=int, default=64, help="self-study chunks: a few Q/A pairs each")
+    parser.add_argument("--max-answer-tokens", type=int, default=24)
+    parser.add_argument("--question-tokens", type=int, default=20, help="greedy tokens per evaluation question")
+    parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--measure-steps", type=int, default=3, help="timed steps per variant for step time/memory")
-    parser.add_argument(
-        "--questions", type=int, default=None, help="only the first N handbook questions (a short check)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: the cores are shared, see BENCHMARKS.md)"
-    )
+    parser.add_argument("--questions", type=int, default=None, help="only the first N evaluation questions")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--work", default=None, help="folder for the run (default: a temp folder)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--measure", choices=("ours", "peft"), help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--cache-folder", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:  # the smoke run's sizes replace the defaults and any flag given for them
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
+
+
+class Record(dict):
+    """The benchmark's JSON: each phase is printed and the whole file rewritten (atomically) as soon
+    as it is measured, so a run stopped half-way keeps what it measured."""
+
+    def __init__(self, path: str, header: dict) -> None:
+        super().__init__(header | {"complete": False})
+        self.path = Path(path)
+
+    def phase(self, name: str, value: dict) -> None:
+        from prefixtune.files import atomic_write_text
+        from prefixtune.precision import cpu_record
+
+        self[name] = value
+        self["cpu"] = cpu_record()
+        self["load_average_now"] = os.getloadavg()
+        shown = {k: v for k, v in value.items() if k not in ("outputs", "texts", "by_question")}
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {json.dumps(shown, default=str)[:1500]}", flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self, indent=2, default=str))
+
+
+def quick_model(work: Path) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer (the handbook fits its window), saved as a folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from prefixtune import load_base_model
+
+    _, tokenizer = load_base_model("smollm2-135m", dtype="float32")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+    )
+    folder = work / "tiny-model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def questions(limit: int | None = None) -> list[dict]:
@@ -68,9 +127,13 @@ def questions(limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def accuracy(outputs: list[str], rows: list[dict]) -> float:
+def correct(outputs: list[str], rows: list[dict]) -> list[bool]:
     """Exact answer match: the answer string appears in the output (case-insensitive)."""
-    return sum(row["answer"].lower() in out.lower() for out, row in zip(outputs, rows, strict=True)) / len(rows)
+    return [row["answer"].lower() in out.lower() for out, row in zip(outputs, rows, strict=True)]
+
+
+def accuracy(outputs: list[str], rows: list[dict]) -> float:
+    return sum(correct(outputs, rows)) / len(rows)
 
 
 def distil(args, work: Path) -> tuple[dict, float]:
@@ -80,38 +143,50 @@ def distil(args, work: Path) -> tuple[dict, float]:
     report = distill(
         context=str(CONTEXT),
         output=str(work / "handbook"),
+        model=args.model,
         prefix_length=args.prefix_length,
         freeze_first=True,  # as PEFT's CartridgeConfig (num_frozen_tokens=1)
         samples=args.samples,
         held_out=0.15,
+        max_prompt_tokens=args.max_prompt_tokens,
+        chunk_tokens=args.chunk_tokens,
         max_answer_tokens=args.max_answer_tokens,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=max(1, args.steps // 10),
-        chat_template=True,
+        template=args.template,
+        chat_template=args.chat_template,
         dtype=args.dtype,
         device="cpu",
         gradient_checkpointing=True,
         group_by_length=True,
+        save_every=max(args.steps, 1),
         cache=str(work / "cache"),
     )
     return report, time.perf_counter() - started
 
 
-def teacher_model(args, work: Path):
-    """SmolLM2 with the teacher prefix (the handbook, exactly) and the distilled student."""
-    from prefixtune import PrefixModel, load_base_model
+def formatter_of(args, tokenizer):
     from prefixtune.data import PromptFormatter
-    from prefixtune.distillation.context import load_context
-    from prefixtune.distillation.prefixes import add_teacher
 
-    base, tokenizer = load_base_model("smollm2-135m", dtype=args.dtype)
-    formatter = PromptFormatter(tokenizer, chat_template=True)
+    return PromptFormatter(tokenizer, args.template, args.chat_template)
+
+
+def teacher_model(args, work: Path):
+    """The base with the teacher prefix (the handbook, exactly), the student and the truncated context."""
+    from prefixtune import PrefixConfig, PrefixModel, load_base_model
+    from prefixtune.distillation.context import load_context
+    from prefixtune.distillation.prefixes import add_prefix_from_ids, add_teacher
+
+    base, tokenizer = load_base_model(args.model, dtype=args.dtype)
+    formatter = formatter_of(args, tokenizer)
     context = load_context(CONTEXT, formatter)
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     add_teacher(model, context.ids)
     model.load_prefix(work / "handbook", name="student")
+    truncated = PrefixConfig(prefix_length=args.prefix_length, init="activations", init_text="-")
+    add_prefix_from_ids(model, "truncated", truncated, context.ids)
     return model.eval(), formatter, context
 
 
@@ -122,9 +197,10 @@ def question_accuracy(model, formatter, args) -> dict:
     rows = questions(args.questions)
     prompts = [row["prompt"] for row in rows]
     result = {}
-    for variant, prefix in (("teacher", TEACHER), ("bare", ""), ("student", "student")):
+    for variant, prefix in (("teacher", TEACHER), ("bare", ""), ("student", "student"), ("truncated", "truncated")):
         outputs = generate_completions(model, formatter, prompts, prefix=prefix, max_new_tokens=args.question_tokens)
-        result[variant] = {"accuracy": accuracy(outputs, rows), "outputs": outputs}
+        result[variant] = {"accuracy": accuracy(outputs, rows), "correct": correct(outputs, rows), "outputs": outputs}
+        print(f"[{time.strftime('%H:%M:%S')}]   {variant}: accuracy {result[variant]['accuracy']:.3f}", flush=True)
     return result
 
 
@@ -133,6 +209,18 @@ def samples_from(report: dict):
 
     samples = load_samples(Path(report["samples"]["cache"]))
     return [s for s in samples if not s.held_out], [s for s in samples if s.held_out]
+
+
+def normalised(text: str) -> str:
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def question_overlap(samples) -> dict:
+    """How many self-study prompts are an evaluation question word for word (they should be none:
+    the evaluation questions are never shown to self-study, but the teacher may copy the handbook's)."""
+    asked = {normalised(row["prompt"]) for row in questions()}
+    same = [s.prompt for s in samples if normalised(s.prompt) in asked]
+    return {"self_study_prompts": len(samples), "equal_to_an_evaluation_question": len(same), "which": same}
 
 
 @torch.no_grad()
@@ -157,17 +245,35 @@ def kl_and_top1(teacher, formatter, samples, logits_of) -> dict:
     return {"kl": kl / tokens, "top1_agreement": agree / tokens}
 
 
-def peft_cartridge(args, dtype: str):
-    """PEFT's CartridgeConfig on a fresh SmolLM2: P virtual tokens, the first frozen, from the handbook's KV."""
-    from peft import CartridgeConfig, get_peft_model, initialize_kv_prefix_from_text
+def peft_cartridge(args, context_ids: list[int]):
+    """PEFT's CartridgeConfig: P virtual tokens, the first frozen, initialised (PEFT's own
+    `initialize_kv_prefix_from_past_key_values`) from the keys/values of the same P context tokens ours starts from."""
+    from peft import CartridgeConfig, get_peft_model
+    from peft.tuners.cartridge.utils import initialize_kv_prefix_from_past_key_values
 
     from prefixtune import load_base_model
 
-    base, tokenizer = load_base_model("smollm2-135m", dtype=dtype)
+    base, tokenizer = load_base_model(args.model, dtype=args.dtype)
     config = CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.prefix_length, num_frozen_tokens=1)
     model = get_peft_model(base, config)
-    initialize_kv_prefix_from_text(model, tokenizer, text=CONTEXT.read_text().strip(), use_chat_template=True)
+    ids = torch.tensor([context_ids[: args.prefix_length]])
+    with model.disable_adapter(), torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+    initialize_kv_prefix_from_past_key_values(model, past_key_values=cache, num_virtual_tokens=args.prefix_length)
     return model, tokenizer
+
+
+def peft_with_checkpointing(args, context_ids: list[int], inputs: dict) -> str:
+    """What happens to a cartridge model (a fresh one) asked for gradient checkpointing: PEFT
+    accepts the call, but checkpointing turns the cache off and the prefix's keys/values with it."""
+    model, _ = peft_cartridge(args, context_ids)
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        model(**inputs).logits.sum().backward()
+    except Exception as error:  # noqa: BLE001 (we record whatever it raises)
+        return f"enabled, then the training forward fails: {type(error).__name__}: {str(error)[:200]}"
+    return "enabled, and a training step ran"
 
 
 def peft_step(model, optimizer, scheduler, batch) -> float:
@@ -229,6 +335,20 @@ def peft_greedy(model, formatter, prompts: list[str], tokens: int) -> list[str]:
     return outputs
 
 
+def peft_phase(args, teacher, formatter, context, train, held) -> dict:
+    peft, _ = peft_cartridge(args, context.ids)
+    training = train_peft(peft, formatter, train, args)
+    result = kl_and_top1(teacher, formatter, held, lambda inputs: peft(**inputs).logits)
+    asked = questions(args.questions)
+    outputs = peft_greedy(peft, formatter, [row["prompt"] for row in asked], args.question_tokens)
+    return result | {
+        "accuracy": accuracy(outputs, asked),
+        "correct": correct(outputs, asked),
+        "training": training,
+        "outputs": outputs,
+    }
+
+
 class RssSampler:
     """Samples this process's resident memory every 2 ms on a thread; `stop` gives the peak in MB
     above the memory resident when it started (the loaded model). ru_maxrss cannot: loading peaks higher."""
@@ -259,7 +379,6 @@ def measure(args) -> None:
     """Child process: median step time and peak memory above the loaded model of one trainer's step,
     on the same fixed batch (the first training samples). Prints one JSON line."""
     from prefixtune import PrefixConfig, PrefixModel, load_base_model
-    from prefixtune.data import PromptFormatter
     from prefixtune.distillation.context import load_context
     from prefixtune.distillation.loss import topk_kl
     from prefixtune.distillation.prefixes import add_prefix_from_ids, freeze_first_position
@@ -268,18 +387,18 @@ def measure(args) -> None:
 
     torch.manual_seed(0)
     samples = [s for s in load_samples(Path(args.cache_folder)) if not s.held_out][: args.batch_size]
+    base, tokenizer = load_base_model(args.model, dtype=args.dtype)
+    formatter = formatter_of(args, tokenizer)
+    context = load_context(CONTEXT, formatter)
     if args.measure == "ours":
-        base, tokenizer = load_base_model("smollm2-135m", dtype=args.dtype)
-        formatter = PromptFormatter(tokenizer, chat_template=True)
         model = PrefixModel(base, name=None, tokenizer=tokenizer)
         config = PrefixConfig(prefix_length=args.prefix_length, init="activations", init_text="-")
-        add_prefix_from_ids(model, "student", config, load_context(CONTEXT, formatter).ids)
+        add_prefix_from_ids(model, "student", config, context.ids)
         freeze_first_position(model, "student")
         model.gradient_checkpointing_enable()
         forward = lambda batch: model(**batch, prefix="student").logits  # noqa: E731
     else:
-        model, tokenizer = peft_cartridge(args, args.dtype)
-        formatter = PromptFormatter(tokenizer, chat_template=True)
+        model, _ = peft_cartridge(args, context.ids)
         forward = lambda batch: model(**batch).logits  # noqa: E731
     model.train()
     batch = collate(distill_rows(samples, formatter), formatter.tokenizer.pad_token_id)
@@ -297,15 +416,34 @@ def measure(args) -> None:
         seconds.append(time.perf_counter() - started)
     tokens = int(batch["attention_mask"].sum())
     result = {"step_seconds": statistics.median(seconds[1:]), "peak_mb_above_model": sampler.stop()}
+    if args.measure == "peft":
+        result["gradient_checkpointing"] = peft_with_checkpointing(args, context.ids, inputs)
     print(json.dumps(result | {"batch_tokens": tokens, "batch_shape": list(batch["input_ids"].shape)}))
 
 
 def measured(args, cache_folder: str, variant: str) -> dict:
-    command = [sys.executable, __file__, "--measure", variant, "--cache-folder", cache_folder]
+    command = [sys.executable, __file__, "--measure", variant, "--cache-folder", cache_folder, "--model", args.model]
     command += ["--batch-size", str(args.batch_size), "--prefix-length", str(args.prefix_length), "--dtype", args.dtype]
     command += ["--measure-steps", str(args.measure_steps), "--lr", str(args.lr), "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    command += ["--template", args.template] + (["--chat-template"] if args.chat_template else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the {variant} step measurement failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def full_context_prompts(formatter, context, rows: list[dict]) -> tuple[list[str], bool]:
+    """Each request's text with the whole handbook in front, as the teacher reads it; the server's
+    base template appends a newline, so the text leaves its last one off. And whether the server's
+    tokens are then exactly the teacher's."""
+    tokenizer = formatter.tokenizer
+    wanted = [context.teacher_ids(formatter.prompt_ids(row["prompt"])) for row in rows]
+    texts = [tokenizer.decode(ids).removesuffix("\n") for ids in wanted]
+    same = all(
+        tokenizer(text + "\n", add_special_tokens=False)["input_ids"] == ids
+        for text, ids in zip(texts, wanted, strict=True)
+    )
+    return texts, same
 
 
 def serving(args, work: Path, formatter, context) -> dict:
@@ -321,40 +459,32 @@ def serving(args, work: Path, formatter, context) -> dict:
     from serve_bench import phase, summary
 
     store = work / "store"
-    store.mkdir()
+    store.mkdir(exist_ok=True)
     shutil.copytree(work / "handbook", store / "handbook")
     asked = questions(args.questions)
     rows = [asked[i % len(asked)] for i in range(args.requests)]
-    tokenizer = formatter.tokenizer
-    full = []
-    for row in rows:
-        ids = context.teacher_ids(formatter.prompt_ids(row["prompt"]))
-        full.append(tokenizer.decode(ids).removesuffix("\n"))  # the server's base template adds the "\n" back
-    same_ids = all(
-        tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
-        == context.teacher_ids(formatter.prompt_ids(r["prompt"]))
-        for text, r in zip(full, rows, strict=True)
-    )
+    full, same_ids = full_context_prompts(formatter, context, rows)
     jobs = {
         "full context": [{"model": "base", "prompt": text, "max_tokens": args.question_tokens} for text in full],
         "distilled prefix": [
             {"model": "handbook", "prompt": r["prompt"], "max_tokens": args.question_tokens} for r in rows
         ],
     }
-    base, _ = load_base_model("smollm2-135m", dtype=args.dtype)
+    base, _ = load_base_model(args.model, dtype=args.dtype)
     limits = Limits(max_prompt_tokens=4096, max_tokens=args.question_tokens, max_queue=None)
-    app, engine, _ = build_app(base, tokenizer, str(store), limits=limits, max_batch_size=16, engine="continuous")
+    app, engine, _ = build_app(
+        base, formatter.tokenizer, str(store), limits=limits, max_batch_size=16, engine="continuous"
+    )
     results = {}
     try:
         with running(app) as url:
             for label, phase_jobs in jobs.items():
                 outputs, seconds = asyncio.run(phase(url, phase_jobs, None, 3600))
-                results[label] = summary(outputs, seconds, None) | {
-                    "accuracy": accuracy([o["text"] for o in outputs], rows),
-                    "texts": [o["text"] for o in outputs],
-                }
+                texts = [o["text"] for o in outputs]
+                results[label] = summary(outputs, seconds, None) | {"accuracy": accuracy(texts, rows), "texts": texts}
+                print(f"[{time.strftime('%H:%M:%S')}]   {label}: {seconds:.1f} s", flush=True)
     finally:
-        engine.stop()
+        engine.close()
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     a, b = results["full context"]["texts"], results["distilled prefix"]["texts"]
     compared = {
@@ -372,7 +502,8 @@ def ratio(a: float, b: float) -> float | None:
 
 def goals(result: dict) -> dict:
     """Each goal of issue 19 as (measured value, "<=", ">=" or "<", target)."""
-    quality, peft, serve, step = result["questions"], result["peft_cartridge"], result["serving"], result["step"]
+    quality, peft, serve, step = result["quality"], result["peft_cartridge"], result["serving"], result["step"]
+    held = result["distil"]["held_out"]
     gain = quality["teacher"]["accuracy"] - quality["bare"]["accuracy"]
     full, distilled = serve["full context"], serve["distilled prefix"]
     measured = {
@@ -381,9 +512,9 @@ def goals(result: dict) -> dict:
             ">=",
             0.8,
         ),
-        "held-out top-1 agreement with the teacher": (result["held_out"]["student"]["top1_agreement"], ">=", 0.8),
-        "compression ratio (context tokens / P)": (result["compression_ratio"], ">=", 30),
-        "held-out KL ours / PEFT cartridge": (ratio(result["ours_vs_peft"]["ours"]["kl"], peft["kl"]), "<=", 1.0),
+        "held-out top-1 agreement with the teacher": (held["student"]["top1_agreement"], ">=", 0.8),
+        "compression ratio (context tokens / P)": (result["distil"]["compression_ratio"], ">=", 30),
+        "held-out KL ours / PEFT cartridge": (ratio(peft["ours"]["kl"], peft["kl"]), "<=", 1.0),
         "question accuracy ours - PEFT cartridge": (quality["student"]["accuracy"] - peft["accuracy"], ">=", 0.0),
         "step time ours (checkpointing) / PEFT": (
             ratio(step["ours"]["step_seconds"], step["peft"]["step_seconds"]),
@@ -397,7 +528,7 @@ def goals(result: dict) -> dict:
         ),
         "serving throughput, prefix / full context": (ratio(distilled["req_per_s"], full["req_per_s"]), ">=", 5.0),
         "serving TTFT p50, full context / prefix": (ratio(full["ttft_p50"], distilled["ttft_p50"]), ">=", 5.0),
-        "time to distil, minutes (samples + training)": (result["seconds"]["distil_total"] / 60, "<=", 20.0),
+        "time to distil, minutes (samples + training)": (result["distil"]["seconds"]["distil_total"] / 60, "<=", 20.0),
     }
     checks = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t, "<": lambda v, t: v < t}
     return {
@@ -406,64 +537,60 @@ def goals(result: dict) -> dict:
     }
 
 
-def main() -> int:
-    args = arguments()
+def header(args) -> dict:
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "platform": platform.platform(),
+        "model": "tiny random Llama (--quick)" if args.quick else args.model,
+        "note": "2-core machine shared with other engineers' tests and benchmarks during the run (see the "
+        "load averages): read ratios measured side by side, not absolute seconds",
+        "load_average_before": os.getloadavg(),
+        "settings": vars(args),
+    }
+
+
+def run_phases(args, work: Path, record: Record) -> None:
+    report, distil_seconds = distil(args, work)
+    report["seconds"]["distil_total"] = distil_seconds
+    record.phase(
+        "distil",
+        {k: report[k] for k in ("context_tokens", "prefix_length", "compression_ratio")}
+        | {
+            "samples": report["samples"] | {"cache": None},
+            "held_out": report["held_out"],
+            "train_loss": report["train_loss"],
+            "seconds": report["seconds"],
+        },
+    )
+    model, formatter, context = teacher_model(args, work)
+    train, held = samples_from(report)
+    quality = question_accuracy(model, formatter, args)
+    record.phase("quality", quality | {"overlap": question_overlap(train + held)})
+    record.phase("serving", serving(args, work, formatter, context))
+    ours = kl_and_top1(model, formatter, held, lambda inputs: model(**inputs, prefix="student").logits)
+    record.phase("peft_cartridge", peft_phase(args, model, formatter, context, train, held) | {"ours": ours})
+    cache_folder = report["samples"]["cache"]
+    record.phase("step", {variant: measured(args, cache_folder, variant) for variant in ("ours", "peft")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
     torch.set_num_threads(args.threads)
     if args.measure:
         measure(args)
         return 0
-    import os
-
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-bench-"))
-    load_before, started = os.getloadavg(), time.perf_counter()
-    report, distil_seconds = distil(args, work)
-    print(f"[{time.strftime('%H:%M:%S')}] distilled: {json.dumps(report['held_out'])}", flush=True)
-    model, formatter, context = teacher_model(args, work)
-    quality = question_accuracy(model, formatter, args)
-    print(f"[{time.strftime('%H:%M:%S')}] questions: {[(k, v['accuracy']) for k, v in quality.items()]}", flush=True)
-    train, held = samples_from(report)
-    ours = kl_and_top1(model, formatter, held, lambda inputs: model(**inputs, prefix="student").logits)
-    peft, _ = peft_cartridge(args, args.dtype)
-    peft_training = train_peft(peft, formatter, train, args)
-    peft_result = kl_and_top1(model, formatter, held, lambda inputs: peft(**inputs).logits)
-    asked = questions(args.questions)
-    peft_outputs = peft_greedy(peft, formatter, [row["prompt"] for row in asked], args.question_tokens)
-    peft_result |= {"accuracy": accuracy(peft_outputs, asked), "training": peft_training, "outputs": peft_outputs}
-    print(
-        f"[{time.strftime('%H:%M:%S')}] peft: {json.dumps({k: v for k, v in peft_result.items() if k != 'outputs'})}",
-        flush=True,
-    )
-    peft = None  # its memory back before the measured processes start
-    cache_folder = report["samples"]["cache"]
-    step = {variant: measured(args, cache_folder, variant) for variant in ("ours", "peft")}
-    print(f"[{time.strftime('%H:%M:%S')}] step: {json.dumps(step)}", flush=True)
-    serve = serving(args, work, formatter, context)
-    result = {
-        "command": " ".join(["python", *sys.argv]),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "note": "2-core machine shared with other engineers' tests and benchmarks during the run (see load averages); "
-        "read ratios, not absolute seconds",
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "settings": vars(args),
-        "context_tokens": report["context_tokens"],
-        "prefix_length": report["prefix_length"],
-        "compression_ratio": report["compression_ratio"],
-        "samples": report["samples"] | {"cache": None},
-        "held_out": report["held_out"],
-        "questions": quality,
-        "ours_vs_peft": {"ours": ours, "peft": {k: peft_result[k] for k in ("kl", "top1_agreement")}},
-        "peft_cartridge": peft_result,
-        "step": step,
-        "serving": serve,
-        "seconds": report["seconds"] | {"distil_total": distil_seconds, "benchmark": time.perf_counter() - started},
-    }
-    result["goals"] = goals(result)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
-    for key, goal in result["goals"].items():
+    work.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.model = quick_model(work)
+    record = Record(args.output, header(args))
+    started = time.perf_counter()
+    run_phases(args, work, record)
+    record["seconds_benchmark"] = time.perf_counter() - started
+    record["complete"] = True
+    record.phase("goals", goals(record))
+    for key, goal in record["goals"].items():
         shown = "n/a" if goal["value"] is None else f"{goal['value']:.3f}"
         print(f"{key:62s} {shown:>9s}  goal {goal['goal']:8s} {'met' if goal['met'] else 'NOT met'}")
     print(f"wrote {args.output}")

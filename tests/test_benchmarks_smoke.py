@@ -84,3 +84,31 @@ def test_speed_hybrid_section_reports_state_prefixed_train_steps_against_the_flo
         rows = report["hybrid_train_step"][model_type]
         assert "4 state" in rows["layers"] and rows["floor"]["vs_floor"] == 1.0
         assert rows["kv"]["seconds"] > 0 and rows["hidden"]["seconds"] > 0
+
+
+def test_distill_bench_quick_writes_every_phase_and_its_goals(tmp_path):
+    result = run("distill_bench.py", "--threads", "1", "--output", str(tmp_path / "distill.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "distill.json").read_text())
+    assert_cpu_recorded(report)
+    assert report["complete"]
+    assert report["distil"]["compression_ratio"] == report["distil"]["context_tokens"] / 32
+    assert set(report["quality"]) >= {"teacher", "bare", "student", "truncated", "overlap"}
+    assert len(report["quality"]["teacher"]["outputs"]) == 4  # --quick asks the first 4 questions
+    assert report["serving"]["full context"]["requests"] == report["serving"]["distilled prefix"]["requests"] == 4
+    assert report["peft_cartridge"]["training"]["seconds"] > 0
+    assert report["step"]["peft"]["gradient_checkpointing"].startswith("enabled, then the training forward fails")
+    assert len(report["goals"]) == 10 and all("met" in goal for goal in report["goals"].values())
+
+
+def test_distill_bench_record_rewrites_its_json_after_each_phase(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from distill_bench import Record
+
+    record = Record(str(tmp_path / "out.json"), {"command": "x"})
+    record.phase("distil", {"seconds": 1.0})
+    first = json.loads((tmp_path / "out.json").read_text())
+    assert first["distil"] == {"seconds": 1.0} and not first["complete"] and "quality" not in first
+    assert_cpu_recorded(first)
+    record.phase("quality", {"teacher": {"accuracy": 0.5}})
+    assert json.loads((tmp_path / "out.json").read_text())["quality"] == {"teacher": {"accuracy": 0.5}}

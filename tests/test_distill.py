@@ -167,6 +167,29 @@ def test_self_study_writes_prompts_and_answers_caches_them_and_a_second_run_reus
     assert selfstudy.cache_key(model, "float32", context, formatter, other) != folder.name
 
 
+def test_self_study_answers_from_the_teacher_prefix_equal_generation_with_the_context_in_the_prompt(tmp_path):
+    """The teacher's keys/values on the context are computed once (the teacher prefix) and every batch
+    of self-study generation (left-padded, mixed lengths) reuses them: the answers are the bare
+    model's greedy answers with the whole context in each prompt, one prompt at a time."""
+    model, formatter, context, _ = teacher_and_samples(tmp_path, top_k=0)
+    inputs = [formatter.prompt_ids(prompt) for prompt in PROMPTS]
+    assert len({len(ids) for ids in inputs}) > 1  # mixed lengths: the batches are padded
+    answers = selfstudy._generate(model, formatter, inputs, 6, False, 3)  # noqa: SLF001
+    eos = formatter.tokenizer.eos_token_id
+    for ids, answer in zip(inputs, answers, strict=True):
+        row = torch.tensor([context.teacher_ids(ids)])
+        with model.disable_prefix():
+            tokens = model.generate(
+                input_ids=row,
+                attention_mask=torch.ones_like(row),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=eos,
+                eos_token_id=eos,
+            )[0, row.shape[1] :]
+        assert answer == selfstudy._until_eos(tokens.tolist(), eos)  # noqa: SLF001
+
+
 def _losses(report_folder) -> list[float]:
     history = json.loads((report_folder / "log_history.json").read_text())
     return [entry["loss"] for entry in history if "loss" in entry]
