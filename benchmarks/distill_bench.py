@@ -101,23 +101,12 @@ class Record(dict):
 
 def quick_model(work: Path) -> str:
     """A tiny random Llama with SmolLM2's tokenizer (the handbook fits its window), saved as a folder."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from prefixtune import load_base_model
+    from quick_model import tiny_llama_for
 
     _, tokenizer = load_base_model("smollm2-135m", dtype="float32")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-    )
     folder = work / "tiny-model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_llama_for(tokenizer, max_positions=2048).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

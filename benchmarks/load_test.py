@@ -23,12 +23,12 @@ from pathlib import Path
 
 import httpx
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.precision import cpu_record
 from prefixtune.serving import build_app
 from prefixtune.serving.background import running
+from quick_model import tiny_llama_for
 
 STYLES = {  # activations-initialised prefixes: real, visibly different behaviours
     "french": "Always answer in French.",
@@ -53,17 +53,7 @@ PROMPTS = [
 def base_model(quick: bool):
     model, tokenizer = load_base_model("smollm2-135m", dtype="float32")
     if quick:  # same tokenizer, tiny random Llama
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,  # head size 32: the smallest vLLM's CPU attention takes
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-        )
-        model = AutoModelForCausalLM.from_config(config).eval()
+        model = tiny_llama_for(tokenizer, max_positions=512)
     return model, tokenizer
 
 
