@@ -13,6 +13,9 @@ prefix's blocks hot, and the salt keeps two prefixes apart.
   keys/values go to the connector's content-addressed folder under their hash (written once, never
   overwritten): a replaced prefix is a new file under a new hash and salt, the old file stays, so
   requests admitted before keep reading their own version and new ones get the new one.
+* The base model is held once, by vLLM: the engine releases the front end's copy of every weight but
+  the input embeddings (`prefixtune.vllm.front_base`); the first `hidden` prefix, which runs the base's
+  own layers to compile its keys/values, loads them again (once) under `exclusive`.
 * `AsyncLLM` runs on this engine's own event loop thread: `submit` / `cancel` may be called from any
   thread, tokens reach the request's channel as they are generated (``RequestOutputKind.DELTA``).
 * `cancel` aborts the request in `AsyncLLM` (its blocks are freed at the next step).
@@ -81,6 +84,7 @@ class VLLMSettings:
     max_model_len: int | None = None  # placeholders + prompt + generated tokens, at most
     max_num_batched_tokens: int | None = None  # tokens per step (chunked prefill)
     enforce_eager: bool = True  # no graph capture/compilation: start-up in seconds
+    release_base: bool = True  # the front end keeps the base's embeddings only (`prefixtune.vllm.front_base`)
 
     def engine_args(self, connector_args: dict[str, Any]):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -153,6 +157,12 @@ class VLLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
+        self.base_loads = 0  # times the front end loaded the base's weights again (for a `hidden` prefix)
+        if settings.release_base:  # vLLM holds the model; the store needs its embeddings and fingerprint only
+            from ..vllm.front_base import release_weights
+
+            released = release_weights(model)
+            logger.info("vLLM front end: released %.1f MiB of base weights vLLM holds", released / 2**20)
         self.hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot keys/values) -> (it, its file hash)
         self.eos = tokenizer.eos_token_id
         self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
@@ -197,9 +207,16 @@ class VLLMEngine:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """The in-process base model for the store (a `hidden` prefix computes its keys/values once);
-        vLLM never runs it, so serving goes on meanwhile."""
+        """The in-process base model for the store (a `hidden` prefix computes its keys/values once):
+        its weights are loaded again the first time (`front_base.restore_weights`). vLLM never runs it,
+        so serving goes on meanwhile."""
+        from ..vllm.front_base import restore_weights, weights_released
+
         with self.lock:
+            if weights_released(self.model):
+                logger.info("loading the base's weights in the front end to compile a hidden prefix")
+                restore_weights(self.model, self.settings.model, self.settings.dtype)
+                self.base_loads += 1
             yield
 
     def stats(self) -> EngineStats:
