@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,9 +55,21 @@ def create_app(
     admin_token: str | None = None,
     limits: Limits | None = None,
     model_id: str = "prefixtune",
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app over a started `engine` and the `store` wired to it (see `factory.build_app`)."""
-    app = FastAPI(title="prefixtune", description="One frozen base model, many prefixes.")
+    """The app over a started `engine` and the `store` wired to it (see `factory.build_app`); `on_shutdown`
+    runs when the server shuts down (uvicorn runs it on SIGTERM/Ctrl-C before it re-raises the signal)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        on_shutdown()
+
+    app = FastAPI(
+        title="prefixtune",
+        description="One frozen base model, many prefixes.",
+        lifespan=lifespan if on_shutdown else None,
+    )
     app.state.served = Served(
         engine=engine,
         store=store,

@@ -11,8 +11,9 @@ prefix's blocks hot, and the salt keeps two prefixes apart.
 
 * Admission snapshots: a request is submitted with the snapshot the store gave it at admission, whose
   keys/values go to the connector's content-addressed folder under their hash (written once, never
-  overwritten): a replaced prefix is a new file under a new hash and salt, the old file stays, so
-  requests admitted before keep reading their own version and new ones get the new one.
+  overwritten): a replaced prefix is a new file under a new hash and salt, the old file stays until the
+  last request admitted with it ends, so those keep reading their own version and new ones get the new
+  one. Files are removed at start-up (a stopped server's) and shutdown (`prefixtune.vllm.kv_folder`).
 * The base model is held once, by vLLM: the engine releases the front end's copy of every weight but
   the input embeddings (`prefixtune.vllm.front_base`); the first `hidden` prefix, which runs the base's
   own layers to compile its keys/values, loads them again (once) under `exclusive`.
@@ -33,18 +34,16 @@ import itertools
 import logging
 import sys
 import threading
-import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from ..injection import UnsupportedModelError
 from ..loading import ModelLoadError
 from ..model import PrefixModel
+from ..vllm.kv_folder import KVFolder
 from .interface import EngineClosed, EngineStats, RequestRejected, end_request, new_counts
 from .requests import Request, Token
 
@@ -163,7 +162,7 @@ class VLLMEngine:
 
             released = release_weights(model)
             logger.info("vLLM front end: released %.1f MiB of base weights vLLM holds", released / 2**20)
-        self.hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot keys/values) -> (it, its file hash)
+        self.kv = KVFolder(settings.kv_folder)  # the compiled prefix files, each kept while a snapshot of it lives
         self.eos = tokenizer.eos_token_id
         self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
         self.ids = itertools.count()
@@ -177,6 +176,8 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> VLLMEngine:
+        if removed := self.kv.clear():  # nothing admitted yet: any file there is a stopped server's
+            logger.info("removed %d stale compiled prefixes from %s", removed, self.kv.folder)
         self.thread = threading.Thread(target=self.loop.run_forever, name="prefixtune-vllm", daemon=True)
         self.thread.start()
         try:
@@ -204,6 +205,7 @@ class VLLMEngine:
                 asyncio.run_coroutine_threadsafe(_shutdown(llm), self.loop).result(60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=30)
+        self.kv.clear()  # vLLM reads none of them now
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -254,14 +256,16 @@ class VLLMEngine:
             if self.unended.pop(request.engine_id or "", None) is None:
                 return  # ended already, or never admitted
             end_request(request, error or "cancelled", self.counts)
+            request.prefix_inputs = None  # ended: its snapshot (and so its compiled file) may go
         if self.thread is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
 
     def _prompt(self, request: Request):
         """The request as vLLM runs it: P placeholder ids + its prompt, ``cache_salt`` and the connector's
         parameters (`prefixtune.vllm.prefixed_prompt`); the admitted snapshot's keys/values are written
-        once to the connector's content-addressed folder, under a name no later version shares."""
-        from ..vllm import PARAMS_KEY, prefixed_prompt
+        once to the connector's content-addressed folder, under a name no later version shares, and
+        removed when no snapshot of them is left (`prefixtune.vllm.kv_folder`)."""
+        from ..vllm import prefixed_prompt
 
         window = self.llm.model_config.max_model_len
         inputs = request.prefix_inputs
@@ -276,18 +280,8 @@ class VLLMEngine:
             )
         if key_values is None:
             return prefixed_prompt(None, request.prompt_ids, self.settings.kv_folder)
-        with self.lock:  # a snapshot never changes: hashed and written once
-            known = self.hashes.get(id(key_values))
-            known_hash = known[1] if known is not None and known[0]() is key_values else None
-            prompt = prefixed_prompt(key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=known_hash)
-            if known_hash is None:
-                self._remember(key_values, prompt.kv_transfer_params[PARAMS_KEY]["prefix"])
-        return prompt
-
-    def _remember(self, key_values: Tensor, prefix_hash: str) -> None:
-        """Keep the snapshot's hash while the snapshot lives (tensors compare by value, so no WeakKeyDictionary)."""
-        ident = id(key_values)
-        self.hashes[ident] = (weakref.ref(key_values, lambda _: self.hashes.pop(ident, None)), prefix_hash)
+        prefix_hash = self.kv.hash_of(key_values)  # written once per version, removed when its last snapshot goes
+        return prefixed_prompt(key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=prefix_hash)
 
     def _start_task(self, request: Request, prompt) -> None:
         if request.engine_id in self.unended:  # not cancelled on its way here
@@ -324,6 +318,7 @@ class VLLMEngine:
         with self.lock:
             if self.unended.pop(request.engine_id, None) is not None:  # else: cancelled meanwhile
                 end_request(request, reason, self.counts)
+                request.prefix_inputs = None  # ended: its snapshot (and so its compiled file) may go
 
     def _sampling(self, request: Request, extra_args: dict[str, Any] | None):
         from vllm import SamplingParams
