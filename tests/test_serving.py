@@ -260,6 +260,14 @@ def test_admin_endpoints_are_off_without_a_token(tmp_path):
     assert response.status_code == 403 and "disabled" in response.text
 
 
+def test_resetting_a_prefix_cache_the_engine_does_not_keep_is_a_400_naming_it(tmp_path):
+    app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store", admin_token=TOKEN)
+    with TestClient(app) as client:
+        response = client.post("/admin/prefix-cache/reset", headers={"Authorization": f"Bearer {TOKEN}"})
+    engine.close()
+    assert response.status_code == 400 and "continuous engine keeps no prefix cache" in response.text
+
+
 def test_a_bad_prefix_in_the_store_fails_only_its_own_requests(tmp_path):
     write_store(tmp_path / "store")
     (tmp_path / "store" / "formal-blog" / WEIGHTS_NAME).write_bytes(b"garbage")

@@ -268,6 +268,19 @@ def test_replace_and_delete_under_load_never_fail_or_change_admitted_requests(li
 
 @needs_vllm
 @pytest.mark.slow
+def test_resetting_vllms_prefix_cache_keeps_answers_the_same(live):
+    url, store, _ = live
+    body = {"model": "mid-mlp", "prompt": PROMPTS[2], "max_tokens": 12}
+    before = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    assert httpx.post(f"{url}/admin/prefix-cache/reset").status_code == 401
+    answer = httpx.post(f"{url}/admin/prefix-cache/reset", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200 and answer.json() == {"reset": True}
+    after = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    assert after == before == alone(store, PROMPTS[2], "mid-mlp", 12)  # the prefix loaded again by the connector
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_a_hung_up_stream_is_aborted_in_vllm(live):
     url, _, _ = live
     before = metric(url, "prefixtune_computed_tokens")

@@ -82,6 +82,7 @@ def create_app(
     app.state.metrics = app.state.served.metrics
     app.include_router(routes.router)
     app.include_router(admin.router)
+    app.include_router(admin.cache_router)
     app.add_exception_handler(StarletteHTTPException, openai_error)  # also routing's 404/405
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, unexpected)

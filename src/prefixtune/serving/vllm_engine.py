@@ -237,6 +237,13 @@ class VLLMEngine:
             **(counts | vllm_counts),
         )
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty vLLM's prefix cache (prompt blocks and prefixes' salted blocks; a prefix is loaded again by the
+        connector on its next request); False when vLLM could not, with requests running."""
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine is not running (start() it first)")
+        return asyncio.run_coroutine_threadsafe(self.llm.reset_prefix_cache(), self.loop).result(60)
+
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Future:
         """Admit `request` (`RequestRejected` if its prefix, prompt and output do not fit vLLM's window)."""
