@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ import torch
 from load_test import base_model
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.data import PromptFormatter
+from prefixtune.files import WEIGHTS_NAME
 from prefixtune.precision import cpu_record
 from prefixtune.serving import BASE_NAME, Limits, build_app
 from prefixtune.serving.background import free_port, running, wait_healthy
@@ -224,33 +226,45 @@ def vllm_server(args, store: Path, model: str, phases: Phases, token: str) -> It
 def references(model, tokenizer, store: Path, jobs: list[dict], known: dict) -> list[dict]:
     """Each request generated alone by `PrefixModel.generate` (greedy, float32) from the store's own
     files: what every engine must answer, as results `summary` compares texts with. `known`: texts of
-    requests generated before, by (prefix, prompt, max_tokens) (workloads share prompts)."""
+    requests generated before (workloads share prompts; `--references-cache`: earlier runs), by
+    `reference_key`; new ones are added to it."""
     wrapper = PrefixModel(model, name=None, tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer)
     texts = []
     for job in jobs:
-        name = job["model"]
-        key = (name, job["prompt"], job["max_tokens"])
-        if key in known:
-            texts.append(known[key])
-            continue
-        if name != BASE_NAME and name not in wrapper.prefixes:
-            wrapper.load_prefix(store / name, name=name)
-        ids = formatter.prompt_ids(job["prompt"])
-        with torch.no_grad():
-            output = wrapper.generate(
-                input_ids=torch.tensor([ids]),
-                prefix=["" if name == BASE_NAME else name],
-                max_new_tokens=job["max_tokens"],
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )[0, len(ids) :].tolist()
-        if tokenizer.eos_token_id in output:
-            output = output[: output.index(tokenizer.eos_token_id)]
-        known[key] = {"text": tokenizer.decode(output, skip_special_tokens=True)}
+        name, ids = job["model"], formatter.prompt_ids(job["prompt"])
+        key = reference_key(wrapper, store, name, ids, job["max_tokens"])
+        if key not in known:
+            known[key] = {"text": generate_alone(wrapper, store, name, ids, job["max_tokens"])}
         texts.append(known[key])
     return texts
+
+
+def reference_key(wrapper: PrefixModel, store: Path, name: str, ids: list[int], max_tokens: int) -> str:
+    """What a greedy answer depends on: the base (its fingerprint), the prefix file's bytes, the prompt ids
+    and max_tokens."""
+    digest = hashlib.sha256(json.dumps([wrapper.fingerprint, ids, max_tokens]).encode())
+    if name != BASE_NAME:
+        digest.update((store / name / WEIGHTS_NAME).read_bytes())
+    return digest.hexdigest()
+
+
+def generate_alone(wrapper: PrefixModel, store: Path, name: str, ids: list[int], max_tokens: int) -> str:
+    if name != BASE_NAME and name not in wrapper.prefixes:
+        wrapper.load_prefix(store / name, name=name)
+    tokenizer = wrapper.tokenizer
+    with torch.no_grad():
+        output = wrapper.generate(
+            input_ids=torch.tensor([ids]),
+            prefix=["" if name == BASE_NAME else name],
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+    if tokenizer.eos_token_id in output:
+        output = output[: output.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(output, skip_special_tokens=True)
 
 
 def main() -> int:
@@ -271,6 +285,12 @@ def main() -> int:
     parser.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM environment")
     parser.add_argument("--vllm-kv-cache-gb", type=float, default=2.0)
     parser.add_argument("--note", default="", help="recorded in the JSON, e.g. that the cores were shared")
+    parser.add_argument(
+        "--references-cache",
+        default=None,
+        help="JSON file of PrefixModel.generate answers (by base, prefix bytes, prompt, max_tokens): read, "
+        "completed and written back, so a rerun does not generate them again",
+    )
     parser.add_argument("--json", default="benchmarks/results/serve_bench.json")
     args = parser.parse_args()
     engines = args.engines.split(",")
@@ -329,11 +349,17 @@ def continuous_arm(args, store: Path, one_prefix, by_count: dict[int, list[dict]
 def vllm_arm(args, store: Path, model, tokenizer, one_prefix: list[dict], many: list[dict], phases: Phases) -> None:
     """The vLLM engine's phases; every answer is compared with `PrefixModel.generate` alone."""
     plain = [job | {"model": BASE_NAME} for job in one_prefix]  # the same requests without a prefix
-    began, known = time.perf_counter(), {}
+    cache = Path(args.references_cache) if args.references_cache else None
+    known = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    began, cached = time.perf_counter(), len(known)
     workloads = (("one", one_prefix), ("many", many), ("plain", plain))
     expected = {key: references(model, tokenizer, store, jobs, known) for key, jobs in workloads}
-    phases[f"references: {len(known)} requests by PrefixModel.generate alone (s)"] = {
-        "seconds": time.perf_counter() - began
+    if cache:
+        cache.write_text(json.dumps(known))
+    phases["references by PrefixModel.generate alone"] = {
+        "seconds": time.perf_counter() - began,
+        "generated now": len(known) - cached,
+        "read from --references-cache (generated by an earlier run of this script)": cached,
     }
     folder = "smollm2-135m"
     if args.quick:  # vLLM loads models from folders

@@ -164,7 +164,8 @@ class VLLMEngine:
             logger.info("vLLM front end: released %.1f MiB of base weights vLLM holds", released / 2**20)
         self.kv = KVFolder(settings.kv_folder)  # the compiled prefix files, each kept while a snapshot of it lives
         self.eos = tokenizer.eos_token_id
-        self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
+        self.lock = threading.RLock()  # guards the counters and the requests not ended
+        self.base_lock = threading.Lock()  # `exclusive`: the store's use of the front end's base
         self.ids = itertools.count()
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> its serving task (engine loop only)
         self.unended: dict[str, Request] = {}  # submitted, not yet ended (any thread)
@@ -214,7 +215,7 @@ class VLLMEngine:
         so serving goes on meanwhile."""
         from ..vllm.front_base import restore_weights, weights_released
 
-        with self.lock:
+        with self.base_lock:  # not `lock`: requests are admitted and counted meanwhile
             if weights_released(self.model):
                 logger.info("loading the base's weights in the front end to compile a hidden prefix")
                 restore_weights(self.model, self.settings.model, self.settings.dtype)
