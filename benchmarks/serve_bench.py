@@ -9,10 +9,12 @@ Phases (each bounded in requests and seconds; greedy, streaming clients):
   4. half rate:    Poisson arrivals at half the new engine's saturation rate, N = --many (p99 TTFT)
   5. vllm:         `prefixtune serve --engine vllm` as a subprocess of the vLLM environment's python
                    (--vllm-python): alone, saturation with 1 prefix, with no prefix (the same requests
-                   on the bare model: vLLM's own throughput) and with --many prefixes, half rate.
+                   on the bare model: vLLM's own throughput) and with --many prefixes, half rate; each
+                   phase starts with vLLM's prefix cache emptied (the phases repeat prompts).
 Every phase's outputs are compared per request with the same request on the other engine / alone;
 the vllm phases with `PrefixModel.generate` of each request alone (float32, greedy): outputs must be
-equal (mismatches are reported, and make the exit status non-zero).
+equal (mismatches are reported, and make the exit status non-zero). The JSON is rewritten after every
+phase (``outcome``: ``unfinished`` until the end, ``stopped: ...`` if a phase failed or timed out).
 
     .venv/bin/python benchmarks/serve_bench.py                 # SmolLM2-135M (a few minutes on 2 cores)
     .venv/bin/python benchmarks/serve_bench.py --quick         # tiny random Llama, smoke run
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
 import random
+import secrets
 import statistics
 import subprocess
 import tempfile
@@ -41,9 +45,10 @@ import torch
 from load_test import base_model
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.data import PromptFormatter
+from prefixtune.files import WEIGHTS_NAME
 from prefixtune.precision import cpu_record
 from prefixtune.serving import BASE_NAME, Limits, build_app
-from prefixtune.serving.background import free_port, running
+from prefixtune.serving.background import free_port, running, wait_healthy
 
 ENGINES = ("microbatch", "continuous", "vllm")
 
@@ -149,11 +154,32 @@ def summary(results: list[dict], seconds: float, reference: list[dict] | None) -
 
 
 class Phases(dict):
-    """Phase results, each printed when it is measured (a long run shows its progress)."""
+    """Phase results, each printed and written to the JSON when it is measured (a long run shows its
+    progress, and a run stopped midway leaves what it measured, marked unfinished)."""
+
+    def __init__(self, args) -> None:
+        super().__init__()
+        self.args = args
+        self.began = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
     def __setitem__(self, label: str, value: dict) -> None:
         super().__setitem__(label, value)
         print(f"[{time.strftime('%H:%M:%S')}] {label}: {json.dumps(value)}", flush=True)
+        self.write()
+
+    def write(self, ratios: dict | None = None, outcome: str = "unfinished") -> None:
+        """The JSON so far: the phases, and the ratios once the run is done (`outcome`: how it ended)."""
+        machine = {
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "note": self.args.note,
+        }
+        ended = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        result = {"args": vars(self.args), "cpu": cpu_record(), "machine": machine, "began": self.began}
+        result |= {"written": ended, "outcome": outcome, "phases": dict(self), "ratios": ratios or {}}
+        Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.json).write_text(json.dumps(result, indent=2))
 
 
 def serve(engine: str, args, store: Path, phases: Phases):
@@ -166,31 +192,24 @@ def serve(engine: str, args, store: Path, phases: Phases):
 
 
 @contextmanager
-def vllm_server(args, store: Path, model: str, phases: Phases) -> Iterator[str]:
+def vllm_server(args, store: Path, model: str, phases: Phases, token: str) -> Iterator[str]:
     """`prefixtune serve --engine vllm` as a subprocess of the vLLM environment's python (vLLM pins
-    another transformers than this one), on a free loopback port; yields its URL."""
+    another transformers than this one), on a free loopback port, admin API behind `token`; yields its URL."""
     port = free_port()
     command = [args.vllm_python, "-m", "prefixtune", "serve", "--engine", "vllm", "--model", model]
+    command += ["--admin-token", token]
     command += ["--prefix-store", str(store), "--port", str(port), "--max-batch-size", str(args.batch)]
     command += ["--max-prompt-tokens", "400", "--max-tokens", str(args.max_tokens[1]), "--max-queue", "100000"]
     command += ["--vllm-kv-cache-gb", str(args.vllm_kv_cache_gb), "--dtype", "float32", "--device", "cpu"]
     source = str(Path(__file__).resolve().parents[1] / "src")
     env = os.environ | {"PYTHONPATH": source + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = store.with_name(f"{store.name}-vllm-server.log")  # vLLM's own output, beside the temporary store
+    print(f"vLLM server output: {log}", flush=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with {process.returncode}: {' '.join(command)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - started > args.timeout:
-                raise RuntimeError(f"the vLLM server did not start within {args.timeout} s")
-            time.sleep(1)
+        wait_healthy(url, process, args.timeout)  # RuntimeError if it exits first or takes longer
         phases[f"start-up, vllm engine (server process), store of {args.many} (s)"] = {
             "seconds": time.perf_counter() - started
         }
@@ -204,30 +223,48 @@ def vllm_server(args, store: Path, model: str, phases: Phases) -> Iterator[str]:
             process.wait()
 
 
-def references(model, tokenizer, store: Path, jobs: list[dict]) -> list[dict]:
+def references(model, tokenizer, store: Path, jobs: list[dict], known: dict) -> list[dict]:
     """Each request generated alone by `PrefixModel.generate` (greedy, float32) from the store's own
-    files: what every engine must answer, as results `summary` compares texts with."""
+    files: what every engine must answer, as results `summary` compares texts with. `known`: texts of
+    requests generated before (workloads share prompts; `--references-cache`: earlier runs), by
+    `reference_key`; new ones are added to it."""
     wrapper = PrefixModel(model, name=None, tokenizer=tokenizer)
     formatter = PromptFormatter(tokenizer)
     texts = []
     for job in jobs:
-        name = job["model"]
-        if name != BASE_NAME and name not in wrapper.prefixes:
-            wrapper.load_prefix(store / name, name=name)
-        ids = formatter.prompt_ids(job["prompt"])
-        with torch.no_grad():
-            output = wrapper.generate(
-                input_ids=torch.tensor([ids]),
-                prefix=["" if name == BASE_NAME else name],
-                max_new_tokens=job["max_tokens"],
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )[0, len(ids) :].tolist()
-        if tokenizer.eos_token_id in output:
-            output = output[: output.index(tokenizer.eos_token_id)]
-        texts.append({"text": tokenizer.decode(output, skip_special_tokens=True)})
+        name, ids = job["model"], formatter.prompt_ids(job["prompt"])
+        key = reference_key(wrapper, store, name, ids, job["max_tokens"])
+        if key not in known:
+            known[key] = {"text": generate_alone(wrapper, store, name, ids, job["max_tokens"])}
+        texts.append(known[key])
     return texts
+
+
+def reference_key(wrapper: PrefixModel, store: Path, name: str, ids: list[int], max_tokens: int) -> str:
+    """What a greedy answer depends on: the base (its fingerprint), the prefix file's bytes, the prompt ids
+    and max_tokens."""
+    digest = hashlib.sha256(json.dumps([wrapper.fingerprint, ids, max_tokens]).encode())
+    if name != BASE_NAME:
+        digest.update((store / name / WEIGHTS_NAME).read_bytes())
+    return digest.hexdigest()
+
+
+def generate_alone(wrapper: PrefixModel, store: Path, name: str, ids: list[int], max_tokens: int) -> str:
+    if name != BASE_NAME and name not in wrapper.prefixes:
+        wrapper.load_prefix(store / name, name=name)
+    tokenizer = wrapper.tokenizer
+    with torch.no_grad():
+        output = wrapper.generate(
+            input_ids=torch.tensor([ids]),
+            prefix=["" if name == BASE_NAME else name],
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+    if tokenizer.eos_token_id in output:
+        output = output[: output.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(output, skip_special_tokens=True)
 
 
 def main() -> int:
@@ -237,6 +274,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests per phase")
     parser.add_argument("--many", type=int, default=1000, help="prefixes in the store and the last N phase")
     parser.add_argument("--alone", type=int, default=8, help="requests sent one at a time (TTFT alone)")
+    parser.add_argument(
+        "--prefix-counts", type=int, nargs="*", default=[8, 100], help="N of the continuous engine's N-prefix phases"
+    )
     parser.add_argument("--prefix-length", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(8, 256))
     parser.add_argument("--max-tokens", type=int, nargs=2, default=(8, 128))
@@ -245,6 +285,12 @@ def main() -> int:
     parser.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM environment")
     parser.add_argument("--vllm-kv-cache-gb", type=float, default=2.0)
     parser.add_argument("--note", default="", help="recorded in the JSON, e.g. that the cores were shared")
+    parser.add_argument(
+        "--references-cache",
+        default=None,
+        help="JSON file of PrefixModel.generate answers (by base, prefix bytes, prompt, max_tokens): read, "
+        "completed and written back, so a rerun does not generate them again",
+    )
     parser.add_argument("--json", default="benchmarks/results/serve_bench.json")
     args = parser.parse_args()
     engines = args.engines.split(",")
@@ -257,16 +303,20 @@ def main() -> int:
     write_store(model, tokenizer, store, args.many, args.prefix_length)
     store_seconds = time.perf_counter() - began
     one_prefix = workload(tokenizer, args.requests, 1, args, seed=1)
-    counts = sorted({n for n in (8, 100, args.many) if n <= args.many})
+    counts = sorted({n for n in (*args.prefix_counts, args.many) if n <= args.many})
     by_count = {n: workload(tokenizer, args.requests, n, args, seed=1) for n in counts}
-    phases = Phases()
+    phases = Phases(args)
     old = None
-    if "microbatch" in engines:
-        old = microbatch_arm(args, store, one_prefix, phases)
-    if "continuous" in engines:
-        continuous_arm(args, store, one_prefix, by_count, old, phases)
-    if "vllm" in engines:
-        vllm_arm(args, store, model, tokenizer, one_prefix, by_count[args.many], phases)
+    try:
+        if "microbatch" in engines:
+            old = microbatch_arm(args, store, one_prefix, phases)
+        if "continuous" in engines:
+            continuous_arm(args, store, one_prefix, by_count, old, phases)
+        if "vllm" in engines:
+            vllm_arm(args, store, model, tokenizer, one_prefix, by_count[args.many], phases)
+    except BaseException as error:  # the JSON says where the run stopped (a phase timeout, Ctrl-C)
+        phases.write(outcome=f"stopped: {error!r}")
+        raise
     return report(phases, args, store_seconds)
 
 
@@ -299,25 +349,49 @@ def continuous_arm(args, store: Path, one_prefix, by_count: dict[int, list[dict]
 def vllm_arm(args, store: Path, model, tokenizer, one_prefix: list[dict], many: list[dict], phases: Phases) -> None:
     """The vLLM engine's phases; every answer is compared with `PrefixModel.generate` alone."""
     plain = [job | {"model": BASE_NAME} for job in one_prefix]  # the same requests without a prefix
-    expected = {key: references(model, tokenizer, store, jobs) for key, jobs in (("one", one_prefix), ("many", many))}
-    expected["plain"] = references(model, tokenizer, store, plain)
+    cache = Path(args.references_cache) if args.references_cache else None
+    known = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    began, cached = time.perf_counter(), len(known)
+    workloads = (("one", one_prefix), ("many", many), ("plain", plain))
+    expected = {key: references(model, tokenizer, store, jobs, known) for key, jobs in workloads}
+    if cache:
+        cache.write_text(json.dumps(known))
+    phases["references by PrefixModel.generate alone"] = {
+        "seconds": time.perf_counter() - began,
+        "generated now": len(known) - cached,
+        "read from --references-cache (generated by an earlier run of this script)": cached,
+    }
     folder = "smollm2-135m"
     if args.quick:  # vLLM loads models from folders
         folder = tempfile.mkdtemp(prefix="prefixtune-bench-model-")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    with vllm_server(args, store, str(folder), phases) as url:
+    token = secrets.token_hex(8)
+    with vllm_server(args, store, str(folder), phases, token) as url:
+        # Every phase starts with vLLM's prefix cache empty: the phases send the same prompts, which vLLM
+        # would otherwise find cached from the phase before (the in-process engines cache nothing).
+        # Within a phase, a prefix's blocks stay cached by its salt: that is what is measured.
+        reset_prefix_cache(url, token)
         alone = [asyncio.run(phase(url, [job], None, args.timeout))[0][0] for job in one_prefix[: args.alone]]
         seconds = sum(r["end"] - r["sent"] for r in alone)
         phases["alone, vllm"] = summary(alone, seconds, expected["one"][: args.alone])
         for label, jobs, key in (("1 prefix", one_prefix, "one"), ("no prefix", plain, "plain")):
+            reset_prefix_cache(url, token)
             results, seconds = asyncio.run(phase(url, jobs, None, args.timeout))
             phases[f"saturation, {label}, vllm"] = summary(results, seconds, expected[key])
+        reset_prefix_cache(url, token)
         results, seconds = asyncio.run(phase(url, many, None, args.timeout))
         phases[f"saturation, {args.many} prefixes, vllm"] = summary(results, seconds, expected["many"])
         rate = phases[f"saturation, {args.many} prefixes, vllm"]["req_per_s"] / 2
+        reset_prefix_cache(url, token)
         half, seconds = asyncio.run(phase(url, many, rate, args.timeout))
         phases[f"half rate ({rate:.2f} req/s), {args.many} prefixes, vllm"] = summary(half, seconds, expected["many"])
+
+
+def reset_prefix_cache(url: str, token: str) -> None:
+    """Empty the vLLM server's prefix cache (``POST /admin/prefix-cache/reset``)."""
+    answer = httpx.post(f"{url}/admin/prefix-cache/reset", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    answer.raise_for_status()
 
 
 def ratios_of(phases: dict, args) -> dict[str, float]:
@@ -352,6 +426,9 @@ def ratios_of(phases: dict, args) -> dict[str, float]:
         ratios[f"{args.many} prefixes vs no prefix, vllm, processed tok/s (goal >= 0.95)"] = (
             many["processed_tok_per_s"] / plain["processed_tok_per_s"]
         )
+        ratios["1 prefix vs no prefix, vllm, processed tok/s (goal >= 0.95)"] = (
+            vllm_one["processed_tok_per_s"] / plain["processed_tok_per_s"]
+        )
         half = next(label for label in phases if label.startswith("half rate") and label.endswith("vllm"))
         ratios["half-rate p99 TTFT / TTFT alone, vllm (goal <= 3)"] = (
             phases[half]["ttft_p99"] / phases["alone, vllm"]["ttft_p50"]
@@ -359,7 +436,7 @@ def ratios_of(phases: dict, args) -> dict[str, float]:
     return ratios
 
 
-def report(phases: dict, args, store_seconds: float) -> int:
+def report(phases: Phases, args, store_seconds: float) -> int:
     ratios = ratios_of(phases, args)
     model = "tiny random Llama" if args.quick else "SmolLM2-135M"
     print(
@@ -383,16 +460,8 @@ def report(phases: dict, args, store_seconds: float) -> int:
         )
     for label, value in ratios.items():
         print(f"{label}: {value:.2f}x")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "note": args.note,
-    }
-    result = {"args": vars(args), "cpu": cpu_record(), "machine": machine, "phases": phases, "ratios": ratios}
-    Path(args.json).write_text(json.dumps(result, indent=2))
     failed = any(p.get("errors") or p.get("mismatches") for p in phases.values())
+    phases.write(ratios, "errors or mismatches" if failed else "ok")
     print("FAILED: errors or mismatches" if failed else "ok: 0 errors, 0 mismatches")
     return 1 if failed else 0
 

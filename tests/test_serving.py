@@ -15,7 +15,7 @@ from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.data import PromptFormatter
 from prefixtune.files import CONFIG_NAME, WEIGHTS_NAME
 from prefixtune.serving import BASE_NAME, BatchingEngine, Limits, PrefixStore, Request, build_app
-from tiny import generated_alone, tiny_model, tiny_tokenizer
+from tiny import generated_alone, needs_smollm2, tiny_model, tiny_tokenizer
 
 TOKEN = "s3cret"
 PREFIXES = {
@@ -251,6 +251,14 @@ def test_admin_endpoints_are_off_without_a_token(tmp_path):
     assert response.status_code == 403 and "disabled" in response.text
 
 
+def test_resetting_a_prefix_cache_the_engine_does_not_keep_is_a_400_naming_it(tmp_path):
+    app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store", admin_token=TOKEN)
+    with TestClient(app) as client:
+        response = client.post("/admin/prefix-cache/reset", headers={"Authorization": f"Bearer {TOKEN}"})
+    engine.close()
+    assert response.status_code == 400 and "continuous engine keeps no prefix cache" in response.text
+
+
 def test_a_bad_prefix_in_the_store_fails_only_its_own_requests(tmp_path):
     write_store(tmp_path / "store")
     (tmp_path / "store" / "formal-blog" / WEIGHTS_NAME).write_bytes(b"garbage")
@@ -365,3 +373,22 @@ def test_microbatch_rows_serve_their_admitted_snapshots_whatever_the_store_evict
             assert future.result(timeout=60).token_ids == alone(reference, PROMPTS[0], name, 3), name
     finally:
         engine.close()
+
+
+@needs_smollm2
+def test_streamed_text_equals_the_completion_when_a_character_spans_tokens():
+    from transformers import AutoTokenizer
+
+    from prefixtune.loading import smollm2_folder
+    from prefixtune.serving.generation import safe_length
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder()))  # byte-level BPE: İ, ç, emoji span tokens
+    ids = tokenizer("\nİlikça: 🙂 done", add_special_tokens=False)["input_ids"]
+    streamed, incomplete = "", 0
+    for count in range(1, len(ids) + 1):  # what the server streams after each token: text up to safe_length
+        text = tokenizer.decode(ids[:count], skip_special_tokens=True)
+        incomplete += text.endswith("\ufffd")
+        streamed += text[len(streamed) : safe_length(text, [])]
+    streamed += tokenizer.decode(ids, skip_special_tokens=True)[len(streamed) :]  # the end sends the rest
+    assert incomplete and streamed == tokenizer.decode(ids) and "\ufffd" not in streamed
+    assert safe_length("ab\ufffd", ["zz"]) == 2 and safe_length("abz", ["zz"]) == 2 and safe_length("ab", []) == 2

@@ -19,6 +19,7 @@ def test_serve_bench_quick_has_no_errors_or_mismatches(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert_cpu_recorded(report)
+    assert report["outcome"] == "ok" and report["ratios"]  # the last write: the whole run, with its ratios
     phases = report["phases"]
     measured = [p for p in phases.values() if "requests" in p]
     assert len(measured) == 6 and all(p["errors"] == 0 and p["mismatches"] == 0 for p in measured)

@@ -16,6 +16,7 @@ import torch
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app, continuous
 from prefixtune.serving.background import running
+from serving_load import assert_admitted_kept_their_version, change_prefixes_under_load, metric
 from test_serving import PREFIXES, PROMPTS, TOKEN, alone, prefix_files, prompt_ids, reference_model, write_store
 from tiny import needs_smollm2, tiny_model, tiny_tokenizer
 
@@ -39,14 +40,6 @@ LONG = PROMPTS[1]  # a prompt no prefix of the store ends early (no end of seque
 
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.mark.slow
@@ -119,29 +112,15 @@ def test_deleting_and_replacing_prefixes_under_load_fails_no_admitted_request(li
         assert httpx.put(f"{url}/admin/prefixes/{name}", files=prefix_files(tmp_path, name), headers=auth).is_success
     expected = {name: alone_served(store, reference, name) for name in ("victim", "swapped", "recipe-mlp")}
 
-    async def load() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=120) as http:
-            calls = [
-                http.post(f"{url}/v1/completions", json={"model": name, "prompt": PROMPTS[0], "max_tokens": 40})
-                for name in ["victim", "swapped", "recipe-mlp"] * 3
-            ]
-            tasks = [asyncio.ensure_future(call) for call in calls]
-            while engine.stats().running_rows < 3:
-                await asyncio.sleep(0.01)
-            other = prefix_files(tmp_path, "replacement", prefix_length=6)
-            changes = [
-                http.delete(f"{url}/admin/prefixes/victim", headers=auth),
-                http.put(f"{url}/admin/prefixes/swapped", files=other, headers=auth),
-            ]
-            assert all(r.is_success for r in await asyncio.gather(*changes))
-            return await asyncio.gather(*tasks)
-
-    answers = asyncio.run(load())
-    assert [a.status_code for a in answers] == [200] * 9
-    for answer in answers:  # admitted requests keep the prefix they were admitted with
-        assert answer.json()["choices"][0]["text"] == expected[answer.json()["model"]]
-    after = httpx.post(f"{url}/v1/completions", json={"model": "victim", "prompt": PROMPTS[0], "max_tokens": 2})
-    assert after.status_code == 404
+    answers = change_prefixes_under_load(
+        url,
+        ["victim", "swapped", "recipe-mlp"],
+        {"prompt": PROMPTS[0], "max_tokens": 40},
+        lambda: engine.stats().running_rows,
+        auth,
+        prefix_files(tmp_path, "replacement", prefix_length=6),
+    )
+    assert_admitted_kept_their_version(url, answers, expected, deleted="victim")
     swapped = httpx.post(f"{url}/v1/completions", json={"model": "swapped", "prompt": PROMPTS[0], "max_tokens": 40})
     assert swapped.json()["choices"][0]["text"] != expected["swapped"]
 

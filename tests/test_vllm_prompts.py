@@ -4,6 +4,8 @@ so it runs in the main environment too."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -49,9 +51,10 @@ def test_a_prompt_without_prefix_goes_to_vllm_unchanged(store):
         assert prompt.prompt() == {"prompt_token_ids": [11, 12]} and prompt.extra_args() is None
 
 
-def test_a_replaced_prefix_gets_a_new_salt_and_the_old_version_stays_readable(store, tmp_path):
+def test_a_replaced_prefix_gets_a_new_salt_and_the_old_version_stays_readable_while_admitted(store, tmp_path):
     prefixes = VLLMPrefixes(store, max_model_len=64)
-    old = prefixes.prepare("six", [11], max_tokens=1)
+    admitted = store.snapshot("six")  # what a request admitted before the replacement holds until it ends
+    old = prefixes.prepare_snapshot(admitted, [11], max_tokens=1)
     other = PrefixModel(store.model.base_model, PrefixConfig(prefix_length=6, init_std=1.0), name="six")
     other.save_prefix(tmp_path / "upload", "six")
     assert prefixes.prepare("six", [11], max_tokens=1).cache_salt == old.cache_salt  # same version, same salt
@@ -61,6 +64,10 @@ def test_a_replaced_prefix_gets_a_new_salt_and_the_old_version_stays_readable(st
     assert new.cache_salt != old.cache_salt
     old_hash = old.kv_transfer_params["prefixtune"]["prefix"]
     assert read_kv(prefixes.kv_folder, old_hash).shape[3] == 6  # an admitted request still reads its version
+    del admitted
+    gc.collect()
+    assert not (prefixes.kv_folder / f"{old_hash}.safetensors").exists()  # its last request ended: removed
+    assert read_kv(prefixes.kv_folder, new.kv_transfer_params["prefixtune"]["prefix"]).shape[3] == 6
 
 
 def test_a_prefix_for_another_base_model_is_refused_by_its_fingerprint(store, tmp_path):

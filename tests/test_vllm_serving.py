@@ -29,8 +29,11 @@ from typer.testing import CliRunner
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.cli import app
 from prefixtune.data import PromptFormatter
-from prefixtune.serving.background import free_port
-from tiny import SPECIAL, VOCAB, tiny_tokenizer
+from prefixtune.serving.background import free_port, wait_healthy
+from prefixtune.vllm import KV_FOLDER, content_hash, write_kv
+from prefixtune.vllm.kv_folder import KVFolder
+from serving_load import assert_admitted_kept_their_version, change_prefixes_under_load, metric
+from tiny import SPECIAL, VOCAB, tiny_tokenizer, vllm_llama
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: bash scripts/setup.sh --vllm, then .venv-vllm")
@@ -47,22 +50,9 @@ MAX_MODEL_LEN = 160
 
 
 def vllm_tiny_model(seed: int = 0):
-    """A tiny random Llama vLLM's CPU attention runs (head size 32, its smallest)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=MAX_MODEL_LEN,
-        pad_token_id=SPECIAL["pad"],
-        eos_token_id=SPECIAL["eos"],
-        bos_token_id=SPECIAL["eos"],
-        initializer_range=0.3,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    """The served model: a tiny random Llama vLLM's CPU attention runs, over the tiny tokenizer's words."""
+    special = {"pad_token_id": SPECIAL["pad"], "eos_token_id": SPECIAL["eos"], "bos_token_id": SPECIAL["eos"]}
+    return vllm_llama(seed, vocab_size=VOCAB, max_position_embeddings=MAX_MODEL_LEN, initializer_range=0.3, **special)
 
 
 def save_model_folder(folder: Path) -> Path:
@@ -126,20 +116,6 @@ def environment() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server did not become healthy within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
@@ -149,15 +125,18 @@ def live(tmp_path_factory):
         write_prefix(store, name, config, 100 + index)
     write_foreign_prefix(store / "foreign")  # bad prefixes the server must refuse on request (it lists them now)
     write_prefix(store, "too-long", PrefixConfig(prefix_length=MAX_MODEL_LEN, init_std=1.0), 4)
+    stale = write_kv(store / KV_FOLDER, torch.ones(2, 2, 1, 3, 32))  # a compiled prefix a killed server left
     port = free_port()
     process = subprocess.Popen(serve_command(model, store, port), env=environment())
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process)
+        wait_healthy(url, process, timeout=600)
+        assert not (store / KV_FOLDER / f"{stale}.safetensors").exists()  # removed at start-up
         yield url, store, process
     finally:
         process.terminate()
         process.wait(timeout=60)
+    assert KVFolder(store / KV_FOLDER).files() == []  # removed at shutdown
 
 
 def reference(store: Path, name: str) -> PrefixModel:
@@ -184,18 +163,17 @@ def alone(store: Path, prompt: str, name: str, max_tokens: int) -> str:
     return tiny_tokenizer().decode(output, skip_special_tokens=True)
 
 
+def served_hash(store: Path, name: str) -> str:
+    """The content hash (compiled file name) of the store's prefix `name` as the server compiles it."""
+    model = reference(store, name)
+    with torch.no_grad():
+        return content_hash(model.prefix_arguments.row(model.prefixes[name])["prefix_key_values"])
+
+
 def client(url: str):
     import openai
 
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def metric(url: str, name: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def watch_rows(url: str, seen: list[float], stop: asyncio.Event) -> None:
@@ -266,34 +244,39 @@ def test_replace_and_delete_under_load_never_fail_or_change_admitted_requests(li
         answer = httpx.put(f"{url}/admin/prefixes/{name}", files=prefix_files(tmp_path, name, seed), headers=auth)
         assert answer.is_success, answer.text
     expected = {name: alone(store, LONG, name, 60) for name in ("victim", "swapped", "short-kv")}
+    gone = {served_hash(store, name) for name in ("victim", "swapped")}  # their files once nothing holds them
 
-    async def load() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=120) as http:
-            body = {"prompt": LONG, "max_tokens": 60}
-            calls = [
-                http.post(f"{url}/v1/completions", json=body | {"model": name})
-                for name in ["victim", "swapped", "short-kv"] * 3
-            ]
-            tasks = [asyncio.ensure_future(call) for call in calls]
-            while metric(url, "prefixtune_running_rows") < 3:
-                await asyncio.sleep(0.01)
-            other = prefix_files(tmp_path / "new", "swapped", seed=9, length=6)
-            changes = [
-                http.delete(f"{url}/admin/prefixes/victim", headers=auth),
-                http.put(f"{url}/admin/prefixes/swapped", files=other, headers=auth),
-            ]
-            assert all(r.is_success for r in await asyncio.gather(*changes))
-            return await asyncio.gather(*tasks)
-
-    answers = asyncio.run(load())
-    assert [a.status_code for a in answers] == [200] * 9
-    for answer in answers:  # admitted requests keep the version they were admitted with
-        assert answer.json()["choices"][0]["text"] == expected[answer.json()["model"]]
-    after = httpx.post(f"{url}/v1/completions", json={"model": "victim", "prompt": LONG, "max_tokens": 2})
-    assert after.status_code == 404
+    answers = change_prefixes_under_load(
+        url,
+        ["victim", "swapped", "short-kv"],
+        {"prompt": LONG, "max_tokens": 60},
+        lambda: metric(url, "prefixtune_running_rows"),
+        auth,
+        prefix_files(tmp_path / "new", "swapped", seed=9, length=6),
+    )
+    assert_admitted_kept_their_version(url, answers, expected, deleted="victim")
     body = {"model": "swapped", "prompt": LONG, "max_tokens": 60}
     replaced = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
     assert replaced == alone(store, LONG, "swapped", 60) != expected["swapped"]  # new requests: the new version
+    files = KVFolder(store / KV_FOLDER)
+    deadline = time.time() + 30  # the last handlers let go of their snapshots just after answering
+    while gone & {p.stem for p in files.files()} and time.time() < deadline:
+        time.sleep(0.2)
+    assert not gone & {p.stem for p in files.files()}  # deleted / replaced versions' files are removed
+    assert served_hash(store, "swapped") in {p.stem for p in files.files()}  # the version served now is there
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_resetting_vllms_prefix_cache_keeps_answers_the_same(live):
+    url, store, _ = live
+    body = {"model": "mid-mlp", "prompt": PROMPTS[2], "max_tokens": 12}
+    before = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    assert httpx.post(f"{url}/admin/prefix-cache/reset").status_code == 401
+    answer = httpx.post(f"{url}/admin/prefix-cache/reset", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200 and answer.json() == {"reset": True}
+    after = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    assert after == before == alone(store, PROMPTS[2], "mid-mlp", 12)  # the prefix loaded again by the connector
 
 
 @needs_vllm

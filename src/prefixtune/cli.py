@@ -544,6 +544,7 @@ def serve(
             prefix_cache_bytes=cache_bytes,
             max_batch_tokens=max_batch_tokens,
             vllm=vllm,
+            close_at_shutdown=True,  # on SIGTERM/Ctrl-C too: vLLM shuts down, its compiled prefix files go
         )
     except USER_ERRORS as error:
         _fail(error)

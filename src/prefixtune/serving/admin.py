@@ -1,7 +1,8 @@
 """The admin routes: ``PUT /admin/prefixes/{name}`` (multipart ``weights`` + ``config``) and
 ``DELETE /admin/prefixes/{name}``, behind ``Authorization: Bearer <token>`` (disabled: 403, when
 the server was started without a token). A bad upload answers 400 naming the problem; a store that
-could not change its folder answers 500 and keeps the prefix as it was."""
+could not change its folder answers 500 and keeps the prefix as it was. ``POST /admin/prefix-cache/reset``
+empties the vLLM engine's prefix cache (benchmarks start each phase cold; other engines keep none: 400)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .store import StoreError, StoreWriteError, UnknownPrefix
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin/prefixes")
+cache_router = APIRouter(prefix="/admin/prefix-cache")
 
 
 def authorize(server: Served, authorization: str | None) -> None:
@@ -71,3 +73,15 @@ async def delete_prefix(name: str, server: ServedDep, authorization: str | None 
     except StoreWriteError as error:
         raise _write_failed("delete", name, error) from error
     return {"deleted": name, "prefixes": server.store.names()}
+
+
+@cache_router.post("/reset")
+async def reset_prefix_cache(server: ServedDep, authorization: str | None = Header(None)):
+    authorize(server, authorization)
+    reset = getattr(server.engine, "reset_prefix_cache", None)  # the vLLM engine's own, not in `Engine`
+    if reset is None:
+        raise HTTPException(400, f"the {server.engine.name} engine keeps no prefix cache across requests")
+    done = await asyncio.to_thread(reset)
+    if not done:
+        raise HTTPException(409, "vLLM did not reset its prefix cache (requests are running): retry when idle")
+    return {"reset": True}

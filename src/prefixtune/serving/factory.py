@@ -69,8 +69,10 @@ def build_app(
     prefix_cache_bytes: int | None = None,
     max_batch_tokens: int = 256,
     vllm: Any = None,  # `vllm_engine.VLLMSettings`, for engine="vllm"
+    close_at_shutdown: bool = False,
 ) -> tuple[FastAPI, Engine, PrefixStore]:
-    """(FastAPI app, engine, store) over a frozen base model and a prefix folder; the engine is started."""
+    """(FastAPI app, engine, store) over a frozen base model and a prefix folder; the engine is started
+    (`close_at_shutdown`: and closed when the server shuts down, as `prefixtune serve` does)."""
     limits = limits or Limits()
     model = PrefixModel(base_model, name=None, tokenizer=tokenizer)
     longest = limits.max_prompt_tokens + limits.max_tokens + MAX_PREFIX_ALLOWANCE  # one row's cache at most
@@ -92,5 +94,6 @@ def build_app(
         admin_token=admin_token,
         limits=limits,
         model_id=model_id,
+        on_shutdown=server_engine.close if close_at_shutdown else None,
     )
     return app, server_engine, store

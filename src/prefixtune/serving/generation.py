@@ -168,8 +168,10 @@ def first_stop(text: str, stops: list[str]) -> int | None:
 
 
 def safe_length(text: str, stops: list[str]) -> int:
-    """How much of `text` can be sent: all but a tail that could still grow into a stop string."""
-    hold = 0
+    """How much of `text` can be sent: all but a tail that could still grow into a stop string, or that is
+    a character still incomplete (its UTF-8 bytes split over tokens decode to U+FFFD until the rest comes:
+    sent early, the streamed text would differ from the completion's)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:size]):

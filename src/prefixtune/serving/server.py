@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,9 +55,21 @@ def create_app(
     admin_token: str | None = None,
     limits: Limits | None = None,
     model_id: str = "prefixtune",
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app over a started `engine` and the `store` wired to it (see `factory.build_app`)."""
-    app = FastAPI(title="prefixtune", description="One frozen base model, many prefixes.")
+    """The app over a started `engine` and the `store` wired to it (see `factory.build_app`); `on_shutdown`
+    runs when the server shuts down (uvicorn runs it on SIGTERM/Ctrl-C before it re-raises the signal)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        on_shutdown()
+
+    app = FastAPI(
+        title="prefixtune",
+        description="One frozen base model, many prefixes.",
+        lifespan=lifespan if on_shutdown else None,
+    )
     app.state.served = Served(
         engine=engine,
         store=store,
@@ -68,6 +82,7 @@ def create_app(
     app.state.metrics = app.state.served.metrics
     app.include_router(routes.router)
     app.include_router(admin.router)
+    app.include_router(admin.cache_router)
     app.add_exception_handler(StarletteHTTPException, openai_error)  # also routing's 404/405
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(Exception, unexpected)

@@ -11,8 +11,12 @@ prefix's blocks hot, and the salt keeps two prefixes apart.
 
 * Admission snapshots: a request is submitted with the snapshot the store gave it at admission, whose
   keys/values go to the connector's content-addressed folder under their hash (written once, never
-  overwritten): a replaced prefix is a new file under a new hash and salt, the old file stays, so
-  requests admitted before keep reading their own version and new ones get the new one.
+  overwritten): a replaced prefix is a new file under a new hash and salt, the old file stays until the
+  last request admitted with it ends, so those keep reading their own version and new ones get the new
+  one. Files are removed at start-up (a stopped server's) and shutdown (`prefixtune.vllm.kv_folder`).
+* The base model is held once, by vLLM: the engine releases the front end's copy of every weight but
+  the input embeddings (`prefixtune.vllm.front_base`); the first `hidden` prefix, which runs the base's
+  own layers to compile its keys/values, loads them again (once) under `exclusive`.
 * `AsyncLLM` runs on this engine's own event loop thread: `submit` / `cancel` may be called from any
   thread, tokens reach the request's channel as they are generated (``RequestOutputKind.DELTA``).
 * `cancel` aborts the request in `AsyncLLM` (its blocks are freed at the next step).
@@ -30,18 +34,16 @@ import itertools
 import logging
 import sys
 import threading
-import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
-
 from ..injection import UnsupportedModelError
 from ..loading import ModelLoadError
 from ..model import PrefixModel
+from ..vllm.kv_folder import KVFolder
 from .interface import EngineClosed, EngineStats, RequestRejected, end_request, new_counts
 from .requests import Request, Token
 
@@ -81,6 +83,7 @@ class VLLMSettings:
     max_model_len: int | None = None  # placeholders + prompt + generated tokens, at most
     max_num_batched_tokens: int | None = None  # tokens per step (chunked prefill)
     enforce_eager: bool = True  # no graph capture/compilation: start-up in seconds
+    release_base: bool = True  # the front end keeps the base's embeddings only (`prefixtune.vllm.front_base`)
 
     def engine_args(self, connector_args: dict[str, Any]):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -153,9 +156,16 @@ class VLLMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
-        self.hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot keys/values) -> (it, its file hash)
+        self.base_loads = 0  # times the front end loaded the base's weights again (for a `hidden` prefix)
+        if settings.release_base:  # vLLM holds the model; the store needs its embeddings and fingerprint only
+            from ..vllm.front_base import release_weights
+
+            released = release_weights(model)
+            logger.info("vLLM front end: released %.1f MiB of base weights vLLM holds", released / 2**20)
+        self.kv = KVFolder(settings.kv_folder)  # the compiled prefix files, each kept while a snapshot of it lives
         self.eos = tokenizer.eos_token_id
-        self.lock = threading.RLock()  # guards the counters; `exclusive` for the store's use of the base
+        self.lock = threading.RLock()  # guards the counters and the requests not ended
+        self.base_lock = threading.Lock()  # `exclusive`: the store's use of the front end's base
         self.ids = itertools.count()
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> its serving task (engine loop only)
         self.unended: dict[str, Request] = {}  # submitted, not yet ended (any thread)
@@ -167,6 +177,8 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> VLLMEngine:
+        if removed := self.kv.clear():  # nothing admitted yet: any file there is a stopped server's
+            logger.info("removed %d stale compiled prefixes from %s", removed, self.kv.folder)
         self.thread = threading.Thread(target=self.loop.run_forever, name="prefixtune-vllm", daemon=True)
         self.thread.start()
         try:
@@ -194,12 +206,20 @@ class VLLMEngine:
                 asyncio.run_coroutine_threadsafe(_shutdown(llm), self.loop).result(60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=30)
+        self.kv.clear()  # vLLM reads none of them now
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """The in-process base model for the store (a `hidden` prefix computes its keys/values once);
-        vLLM never runs it, so serving goes on meanwhile."""
-        with self.lock:
+        """The in-process base model for the store (a `hidden` prefix computes its keys/values once):
+        its weights are loaded again the first time (`front_base.restore_weights`). vLLM never runs it,
+        so serving goes on meanwhile."""
+        from ..vllm.front_base import restore_weights, weights_released
+
+        with self.base_lock:  # not `lock`: requests are admitted and counted meanwhile
+            if weights_released(self.model):
+                logger.info("loading the base's weights in the front end to compile a hidden prefix")
+                restore_weights(self.model, self.settings.model, self.settings.dtype)
+                self.base_loads += 1
             yield
 
     def stats(self) -> EngineStats:
@@ -217,6 +237,13 @@ class VLLMEngine:
             running_rows=running,
             **(counts | vllm_counts),
         )
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty vLLM's prefix cache (prompt blocks and prefixes' salted blocks; a prefix is loaded again by the
+        connector on its next request); False when vLLM could not, with requests running."""
+        if self.llm is None:
+            raise RuntimeError("the vLLM engine is not running (start() it first)")
+        return asyncio.run_coroutine_threadsafe(self.llm.reset_prefix_cache(), self.loop).result(60)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Future:
@@ -237,14 +264,16 @@ class VLLMEngine:
             if self.unended.pop(request.engine_id or "", None) is None:
                 return  # ended already, or never admitted
             end_request(request, error or "cancelled", self.counts)
+            request.prefix_inputs = None  # ended: its snapshot (and so its compiled file) may go
         if self.thread is not None and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
 
     def _prompt(self, request: Request):
         """The request as vLLM runs it: P placeholder ids + its prompt, ``cache_salt`` and the connector's
         parameters (`prefixtune.vllm.prefixed_prompt`); the admitted snapshot's keys/values are written
-        once to the connector's content-addressed folder, under a name no later version shares."""
-        from ..vllm import PARAMS_KEY, prefixed_prompt
+        once to the connector's content-addressed folder, under a name no later version shares, and
+        removed when no snapshot of them is left (`prefixtune.vllm.kv_folder`)."""
+        from ..vllm import prefixed_prompt
 
         window = self.llm.model_config.max_model_len
         inputs = request.prefix_inputs
@@ -259,18 +288,8 @@ class VLLMEngine:
             )
         if key_values is None:
             return prefixed_prompt(None, request.prompt_ids, self.settings.kv_folder)
-        with self.lock:  # a snapshot never changes: hashed and written once
-            known = self.hashes.get(id(key_values))
-            known_hash = known[1] if known is not None and known[0]() is key_values else None
-            prompt = prefixed_prompt(key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=known_hash)
-            if known_hash is None:
-                self._remember(key_values, prompt.kv_transfer_params[PARAMS_KEY]["prefix"])
-        return prompt
-
-    def _remember(self, key_values: Tensor, prefix_hash: str) -> None:
-        """Keep the snapshot's hash while the snapshot lives (tensors compare by value, so no WeakKeyDictionary)."""
-        ident = id(key_values)
-        self.hashes[ident] = (weakref.ref(key_values, lambda _: self.hashes.pop(ident, None)), prefix_hash)
+        prefix_hash = self.kv.hash_of(key_values)  # written once per version, removed when its last snapshot goes
+        return prefixed_prompt(key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=prefix_hash)
 
     def _start_task(self, request: Request, prompt) -> None:
         if request.engine_id in self.unended:  # not cancelled on its way here
@@ -307,6 +326,7 @@ class VLLMEngine:
         with self.lock:
             if self.unended.pop(request.engine_id, None) is not None:  # else: cancelled meanwhile
                 end_request(request, reason, self.counts)
+                request.prefix_inputs = None  # ended: its snapshot (and so its compiled file) may go
 
     def _sampling(self, request: Request, extra_args: dict[str, Any] | None):
         from vllm import SamplingParams

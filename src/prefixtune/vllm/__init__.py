@@ -7,6 +7,8 @@
   `kv_transfer_config`, which loads the connector into vLLM;
 - `connector`: `PrefixKVConnector`, the ``KVConnectorBase_V1`` that writes prefixes into vLLM's paged cache;
 - `kv_files`: compiled prefixes (keys/values) as content-addressed files the workers read;
+- `kv_folder`: when those files exist (written per version, removed when its last snapshot is gone);
+- `front_base`: the front end's base model without the weights vLLM holds;
 - `vllm_private`: every vLLM API the connector relies on, in one place.
 """
 

@@ -12,9 +12,12 @@ and its prompt starts with P placeholder ids.
   ``cache_salt`` (the same hash) like any computed block, so later requests of that prefix load nothing.
 - Worker side: `start_load_kv` writes each layer's prefix keys (position-free, as prefixtune stores
   them) and values into those slots with the attention backend's own writer
-  (`vllm_private.write_layer`), before the forward pass that attends to them. With tensor parallelism
-  each worker writes its own slice of KV heads. A prefix that cannot be read (missing, corrupt, or the
-  wrong shape for this model) fails its request (``kv_load_failure_policy="fail"``); the engine goes on.
+  (`vllm_private.write_layer`: CPU, FlashAttention, FlashInfer, Triton and FlexAttention, each by its own
+  ``do_kv_cache_update``; any other backend is refused by name at start-up), before the forward pass
+  that attends to them. With tensor parallelism each worker writes its own slice of KV heads
+  (`local_key_values`, split as vLLM's ``QKVParallelLinear`` splits them). A prefix that cannot be read
+  (missing, corrupt, or the wrong shape for this model) fails its request
+  (``kv_load_failure_policy="fail"``); the engine goes on.
 
 Only models with one group of plain full attention are served (`vllm_private.cache_refusal`).
 """
@@ -36,12 +39,14 @@ from .vllm_private import (
     KVConnectorMetadata,
     KVConnectorRole,
     attention_layers,
+    backend_refusal,
     cache_block_size,
     cache_refusal,
     connector_option,
     init_logger,
     layer_device,
     layer_index,
+    model_attention_layers,
     model_dtype,
     model_geometry,
     request_block_ids,
@@ -98,6 +103,33 @@ def kv_head_slice(total_heads: int, rank: int, world_size: int) -> slice:
     return slice(head, head + 1)
 
 
+def local_key_values(key_values: Tensor, rank: int, world_size: int) -> Tensor:
+    """A prefix ``[layers, 2, kv_heads, P, head_dim]`` -> tensor-parallel rank `rank`'s heads as the cache
+    writers take them, ``[layers, 2, P, local kv_heads, head_dim]``."""
+    local = key_values[:, :, kv_head_slice(key_values.shape[2], rank, world_size)]
+    return local.transpose(2, 3).contiguous()
+
+
+def write_prefix(
+    layers: dict[str, torch.nn.Module],
+    key_values: Tensor,
+    start: int,
+    length: int,
+    block_ids: list[int],
+    block_size: int,
+) -> None:
+    """Write positions ``start..length-1`` of this worker's prefix ``[layers, 2, P, local heads, head_dim]`` into
+    each layer's cache, in the request's blocks `block_ids` (scheduler blocks of `block_size` tokens), with the
+    backend's own writer (`vllm_private.write_layer`)."""
+    device = layer_device(next(iter(layers.values())))
+    positions = torch.arange(start, length)
+    blocks = torch.tensor(block_ids)[positions // block_size]
+    slots = (blocks * block_size + positions % block_size).to(device)  # [n]
+    for name, layer in layers.items():
+        layer_kv = key_values[layer_index(name), :, start:length]  # [2, n, local heads, hd]
+        write_layer(layer, layer_kv[0], layer_kv[1], slots)
+
+
 class PrefixKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -137,6 +169,12 @@ class PrefixKVConnector(KVConnectorBase_V1):
         return PrefixLoads(loads)
 
     # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict[str, Tensor]) -> None:
+        """Refuse, at start-up, attention backends the connector has no cache writer for (by name)."""
+        refusal = backend_refusal(model_attention_layers(self._vllm_config))
+        if refusal:
+            raise ValueError(f"prefixtune's vLLM connector cannot serve prefixes here: {refusal}")
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         if not isinstance(metadata, PrefixLoads) or not metadata.loads:
@@ -156,14 +194,8 @@ class PrefixKVConnector(KVConnectorBase_V1):
     def _load(self, load: PrefixLoad, layers: dict[str, torch.nn.Module]) -> None:
         if load.error:
             raise ValueError(load.error)
-        device = layer_device(next(iter(layers.values())))
-        key_values = self._prefix(load.prefix, load.length, device)  # [layers, 2, P, heads, head_dim]
-        positions = torch.arange(load.start, load.length)
-        blocks = torch.tensor(load.block_ids)[positions // self.block_size]
-        slots = (blocks * self.block_size + positions % self.block_size).to(device)  # [n]
-        for name, layer in layers.items():
-            layer_kv = key_values[layer_index(name), :, load.start : load.length]  # [2, n, heads, hd]
-            write_layer(layer, layer_kv[0], layer_kv[1], slots)
+        key_values = self._prefix(load.prefix, load.length, layer_device(next(iter(layers.values()))))
+        write_prefix(layers, key_values, load.start, load.length, load.block_ids, self.block_size)
 
     def _prefix(self, prefix_hash: str, length: int, device: torch.device) -> Tensor:
         """This worker's slice of the prefix ``[layers, 2, P, local kv_heads, head_dim]`` in the model's dtype,
@@ -182,9 +214,7 @@ class PrefixKVConnector(KVConnectorBase_V1):
                 f"prefix {prefix_hash}: keys/values of shape {tuple(key_values.shape)}, this model needs "
                 f"[layers, 2, kv_heads, P, head_dim] = {expected} (a prefix for another base model?)"
             )
-        rank, world_size = tensor_parallel()
-        local = key_values[:, :, kv_head_slice(heads, rank, world_size)]
-        local = local.to(device, self.dtype).transpose(2, 3).contiguous()  # the writer takes [tokens, heads, hd]
+        local = local_key_values(key_values, *tensor_parallel()).to(device, self.dtype)  # [layers, 2, P, heads, hd]
         self._prefixes[prefix_hash] = local
         while len(self._prefixes) > self.cached_prefixes:
             self._prefixes.popitem(last=False)

@@ -11,8 +11,6 @@ behind the same placeholder ids never share blocks.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from ..names import BASE_NAME
 from ..serving.continuous import continuous_refusal
 from ..serving.store import PrefixStore
 from .kv_files import write_kv
+from .kv_folder import KVFolder
 
 PARAMS_KEY = "prefixtune"  # kv_transfer_params = {"prefixtune": {"prefix": <hash>, "length": P}}
 KV_FOLDER = ".vllm-kv"  # inside the store folder; hidden, so the store never lists it as a prefix
@@ -118,8 +117,7 @@ class VLLMPrefixes:
         self.max_model_len = max_model_len
         self.placeholder_id = placeholder_id
         self.kv_folder = Path(store.folder) / KV_FOLDER
-        self._hashes: dict[int, tuple[weakref.ref, str]] = {}  # id(snapshot tensor) -> (the tensor, its hash)
-        self._lock = threading.Lock()
+        self.kv = KVFolder(self.kv_folder)  # each snapshot's file, removed when the last of its content is gone
 
     def prepare(self, name: str | None, prompt_ids: Sequence[int], max_tokens: int = 0) -> PrefixedPrompt:
         """The prompt for `prompt_ids` after the store's prefix `name` (None or ``base``: no prefix);
@@ -145,21 +143,8 @@ class VLLMPrefixes:
             )
         if key_values is None:
             return prefixed_prompt(None, prompt_ids, self.kv_folder)
-        with self._lock:
-            known = self._known(key_values)
-            prompt = prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, known)
-            self._remember(key_values, prompt.kv_transfer_params[PARAMS_KEY]["prefix"])
-        return prompt
-
-    def _known(self, key_values: Tensor) -> str | None:
-        """The hash of a snapshot seen before (snapshots never change, so each is written and hashed once)."""
-        tensor, prefix_hash = self._hashes.get(id(key_values), (lambda: None, None))
-        return prefix_hash if tensor() is key_values else None
-
-    def _remember(self, key_values: Tensor, prefix_hash: str) -> None:
-        if len(self._hashes) > 4096:  # drop snapshots that are gone
-            self._hashes = {key: entry for key, entry in self._hashes.items() if entry[0]() is not None}
-        self._hashes[id(key_values)] = (weakref.ref(key_values), prefix_hash)
+        prefix_hash = self.kv.hash_of(key_values)
+        return prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, prefix_hash)
 
 
 def kv_transfer_config(kv_folder: str | Path, cached_prefixes: int = 64) -> Any:

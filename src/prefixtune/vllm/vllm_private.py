@@ -27,15 +27,20 @@ __all__ = [
     "KVConnectorMetadata",
     "KVConnectorRole",
     "KVTransferConfig",
+    "CACHE_WRITERS",
     "attention_layers",
+    "backend_name",
+    "backend_refusal",
     "cache_block_size",
     "cache_refusal",
     "connector_option",
     "init_logger",
     "layer_device",
     "layer_index",
+    "model_attention_layers",
     "model_dtype",
     "model_geometry",
+    "owning_layers",
     "request_block_ids",
     "request_fields",
     "tensor_parallel",
@@ -103,12 +108,19 @@ def attention_layers(forward_context: Any) -> dict[str, torch.nn.Module]:
     """The model's attention layers by name, those that own a KV cache.
 
     ``ForwardContext.no_compile_layers`` (``vllm/forward_context.py``) maps layer names to the
-    ``Attention`` modules (``vllm/model_executor/layers/attention/attention.py``); a layer sharing an
-    earlier layer's cache has ``kv_sharing_target_layer_name`` set and is left out (the owner is written)."""
+    ``Attention`` modules (``vllm/model_executor/layers/attention/attention.py``)."""
+    return owning_layers(forward_context.no_compile_layers)
+
+
+def owning_layers(layers: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """The attention layers among `layers` that own a cache: a layer sharing an earlier layer's cache has
+    ``kv_sharing_target_layer_name`` set and is left out (the owner is written)."""
     return {
         name: layer
-        for name, layer in forward_context.no_compile_layers.items()
-        if getattr(layer, "kv_cache", None) is not None and getattr(layer, "kv_sharing_target_layer_name", None) is None
+        for name, layer in layers.items()
+        if getattr(layer, "kv_cache", None) is not None
+        and getattr(layer, "impl", None) is not None
+        and getattr(layer, "kv_sharing_target_layer_name", None) is None
     }
 
 
@@ -125,23 +137,67 @@ def layer_device(layer: torch.nn.Module) -> torch.device:
     return layer.kv_cache.device
 
 
-def write_layer(layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write keys/values ``[tokens, kv_heads, head_dim]`` into `layer`'s paged cache at `slots` ``[tokens]``
-    with the attention backend's own writer.
+# The attention implementations whose own cache writer the connector calls, by class (exact: a subclass
+# such as FlashAttentionDiffKVImpl lays its cache out otherwise and is refused until checked), with the
+# kernel each one's ``do_kv_cache_update`` runs in vLLM 0.32 and the cache layout it writes
+# (`write_layer`). Only the CPU one has run here (no GPU): scripts/gpu_check.sh checks the others.
+CACHE_WRITERS: dict[str, str] = {
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": (
+        "ops.cpu_attn_reshape_and_cache into [blocks, kv_heads, 2 * block_size, head_dim] halves, keys "
+        "transposed per block and head (AMX-packed where the CPU has AMX)"
+    ),
+    "vllm.v1.attention.backends.flash_attn.FlashAttentionImpl": (
+        "reshape_and_cache_flash into [blocks, kv_heads, block_size, 2 * head_dim] seen as key and value "
+        "caches [blocks, block_size, kv_heads, head_dim]"
+    ),
+    "vllm.v1.attention.backends.flashinfer.FlashInferImpl": (
+        "reshape_and_cache_flash into the same split of [blocks, kv_heads, block_size, 2 * head_dim] "
+        "(NVFP4 caches: nvfp4_quantize_append_paged_kv_cache_with_slot_mapping)"
+    ),
+    "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl": (
+        "triton_reshape_and_cache_flash into that split (per-token-head quantized caches: its "
+        "triton_reshape_and_cache_flash_per_token_head_quant)"
+    ),
+    "vllm.v1.attention.backends.flex_attention.FlexAttentionImpl": "reshape_and_cache_flash into that split",
+}
 
-    ``AttentionImpl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)`` is what vLLM's
-    ``unified_kv_cache_update`` calls before each attention forward (``attention.py``): on CPU it runs
-    ``ops.cpu_attn_reshape_and_cache`` (keys stored transposed per block/head, AMX-packed where the CPU
-    has AMX), FlashAttention and Triton ``reshape_and_cache_flash``, FlashInfer its own layout; fp8
-    caches quantize with the layer's scales there. Backends whose forward writes the cache itself
-    (``forward_includes_kv_cache_update = True``) expose no writer and are refused."""
-    impl = layer.impl
-    if not hasattr(impl, "do_kv_cache_update"):
-        raise NotImplementedError(
-            f"attention backend {type(impl).__name__} writes its cache inside forward (no do_kv_cache_update); "
-            "prefixtune's connector cannot write prefixes into it"
-        )
-    impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
+
+def backend_name(layer: torch.nn.Module) -> str:
+    """The attention implementation of a vLLM ``Attention`` layer, as `CACHE_WRITERS` names it."""
+    impl = type(layer.impl)
+    return f"{impl.__module__}.{impl.__qualname__}"
+
+
+def backend_refusal(layers: dict[str, torch.nn.Module]) -> str | None:
+    """Why the connector cannot write these layers' caches (an attention backend it has no writer for), or None."""
+    unknown = sorted({backend_name(layer) for layer in layers.values()} - set(CACHE_WRITERS))
+    if not unknown:
+        return None
+    known = ", ".join(name.rsplit(".", 1)[1] for name in CACHE_WRITERS)
+    return (
+        f"attention backend {unknown[0]}: prefixtune's connector writes prefixes only through the cache writers "
+        f"of {known} (pick one with attention_config={{'backend': ...}})"
+    )
+
+
+def write_layer(layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write keys/values ``[tokens, local kv_heads, head_dim]`` into `layer`'s paged cache at `slots` ``[tokens]``
+    with the attention backend's own writer: ``AttentionImpl.do_kv_cache_update(layer, key, value, kv_cache,
+    slot_mapping)``, the very call vLLM's ``unified_kv_cache_update`` makes before each attention forward
+    (``vllm/model_executor/layers/attention/attention.py``), for the backends of `CACHE_WRITERS` only. It
+    runs the kernel named there in that backend's layout, and quantizes for fp8 caches with the layer's
+    scales, so the cache is never indexed by hand. A slot is ``block_id * block_size + offset`` in the
+    scheduler's blocks, which is the same slot in a backend's smaller kernel blocks."""
+    name = backend_name(layer)
+    if name not in CACHE_WRITERS:
+        raise ValueError(backend_refusal({"layer": layer}))
+    layer.impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
+
+
+def model_attention_layers(vllm_config: Any) -> dict[str, torch.nn.Module]:
+    """The model's attention layers that own a cache, before any forward (worker side, once the caches are
+    bound): ``CompilationConfig.static_forward_context``, which each forward's ``no_compile_layers`` is."""
+    return owning_layers(vllm_config.compilation_config.static_forward_context)
 
 
 def tensor_parallel() -> tuple[int, int]:
