@@ -1,9 +1,12 @@
-"""Shared by the engines' server tests: a Prometheus metric's value, replacing and deleting prefixes while
-requests of them run, and the check that every admitted request kept the version it was admitted with."""
+"""Shared by the engines' server tests: a Prometheus metric's value, streams that hang up, replacing and
+deleting prefixes while requests of them run, and the check that every admitted request kept the version it
+was admitted with."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import httpx
@@ -16,6 +19,24 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def hang_up_streams(url: str, body: dict, count: int, busy: Callable[[], bool]) -> None:
+    """`count` streamed requests of `body` at once, each hanging up after its first chunk; returns once
+    `busy()` is false (the engine dropped them) or 30 s have passed."""
+
+    def hang_up() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=60) as response:
+            next(response.iter_lines())  # the first chunk, then hang up
+
+    threads = [threading.Thread(target=hang_up) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    deadline = time.time() + 30
+    while busy() and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def change_prefixes_under_load(

@@ -16,7 +16,7 @@ import torch
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.serving import BASE_NAME, ContinuousEngine, Limits, PrefixStore, Request, build_app, continuous
 from prefixtune.serving.background import running
-from serving_load import assert_admitted_kept_their_version, change_prefixes_under_load, metric
+from serving_load import assert_admitted_kept_their_version, change_prefixes_under_load, hang_up_streams, metric
 from test_serving import PREFIXES, PROMPTS, TOKEN, alone, prefix_files, prompt_ids, reference_model, write_store
 from tiny import needs_smollm2, tiny_model, tiny_tokenizer
 
@@ -138,19 +138,9 @@ def test_hung_up_streams_stop_costing_tokens(live):
     before = engine.stats().computed_tokens
     cancelled = metric(url, 'prefixtune_cancellations_total{reason="disconnect"}')
 
-    def hang_up() -> None:
-        body = {"model": "twitter-wit", "prompt": PROMPTS[1], "max_tokens": 120, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            next(response.iter_lines())  # the first chunk, then hang up
-
-    threads = [threading.Thread(target=hang_up) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    deadline = time.time() + 30
-    while engine.live and time.time() < deadline:
-        time.sleep(0.05)
+    hang_up_streams(
+        url, {"model": "twitter-wit", "prompt": PROMPTS[1], "max_tokens": 120}, 8, lambda: bool(engine.live)
+    )
     assert not engine.live  # all removed from the batch
     assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') - cancelled == 8
     assert engine.stats().computed_tokens - before < 8 * 120 / 2  # far fewer than the 960 asked for

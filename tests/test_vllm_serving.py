@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from prefixtune.data import PromptFormatter
 from prefixtune.serving.background import free_port, wait_healthy
 from prefixtune.vllm import KV_FOLDER, content_hash, write_kv
 from prefixtune.vllm.kv_folder import KVFolder
-from serving_load import assert_admitted_kept_their_version, change_prefixes_under_load, metric
+from serving_load import assert_admitted_kept_their_version, change_prefixes_under_load, hang_up_streams, metric
 from tiny import SPECIAL, VOCAB, tiny_tokenizer, vllm_llama
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -286,19 +285,10 @@ def test_a_hung_up_stream_is_aborted_in_vllm(live):
     before = metric(url, "prefixtune_computed_tokens")
     cancelled = metric(url, 'prefixtune_cancellations_total{reason="disconnect"}')
 
-    def hang_up() -> None:
-        body = {"model": "mid-mlp", "prompt": LONG, "max_tokens": 120, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-            next(response.iter_lines())  # the first chunk, then hang up
-
-    threads = [threading.Thread(target=hang_up) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    deadline = time.time() + 30
-    while (metric(url, "prefixtune_running_rows") or metric(url, "prefixtune_queue_depth")) and time.time() < deadline:
-        time.sleep(0.05)
+    body = {"model": "mid-mlp", "prompt": LONG, "max_tokens": 120}
+    hang_up_streams(
+        url, body, 6, lambda: bool(metric(url, "prefixtune_running_rows") or metric(url, "prefixtune_queue_depth"))
+    )
     assert metric(url, "prefixtune_running_rows") == 0 and metric(url, "prefixtune_queue_depth") == 0
     assert metric(url, 'prefixtune_cancellations_total{reason="disconnect"}') - cancelled == 6
     assert metric(url, "prefixtune_computed_tokens") - before < 6 * 120 / 2  # aborted, not run to the end
