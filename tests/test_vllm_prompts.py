@@ -66,8 +66,23 @@ def test_a_replaced_prefix_gets_a_new_salt_and_the_old_version_stays_readable_wh
     assert read_kv(prefixes.kv_folder, old_hash).shape[3] == 6  # an admitted request still reads its version
     del admitted
     gc.collect()
+    assert (prefixes.kv_folder / f"{old_hash}.safetensors").exists()  # the prepared prompt holds it too
+    del old
+    gc.collect()
     assert not (prefixes.kv_folder / f"{old_hash}.safetensors").exists()  # its last request ended: removed
     assert read_kv(prefixes.kv_folder, new.kv_transfer_params["prefixtune"]["prefix"]).shape[3] == 6
+
+
+def test_a_prepared_prompt_keeps_its_file_after_the_prefix_is_deleted_until_the_prompt_is_gone(store):
+    prefixes = VLLMPrefixes(store, max_model_len=64)
+    prompt = prefixes.prepare("six", [11, 12], max_tokens=2)  # LLM.generate may run it later
+    path = prefixes.kv_folder / f"{prompt.kv_transfer_params['prefixtune']['prefix']}.safetensors"
+    store.delete("six")
+    gc.collect()
+    assert path.exists()  # the connector can still read what the prompt names
+    del prompt
+    gc.collect()
+    assert not path.exists()
 
 
 def test_a_prefix_for_another_base_model_is_refused_by_its_fingerprint(store, tmp_path):

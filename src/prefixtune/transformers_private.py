@@ -73,6 +73,12 @@ def _check_attn_implementation() -> str | None:
     return None if found == "eager" else f"PretrainedConfig._attn_implementation is {found!r}, expected 'eager'"
 
 
+def is_quantized(config: Any) -> bool:
+    """Whether a quantizer prepared this model (it sets ``config._is_quantized``; Falcon-Mamba's and Jamba's
+    mixers then compute their time step through ``dt_proj`` minus its bias, and ours does as they do)."""
+    return hasattr(config, "_is_quantized")
+
+
 def _check_quantized_flag() -> str | None:
     import inspect
 

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from ..transformers_private import with_accelerate_hooks
+from ..transformers_private import is_quantized, with_accelerate_hooks
 from .state_kinds import STATE_KWARGS, Shapes, StateKind, state_conv
 
 CLASSES = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
@@ -57,7 +57,7 @@ def _selective_inputs(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Ten
     if not hasattr(module, "b_layernorm"):  # Mamba
         return module.dt_proj.weight @ time_step.transpose(1, 2), B, C
     time_step, B, C = module.dt_layernorm(time_step), module.b_layernorm(B), module.c_layernorm(C)
-    if hasattr(module.config, "_is_quantized"):  # as Falcon-Mamba's and Jamba's own: nn.Linear minus its bias
+    if is_quantized(module.config):  # as Falcon-Mamba's and Jamba's own: nn.Linear minus its bias
         return (module.dt_proj(time_step) - module.dt_proj.bias).transpose(1, 2), B, C
     return module.dt_proj.weight @ time_step.transpose(1, 2), B, C
 

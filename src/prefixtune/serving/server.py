@@ -26,6 +26,7 @@ handlers here. It talks to the engine only through `interface.Engine`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -63,7 +64,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        on_shutdown()
+        await asyncio.to_thread(on_shutdown)  # closing an engine may wait for its threads: not on the event loop
 
     app = FastAPI(
         title="prefixtune",

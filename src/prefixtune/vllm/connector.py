@@ -171,7 +171,7 @@ class PrefixKVConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict[str, Tensor]) -> None:
         """Refuse, at start-up, attention backends the connector has no cache writer for (by name)."""
-        refusal = backend_refusal(model_attention_layers(self._vllm_config))
+        refusal = backend_refusal(model_attention_layers(self))
         if refusal:
             raise ValueError(f"prefixtune's vLLM connector cannot serve prefixes here: {refusal}")
 

@@ -12,7 +12,7 @@ behind the same placeholder ids never share blocks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class PrefixedPrompt:
     prefix_length: int  # P; 0: no prefix
     cache_salt: str | None  # the prefix's content hash (None: no prefix)
     kv_transfer_params: dict[str, Any] | None
+    # the store snapshot the prefix's .vllm-kv file belongs to: held while this prompt lives, so a
+    # delete/replace/evict in between cannot remove the file before vLLM's connector reads it
+    holds: Any = field(default=None, repr=False, compare=False)
 
     def prompt(self) -> dict[str, Any]:
         """A ``vllm.inputs.TokensPrompt``: ``LLM.generate(prompt, ...)`` / ``AsyncLLM.generate(prompt, ...)``."""
@@ -144,7 +147,8 @@ class VLLMPrefixes:
         if key_values is None:
             return prefixed_prompt(None, prompt_ids, self.kv_folder)
         prefix_hash = self.kv.hash_of(key_values)
-        return prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, prefix_hash)
+        prompt = prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, prefix_hash)
+        return replace(prompt, holds=inputs)
 
 
 def kv_transfer_config(kv_folder: str | Path, cached_prefixes: int = 64) -> Any:

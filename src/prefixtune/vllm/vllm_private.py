@@ -194,10 +194,11 @@ def write_layer(layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, 
     layer.impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
 
 
-def model_attention_layers(vllm_config: Any) -> dict[str, torch.nn.Module]:
+def model_attention_layers(connector: Any) -> dict[str, torch.nn.Module]:
     """The model's attention layers that own a cache, before any forward (worker side, once the caches are
-    bound): ``CompilationConfig.static_forward_context``, which each forward's ``no_compile_layers`` is."""
-    return owning_layers(vllm_config.compilation_config.static_forward_context)
+    bound): ``CompilationConfig.static_forward_context``, which each forward's ``no_compile_layers`` is,
+    from the config `KVConnectorBase_V1` keeps as ``_vllm_config``."""
+    return owning_layers(connector._vllm_config.compilation_config.static_forward_context)
 
 
 def tensor_parallel() -> tuple[int, int]:
