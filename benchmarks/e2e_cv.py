@@ -454,8 +454,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--inner-fraction", type=float, default=0.1)
     parser.add_argument("--inner-rows", type=int, default=256, help="at most this many inner-fold rows")
-    parser.add_argument("--baselines", default=None, help="a slice: these e2e_grid.BASELINES only (--stages baselines)")
-    parser.add_argument("--levers", default=None, help="comma-separated subset of e2e_grid.LEVERS (default: all)")
+    parser.add_argument(
+        "--baselines",
+        default=None,
+        help="a slice: these e2e_grid.BASELINES only (past --stages baselines it needs LoRA and one of ours)",
+    )
+    parser.add_argument(
+        "--levers",
+        default=None,
+        help="comma-separated subset of e2e_grid.LEVERS (default: all; 'none': the base is the recipe)",
+    )
     parser.add_argument("--stages", default="final", choices=STAGES, help="run the stages up to this one")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -480,12 +488,20 @@ def grid_of(args: argparse.Namespace) -> tuple[dict[str, Setting], dict[str, lis
     """The baselines and levers asked for (every one by default), or a clear error."""
     grid = QUICK_LEVERS if args.quick else LEVERS
     baselines = args.baselines.split(",") if args.baselines else list(BASELINES)
-    levers = args.levers.split(",") if args.levers else list(grid)
+    levers = [] if args.levers == "none" else args.levers.split(",") if args.levers else list(grid)
     for option, names, known in (("--baselines", baselines, BASELINES), ("--levers", levers, grid)):
         if set(names) - set(known):
             raise SystemExit(f"{option}: unknown {sorted(set(names) - set(known))}; expected some of {list(known)}")
-    if args.baselines and args.stages != "baselines":
-        raise SystemExit("--baselines (a slice) goes with --stages baselines: the selection needs every baseline")
+    selecting = args.stages != "baselines"
+    if (
+        args.baselines
+        and selecting
+        and not ("PEFT LoRA r=8" in baselines and {BASELINES[n].method for n in baselines} & set(OURS))
+    ):
+        raise SystemExit(
+            "--baselines: a slice that goes past --stages baselines needs 'PEFT LoRA r=8' (the goal's reference) "
+            f"and one of ours (the recipe's base); got {baselines}"
+        )
     return {name: BASELINES[name] for name in baselines}, {name: grid[name] for name in levers}
 
 
@@ -536,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{error} (an earlier stage's shards not finished?)") from error
     record = device_record(args.device, args.dtype)
     summary |= {"note": args.note, "record": record, "trained_now": store.trained, "runs": len(store.runs)}
+    summary["baselines_slice"] = list(baselines) if args.baselines else None  # None: every e2e_grid.BASELINES
     if count == 1:  # shards write their runs only; one process (count 1) writes the summary
         (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
         plot(summary, Path(args.output) / "bleu_vs_train_seconds.png")

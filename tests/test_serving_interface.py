@@ -333,6 +333,9 @@ class ScriptedEngine:
     def stats(self) -> EngineStats:
         return EngineStats(engine=self.name, healthy=self.started, queue_depth=0, running_rows=0, **self.counts)
 
+    def reset_prefix_cache(self) -> None:
+        return None
+
     def exclusive(self):
         return contextlib.nullcontext()
 

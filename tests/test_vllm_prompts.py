@@ -95,7 +95,8 @@ def test_a_prefix_for_another_base_model_is_refused_by_its_fingerprint(store, tm
 
 def test_a_prefix_longer_than_the_models_window_is_refused_with_the_numbers(store):
     prefixes = VLLMPrefixes(store, max_model_len=12)
-    with pytest.raises(VLLMPrefixError, match=r"\(6 positions\) \+ prompt \(3 tokens\) \+ max_tokens \(4\) = 13 .*=12"):
+    expected = r"\(6 positions\) \+ prompt \(3 tokens\) \+ max_tokens \(4\) = 13 exceed .*window of 12 tokens"
+    with pytest.raises(VLLMPrefixError, match=expected):
         prefixes.prepare("six", [11, 12, 13], max_tokens=4)
     assert prefixes.prepare("six", [11, 12, 13], max_tokens=3).prefix_length == 6  # exactly the window fits
 

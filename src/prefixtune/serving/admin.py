@@ -78,10 +78,9 @@ async def delete_prefix(name: str, server: ServedDep, authorization: str | None 
 @cache_router.post("/reset")
 async def reset_prefix_cache(server: ServedDep, authorization: str | None = Header(None)):
     authorize(server, authorization)
-    reset = getattr(server.engine, "reset_prefix_cache", None)  # the vLLM engine's own, not in `Engine`
-    if reset is None:
+    done = await asyncio.to_thread(server.engine.reset_prefix_cache)
+    if done is None:
         raise HTTPException(400, f"the {server.engine.name} engine keeps no prefix cache across requests")
-    done = await asyncio.to_thread(reset)
     if not done:
         raise HTTPException(409, "vLLM did not reset its prefix cache (requests are running): retry when idle")
     return {"reset": True}

@@ -331,6 +331,10 @@ class ContinuousEngine:
     def _running(self) -> bool:
         return self.manager is not None and self.manager.is_running()
 
+    def reset_prefix_cache(self) -> None:
+        """None: every request computes its own prompt; no blocks are kept across requests."""
+        return None
+
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """The model with prefixtune's own attention, for work outside the engine that runs it

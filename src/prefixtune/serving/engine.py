@@ -144,6 +144,10 @@ class BatchingEngine:
             **self.counts,
         )
 
+    def reset_prefix_cache(self) -> None:
+        """None: every request computes its own prompt; no blocks are kept across requests."""
+        return None
+
     def exclusive(self) -> threading.RLock:
         """Hold the model between micro-batches (to run it for something else)."""
         return self.lock

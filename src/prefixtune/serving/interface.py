@@ -89,6 +89,12 @@ class Engine(Protocol):
         """The engine's counters now (cheap: called on every admission and metrics scrape)."""
         ...
 
+    def reset_prefix_cache(self) -> bool | None:
+        """Empty the blocks of computed prompts and prefixes the engine keeps across requests (answers
+        stay the same; later requests compute them again): True when emptied, False when it cannot now
+        (requests running), None when the engine keeps none (the admin endpoint says so with a 400)."""
+        ...
+
     def exclusive(self) -> AbstractContextManager[Any]:
         """A context in which the caller may run the base model with prefixtune's own attention
         (e.g. the store computing a ``hidden`` prefix): the engine runs nothing on the model

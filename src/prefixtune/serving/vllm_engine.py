@@ -269,27 +269,18 @@ class VLLMEngine:
             self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
 
     def _prompt(self, request: Request):
-        """The request as vLLM runs it: P placeholder ids + its prompt, ``cache_salt`` and the connector's
-        parameters (`prefixtune.vllm.prefixed_prompt`); the admitted snapshot's keys/values are written
-        once to the connector's content-addressed folder, under a name no later version shares, and
-        removed when no snapshot of them is left (`prefixtune.vllm.kv_folder`)."""
-        from ..vllm import prefixed_prompt
+        """The request as vLLM runs it (`prefixtune.vllm.admitted_prompt`): P placeholder ids + its prompt,
+        ``cache_salt`` and the connector's parameters; the admitted snapshot's keys/values are written once
+        to the connector's content-addressed folder and removed when no snapshot of them is left."""
+        from ..vllm.prompts import VLLMPrefixError, admitted_prompt
 
         window = self.llm.model_config.max_model_len
-        inputs = request.prefix_inputs
-        key_values = None if inputs is None else inputs["prefix_key_values"]  # [layers, 2, kv_heads, P, head_dim]
-        length = 0 if key_values is None else key_values.shape[3]
-        needed = length + len(request.prompt_ids) + request.max_tokens
-        if needed > window:  # the placeholders count against vLLM's window like prompt tokens
-            raise RequestRejected(
-                f"prefix {request.prefix!r} ({length} positions) + prompt ({len(request.prompt_ids)} tokens) + "
-                f"max_tokens ({request.max_tokens}) = {needed} exceed the model's window of {window} tokens "
-                "(vLLM's max_model_len, --max-model-len)"
+        try:
+            return admitted_prompt(
+                self.kv, request.prefix_inputs, request.prompt_ids, request.max_tokens, window, request.prefix
             )
-        if key_values is None:
-            return prefixed_prompt(None, request.prompt_ids, self.settings.kv_folder)
-        prefix_hash = self.kv.hash_of(key_values)  # written once per version, removed when its last snapshot goes
-        return prefixed_prompt(key_values, request.prompt_ids, self.settings.kv_folder, prefix_hash=prefix_hash)
+        except VLLMPrefixError as error:
+            raise RequestRejected(f"{error}; --max-model-len sets it") from error
 
     def _start_task(self, request: Request, prompt) -> None:
         if request.engine_id in self.unended:  # not cancelled on its way here

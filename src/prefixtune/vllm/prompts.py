@@ -136,19 +136,34 @@ class VLLMPrefixes:
         name: str | None = None,
     ) -> PrefixedPrompt:
         """As `prepare`, from a snapshot taken at admission (`PrefixStore.snapshot`; None: no prefix)."""
-        key_values = None if inputs is None else inputs["prefix_key_values"]
-        length = 0 if key_values is None else key_values.shape[3]
-        needed = length + len(prompt_ids) + max_tokens
-        if needed > self.max_model_len:
-            raise VLLMPrefixError(
-                f"prefix {name!r} ({length} positions) + prompt ({len(prompt_ids)} tokens) + max_tokens "
-                f"({max_tokens}) = {needed} exceeds the model's window max_model_len={self.max_model_len}"
-            )
-        if key_values is None:
-            return prefixed_prompt(None, prompt_ids, self.kv_folder)
-        prefix_hash = self.kv.hash_of(key_values)
-        prompt = prefixed_prompt(key_values, prompt_ids, self.kv_folder, self.placeholder_id, prefix_hash)
-        return replace(prompt, holds=inputs)
+        return admitted_prompt(self.kv, inputs, prompt_ids, max_tokens, self.max_model_len, name, self.placeholder_id)
+
+
+def admitted_prompt(
+    kv: KVFolder,
+    inputs: dict[str, Tensor] | None,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    max_model_len: int,
+    name: str | None,
+    placeholder_id: int = 0,
+) -> PrefixedPrompt:
+    """The prompt for `prompt_ids` after the admitted snapshot `inputs` of prefix `name` (None: no
+    prefix), holding the snapshot, its file written once through `kv`; `VLLMPrefixError` when prefix +
+    prompt + `max_tokens` exceed `max_model_len` (the placeholders count like prompt tokens)."""
+    key_values = None if inputs is None else inputs["prefix_key_values"]  # [layers, 2, kv_heads, P, head_dim]
+    length = 0 if key_values is None else key_values.shape[3]
+    needed = length + len(prompt_ids) + max_tokens
+    if needed > max_model_len:
+        raise VLLMPrefixError(
+            f"prefix {name!r} ({length} positions) + prompt ({len(prompt_ids)} tokens) + max_tokens "
+            f"({max_tokens}) = {needed} exceed the model's window of {max_model_len} tokens (vLLM's max_model_len)"
+        )
+    if key_values is None:
+        return prefixed_prompt(None, prompt_ids, kv.folder)
+    prefix_hash = kv.hash_of(key_values)  # written once per version, removed when its last snapshot goes
+    prompt = prefixed_prompt(key_values, prompt_ids, kv.folder, placeholder_id, prefix_hash)
+    return replace(prompt, holds=inputs)
 
 
 def kv_transfer_config(kv_folder: str | Path, cached_prefixes: int = 64) -> Any:
