@@ -49,6 +49,7 @@ from prefixtune.files import WEIGHTS_NAME
 from prefixtune.precision import cpu_record
 from prefixtune.serving import BASE_NAME, Limits, build_app
 from prefixtune.serving.background import free_port, running, wait_healthy
+from prefixtune.serving.interface import greedy_reference
 
 ENGINES = ("microbatch", "continuous", "vllm")
 
@@ -253,17 +254,7 @@ def generate_alone(wrapper: PrefixModel, store: Path, name: str, ids: list[int],
     if name != BASE_NAME and name not in wrapper.prefixes:
         wrapper.load_prefix(store / name, name=name)
     tokenizer = wrapper.tokenizer
-    with torch.no_grad():
-        output = wrapper.generate(
-            input_ids=torch.tensor([ids]),
-            prefix=["" if name == BASE_NAME else name],
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0, len(ids) :].tolist()
-    if tokenizer.eos_token_id in output:
-        output = output[: output.index(tokenizer.eos_token_id)]
+    output = greedy_reference(wrapper, ids, name, max_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return tokenizer.decode(output, skip_special_tokens=True)
 
 

@@ -278,11 +278,10 @@ def test_prefixtune_serve_command_serves_the_store(tmp_path):
     """The real command line: `prefixtune serve` on a free loopback port, then a request per prefix."""
     import subprocess
     import sys
-    import time
 
     import httpx
 
-    from prefixtune.serving.background import free_port
+    from prefixtune.serving.background import free_port, wait_healthy
 
     write_store(tmp_path / "store")
     tiny_model("llama").save_pretrained(tmp_path / "tiny")
@@ -304,15 +303,11 @@ def test_prefixtune_serve_command_serves_the_store(tmp_path):
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.2)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", process, timeout=120)
+        except RuntimeError as error:
+            process.terminate()
+            raise AssertionError(f"{error}: {process.communicate(timeout=30)[0]}") from error
         for name in [BASE_NAME, *PREFIXES]:
             body = {"model": name, "prompt": PROMPTS[0], "max_tokens": 4}
             response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)

