@@ -51,8 +51,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random Llama, a few samples/steps (smoke run)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=40, help="self-study prompts the teacher writes")
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=240, help="self-study prompts the teacher writes")
+    parser.add_argument("--seed-kinds", default="question", help="self-study prompt kinds (selfstudy.SEEDS)")
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--prefix-length", type=int, default=32)
@@ -63,7 +64,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-tokens", type=int, default=64, help="self-study chunks: a few Q/A pairs each")
     parser.add_argument("--max-answer-tokens", type=int, default=24)
     parser.add_argument("--question-tokens", type=int, default=20, help="greedy tokens per evaluation question")
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--measure-steps", type=int, default=3, help="timed steps per variant for step time/memory")
     parser.add_argument("--questions", type=int, default=None, help="only the first N evaluation questions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -137,6 +138,7 @@ def distil(args, work: Path) -> tuple[dict, float]:
         prefix_length=args.prefix_length,
         freeze_first=True,  # as PEFT's CartridgeConfig (num_frozen_tokens=1)
         samples=args.samples,
+        seed_kinds=args.seed_kinds,
         held_out=0.15,
         max_prompt_tokens=args.max_prompt_tokens,
         chunk_tokens=args.chunk_tokens,

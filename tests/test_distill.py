@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import prefixtune
 from prefixtune import PrefixConfig, PrefixModel, load_base_model
 from prefixtune.cli import app
+from prefixtune.config import ConfigError
 from prefixtune.data import DataError, PromptFormatter, pad_batch
 from prefixtune.distillation import DistillOptions, selfstudy
 from prefixtune.distillation.context import load_context
@@ -165,6 +166,21 @@ def test_self_study_writes_prompts_and_answers_caches_them_and_a_second_run_reus
         assert torch.equal(old.topk_indices, new.topk_indices) and torch.equal(old.topk_logprobs, new.topk_logprobs)
     other = StudySettings(**{**settings.__dict__, "samples": 5})
     assert selfstudy.cache_key(model, "float32", context, formatter, other) != folder.name
+
+
+def test_self_study_asks_every_chunk_every_kind_in_turn():
+    pieces = [f"chunk {i}" for i in range(8)]
+    kinds = list(selfstudy.SEEDS)  # 4 kinds, 8 chunks: plain round-robin would ask each chunk one kind only
+    plan = selfstudy.seed_plan(32, kinds, pieces)
+    assert set(plan) == {(kind, piece) for kind in kinds for piece in pieces}
+    assert [piece for _, piece in plan[:8]] == pieces  # a round covers every chunk before any repeats
+    assert {kind for kind, _ in selfstudy.seed_plan(8, ["question"], pieces)} == {"question"}
+
+
+def test_an_unknown_seed_kind_is_refused_by_name():
+    expected = r"--seed-kinds: expected comma-separated kinds of \['question'.*'question,poem'"
+    with pytest.raises(ConfigError, match=expected):
+        DistillOptions(context="c.txt", output="out", seed_kinds="question,poem")
 
 
 def test_self_study_answers_from_the_teacher_prefix_equal_generation_with_the_context_in_the_prompt(tmp_path):

@@ -59,6 +59,10 @@ class DistillOptions:
         None, "Prompts to answer (one per line, or JSONL 'prompt'); default: the teacher writes them."
     )
     samples: int = option(256, "Self-study prompts to write (ignored with --prompts).")
+    seed_kinds: str = option(
+        "question,summarise,rewrite,continue",
+        "Self-study: the kinds of prompt the teacher writes, taken in turn (comma-separated keys of selfstudy.SEEDS).",
+    )
     held_out: float = option(0.1, "Share of the prompts held out for the report.")
     top_k: int = option(
         20, "Teacher log-probabilities kept per answer token (0: full vocabulary, teacher runs each step)."
@@ -99,6 +103,12 @@ class DistillOptions:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k: expected >= 0, got {self.top_k}")
+        from .selfstudy import SEEDS
+
+        kinds = self.seed_kinds.split(",")
+        unknown = [kind for kind in kinds if kind not in SEEDS]
+        if unknown or not kinds:
+            raise ConfigError(f"--seed-kinds: expected comma-separated kinds of {list(SEEDS)}, got {self.seed_kinds!r}")
 
     @property
     def study(self) -> StudySettings:
@@ -110,6 +120,7 @@ class DistillOptions:
             self.max_prompt_tokens,
             self.max_answer_tokens,
             self.chunk_tokens,
+            kinds=tuple(self.seed_kinds.split(",")),
             batch_size=self.generation_batch_size,
             seed=self.seed,
         )
@@ -175,10 +186,10 @@ def _tokens_after_context(options: DistillOptions, formatter: PromptFormatter, c
 
         longest = max(len(formatter.prompt_ids(p)) for p in read_prompts(options.prompts))
         return longest + options.max_answer_tokens
-    from .selfstudy import SEEDS, chunks, seed_ids
+    from .selfstudy import chunks, seed_ids
 
     pieces = chunks(context, formatter.tokenizer, options.chunk_tokens)
-    seeds = max(len(seed_ids(formatter, kind, piece)) for kind in SEEDS for piece in pieces)
+    seeds = max(len(seed_ids(formatter, kind, piece)) for kind in options.study.kinds for piece in pieces)
     return max(seeds + options.max_prompt_tokens, _prompt_and_answer(formatter, options))
 
 

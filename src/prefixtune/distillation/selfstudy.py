@@ -70,6 +70,7 @@ class StudySettings:
     max_prompt_tokens: int = 48
     max_answer_tokens: int = 96
     chunk_tokens: int = 192
+    kinds: tuple[str, ...] = ("question", "summarise", "rewrite", "continue")  # `SEEDS` keys, taken in turn
     batch_size: int = 16
     seed: int = 0
 
@@ -173,11 +174,11 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
 def write_prompts(model: PrefixModel, formatter: PromptFormatter, context: Context, settings: StudySettings):
     """(kind, prompt) pairs the teacher writes about the context's chunks, deduplicated."""
     pieces = chunks(context, formatter.tokenizer, settings.chunk_tokens)
-    kinds = list(SEEDS)
+    kinds = list(settings.kinds)
     wanted: list[tuple[str, str]] = []
     for attempt in range(3):  # sampled prompts can come out empty or repeated: ask again, at most twice
         count = math.ceil((settings.samples - len(wanted)) * 1.25)
-        plan = [(kinds[(i + attempt) % len(kinds)], pieces[i % len(pieces)]) for i in range(count)]
+        plan = seed_plan(count, kinds, pieces, attempt)
         inputs = [seed_ids(formatter, kind, piece) for kind, piece in plan]
         written = _generate(model, formatter, inputs, settings.max_prompt_tokens, True, settings.batch_size)
         seen = {prompt for _, prompt in wanted}
@@ -189,6 +190,13 @@ def write_prompts(model: PrefixModel, formatter: PromptFormatter, context: Conte
         if len(wanted) >= settings.samples:
             break
     return wanted
+
+
+def seed_plan(count: int, kinds: list[str], pieces: list[str], shift: int = 0) -> list[tuple[str, str]]:
+    """`count` (kind, chunk) pairs: round after round over every chunk, each chunk's kind moving on by
+    one each round (and by `shift`), so every chunk is asked every kind in turn whatever the counts."""
+    n = len(pieces)
+    return [(kinds[(i // n + i % n + shift) % len(kinds)], pieces[i % n]) for i in range(count)]
 
 
 def seed_ids(formatter: PromptFormatter, kind: str, chunk: str) -> list[int]:
