@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from . import files, peft_format
 from .config import PrefixConfig
 from .initialization import init_token_ids, text_activations, word_embeddings
-from .injection import inject, uninject
+from .injection import PREFIX_KWARGS, inject, split_by_layer, uninject
 from .names import check_prefix_name
 from .parameterizations import PARAMETERIZATION_CLASSES, KVPrefix, Prefix
 from .prefix_arguments import PrefixArguments
@@ -201,7 +201,11 @@ class PrefixModel(nn.Module):
         """The base model's forward (same arguments and output, loss with ``labels``) with the prefix."""
         if self.training and torch.is_grad_enabled() and not self._checkpointing_checked:
             self._refuse_reentrant_checkpointing()
-        return self.base_model(**self._model_inputs(args, prefix, kwargs))
+        inputs = self._model_inputs(args, prefix, kwargs)
+        key_values = inputs.get(PREFIX_KWARGS[0])
+        if isinstance(key_values, Tensor) and key_values.requires_grad:
+            inputs[PREFIX_KWARGS[0]] = split_by_layer(key_values)  # see injection.attention
+        return self.base_model(**inputs)
 
     @torch.no_grad()
     def generate(self, *args: Any, prefix: PrefixChoice = None, **kwargs: Any) -> Tensor:

@@ -37,6 +37,7 @@ from .attention import (
     UnsupportedModelError,
     model_kind,
     refuse_pooled_keys,
+    split_by_layer,
 )
 from .key_value_path import KeyValuePath, attention_input
 from .positions import prefix_lengths, text_positions
@@ -58,6 +59,7 @@ __all__ = [
     "uninject",
     "attention_input",
     "model_kind",
+    "split_by_layer",
     "refuse_pooled_keys",
     "prefix_lengths",
     "text_positions",

@@ -5,9 +5,12 @@ They differ from the model's own ``sdpa`` / ``eager`` only when the forward call
 ``prefix_key_values`` ``[B, layers, 2, kv_heads, P, head_dim]`` and ``prefix_attention_mask``
 ``[B, layers, P]``: then each layer puts its slice in front of the text's keys/values, adds
 always-visible columns for the valid prefix slots to the mask (T5: with no position bias), and
-hands over to the model's own function. Keys and values of different head sizes (multi-head latent
-attention), and layers of fewer or smaller heads than others (Gemma 4), are stored zero-padded to
-``kv_heads`` x ``head_dim`` and cut to the layer's own heads and sizes here.
+hands over to the model's own function. A training forward passes the keys/values split by
+layer instead (a sequence of ``[B, 2, kv_heads, P, head_dim]``, `split_by_layer`): a slice of the one
+tensor per layer would allocate and fill that whole tensor's gradient in every layer's backward.
+Keys and values of different head sizes (multi-head latent attention), and layers of fewer or
+smaller heads than others (Gemma 4), are stored zero-padded to ``kv_heads`` x ``head_dim`` and cut
+to the layer's own heads and sizes here.
 
 The same names are registered with ``AttentionMaskInterface`` (transformers builds padding masks
 through it; a name without a mask function silently gets none). Where transformers skips the mask
@@ -18,7 +21,7 @@ aligned wrongly once prefix columns come first; the bare path keeps the fast fla
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +31,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
+
+
+def split_by_layer(key_values: Tensor) -> tuple[Tensor, ...]:
+    """``[B, layers, 2, kv_heads, P, head_dim]`` -> one ``[B, 2, kv_heads, P, head_dim]`` per layer, with one
+    backward for all of them (``unbind``: the layers' gradients stacked once)."""
+    return key_values.unbind(1)
+
+
 MASK_CACHE_KWARG = "prefixtune_masks"
 POSITIONS_KWARG = "prefixtune_positions"  # [B, T] each query's position, the prefix owning 0..P-1
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -176,7 +187,7 @@ def _prefix_attention(delegate: str) -> Callable:
         key: Tensor,  # [B, kv_heads, T, key_head_dim]
         value: Tensor,  # [B, kv_heads, T, value_head_dim]
         attention_mask: Tensor | None,
-        prefix_key_values: Tensor | None = None,  # [B, layers, 2, kv_heads, P, head_dim]
+        prefix_key_values: Tensor | Sequence[Tensor] | None = None,  # [B, layers, 2, kv_heads, P, head_dim]
         prefix_attention_mask: Tensor | None = None,  # [B, layers, P]
         prefixtune_capture: Capture | None = None,
         prefixtune_masks: dict | None = None,
@@ -188,7 +199,9 @@ def _prefix_attention(delegate: str) -> Callable:
             prefixtune_capture.calls.append(AttentionCall(module, query, key, value, attention_mask))
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
-            prefix = prefix_key_values[:, layer].to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
+            split = isinstance(prefix_key_values, Sequence)
+            prefix = prefix_key_values[layer] if split else prefix_key_values[:, layer]
+            prefix = prefix.to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
             attention_mask = _layer_mask(
                 module,
                 attention_mask,
