@@ -135,6 +135,20 @@ def test_shards_split_a_stage_and_one_process_then_finds_every_run_done(tmp_path
         e2e_cv.main([*common[:-2], "--stages", "levers"])  # a slice of the baselines cannot select
 
 
+@pytest.mark.slow  # 15 tiny training runs
+@needs_e2e
+def test_a_slice_with_lora_and_one_of_ours_runs_every_stage_and_no_levers_leave_the_base_as_recipe(tmp_path):
+    train, validation, _ = small_data(tmp_path)
+    sliced = ["ours hidden", "PEFT LoRA r=8"]
+    common = ["--quick", "--train", str(train), "--validation", str(validation), "--output", str(tmp_path / "out")]
+    summary = e2e_cv.main([*common, "--baselines", ",".join(sliced), "--levers", "none"])
+    assert summary["stages_done"] == list(e2e_cv.STAGES) and summary["baselines_slice"] == sliced
+    assert list(summary["baselines"]) == sliced and summary["levers"] == {}
+    assert summary["recipe"] == summary["baselines"]["ours hidden"]["setting"]
+    assert summary["trained_now"] == 2 * 2 * 3 + 3  # the recipe's cross-validation runs are the base's
+    assert "recipe_beats_lora_by_more_than_se" in summary["goals"]
+
+
 TRAINABLE = {  # SmolLM2-135M: 30 layers, 3 kv heads x 64, P=10
     "PEFT prefix tuning": 115_200,
     "PEFT CartridgeConfig": 103_680,  # its first virtual token stays frozen (PEFT's default)

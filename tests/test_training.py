@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+import prefixtune.model as model_module
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.data import pad_batch, padding_fraction, padding_fractions
 from tiny import ARCHITECTURES, left_padded, tiny_model
@@ -63,6 +64,24 @@ def count_attention_calls(model: PrefixModel) -> list[int]:
     module = model.kv_path.attention_modules[0]
     module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
+
+
+@pytest.mark.parametrize("parameterization", ["kv", "hidden"])
+def test_a_training_forward_splits_the_prefix_by_layer_with_the_one_tensors_gradients(parameterization, monkeypatch):
+    model = prefixed_model("llama", parameterization)
+    seen = []
+    original = model_module.split_by_layer
+    monkeypatch.setattr(model_module, "split_by_layer", lambda kv: seen.append(kv.shape) or original(kv))
+    loss, grads = loss_and_gradients(model)
+    assert len(seen) == 1 and seen[0][1] == model.geometry.num_layers  # one unbind per forward, every layer
+    with torch.no_grad():
+        model(**batch_with_labels())
+    assert len(seen) == 1  # no split without gradients (generate, serving)
+    monkeypatch.setattr(model_module, "split_by_layer", lambda kv: kv)  # attention slices the one tensor
+    expected_loss, expected_grads = loss_and_gradients(model)
+    torch.testing.assert_close(loss, expected_loss, atol=0, rtol=0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

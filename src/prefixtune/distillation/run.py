@@ -32,7 +32,7 @@ from ..training import RunExistsError, latest_complete_checkpoint
 from .context import check_fits, load_context
 from .prefixes import add_prefix_from_ids, add_teacher, freeze_first_position
 from .report import evaluate_variants
-from .selfstudy import StudySettings, cache_key, cached_samples
+from .selfstudy import SEEDS, StudySettings, cache_key, cached_samples
 from .trainer import DistillTrainer, collate, distill_rows
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class DistillOptions:
     )
     samples: int = option(256, "Self-study prompts to write (ignored with --prompts).")
     seed_kinds: str = option(
-        "question,summarise,rewrite,continue",
+        ",".join(SEEDS),
         "Self-study: the kinds of prompt the teacher writes, taken in turn (comma-separated keys of selfstudy.SEEDS).",
     )
     held_out: float = option(0.1, "Share of the prompts held out for the report.")
@@ -103,12 +103,12 @@ class DistillOptions:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k: expected >= 0, got {self.top_k}")
-        from .selfstudy import SEEDS
-
-        kinds = self.seed_kinds.split(",")
-        unknown = [kind for kind in kinds if kind not in SEEDS]
-        if unknown or not kinds:
+        if not all(kind in SEEDS for kind in self.kinds):
             raise ConfigError(f"--seed-kinds: expected comma-separated kinds of {list(SEEDS)}, got {self.seed_kinds!r}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(kind.strip() for kind in self.seed_kinds.split(","))
 
     @property
     def study(self) -> StudySettings:
@@ -120,7 +120,7 @@ class DistillOptions:
             self.max_prompt_tokens,
             self.max_answer_tokens,
             self.chunk_tokens,
-            kinds=tuple(self.seed_kinds.split(",")),
+            kinds=() if self.prompts else self.kinds,  # a prompts file's samples do not depend on them
             batch_size=self.generation_batch_size,
             seed=self.seed,
         )
@@ -189,7 +189,7 @@ def _tokens_after_context(options: DistillOptions, formatter: PromptFormatter, c
     from .selfstudy import chunks, seed_ids
 
     pieces = chunks(context, formatter.tokenizer, options.chunk_tokens)
-    seeds = max(len(seed_ids(formatter, kind, piece)) for kind in options.study.kinds for piece in pieces)
+    seeds = max(len(seed_ids(formatter, kind, piece)) for kind in options.kinds for piece in pieces)
     return max(seeds + options.max_prompt_tokens, _prompt_and_answer(formatter, options))
 
 

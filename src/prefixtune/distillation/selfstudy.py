@@ -3,8 +3,9 @@ the teacher's answers to them, with the teacher's top-k log-probabilities on eve
 
 Without a prompts file the teacher writes the prompts itself: for each chunk of the context, one of
 the `SEEDS` (the one place they are listed) asks it, with the whole context in front as always, for
-a question, a summary request, a rewrite request or a continuation request about that chunk; the
-first line it writes (sampled) is the prompt. With a prompts file it only answers those. Answers are
+a question, a summary request, a rewrite request or a continuation request about that chunk
+(`StudySettings.kinds` picks which; `seed_plan` asks every chunk each of them in turn); the first
+line it writes (sampled) is the prompt. With a prompts file it only answers those. Answers are
 greedy. Everything runs batched on the frozen teacher prefix (left-padded rows of mixed lengths) and
 is cached on disk under a hash of the model fingerprint, the context and these settings, so a rerun
 or a resumed run reads it instead of generating again. A share of the prompts is held out for the
@@ -70,7 +71,7 @@ class StudySettings:
     max_prompt_tokens: int = 48
     max_answer_tokens: int = 96
     chunk_tokens: int = 192
-    kinds: tuple[str, ...] = ("question", "summarise", "rewrite", "continue")  # `SEEDS` keys, taken in turn
+    kinds: tuple[str, ...] = tuple(SEEDS)  # the kinds of prompt written, in turn (none with a prompts file)
     batch_size: int = 16
     seed: int = 0
 

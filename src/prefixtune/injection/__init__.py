@@ -4,10 +4,10 @@ Differences from the base model, and nothing else, in these modules:
 
 * `attention`: the model's attention implementation (``sdpa`` or ``eager``) is swapped for
   ``prefixtune_sdpa`` / ``prefixtune_eager``. When the forward call carries ``prefix_key_values``
-  ``[B, layers, 2, kv_heads, P, head_dim]`` and ``prefix_attention_mask`` ``[B, layers, P]``, each
-  layer puts its slice in front of the text's keys/values, adds always-visible mask columns for the
-  valid prefix slots, and hands over to the model's own function. Without those arguments the
-  model computes exactly what it did before.
+  ``[B, layers, 2, kv_heads, P, head_dim]`` (in a training forward split by layer, `split_by_layer`)
+  and ``prefix_attention_mask`` ``[B, layers, P]``, each layer puts its slice in front of the
+  text's keys/values, adds always-visible mask columns for the valid prefix slots, and hands over
+  to the model's own function. Without those arguments the model computes exactly what it did before.
 * `positions`: text positions shift per row by that row's prefix length: the prefix owns positions
   ``0..P-1``. Positions come from the attention mask, so left padding is exact.
 * `states`: hybrid models' linear-attention layers (Gated DeltaNet; Mamba-1 and Mamba-2 mixers and

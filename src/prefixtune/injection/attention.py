@@ -188,6 +188,7 @@ def _prefix_attention(delegate: str) -> Callable:
         value: Tensor,  # [B, kv_heads, T, value_head_dim]
         attention_mask: Tensor | None,
         prefix_key_values: Tensor | Sequence[Tensor] | None = None,  # [B, layers, 2, kv_heads, P, head_dim]
+        # (a training forward: one [B, 2, kv_heads, P, head_dim] per layer, `split_by_layer`)
         prefix_attention_mask: Tensor | None = None,  # [B, layers, P]
         prefixtune_capture: Capture | None = None,
         prefixtune_masks: dict | None = None,

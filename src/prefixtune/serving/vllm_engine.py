@@ -269,7 +269,7 @@ class VLLMEngine:
             self.loop.call_soon_threadsafe(self._cancel_task, request.engine_id)
 
     def _prompt(self, request: Request):
-        """The request as vLLM runs it (`prefixtune.vllm.admitted_prompt`): P placeholder ids + its prompt,
+        """The request as vLLM runs it (`prefixtune.vllm.prompts.admitted_prompt`): P placeholder ids + its prompt,
         ``cache_salt`` and the connector's parameters; the admitted snapshot's keys/values are written once
         to the connector's content-addressed folder and removed when no snapshot of them is left."""
         from ..vllm.prompts import VLLMPrefixError, admitted_prompt
@@ -280,7 +280,7 @@ class VLLMEngine:
                 self.kv, request.prefix_inputs, request.prompt_ids, request.max_tokens, window, request.prefix
             )
         except VLLMPrefixError as error:
-            raise RequestRejected(f"{error}; --max-model-len sets it") from error
+            raise RequestRejected(str(error)) from error
 
     def _start_task(self, request: Request, prompt) -> None:
         if request.engine_id in self.unended:  # not cancelled on its way here

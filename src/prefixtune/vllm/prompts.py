@@ -157,7 +157,8 @@ def admitted_prompt(
     if needed > max_model_len:
         raise VLLMPrefixError(
             f"prefix {name!r} ({length} positions) + prompt ({len(prompt_ids)} tokens) + max_tokens "
-            f"({max_tokens}) = {needed} exceed the model's window of {max_model_len} tokens (vLLM's max_model_len)"
+            f"({max_tokens}) = {needed} exceed the model's window of {max_model_len} tokens (vLLM's max_model_len, "
+            "--max-model-len)"
         )
     if key_values is None:
         return prefixed_prompt(None, prompt_ids, kv.folder)
