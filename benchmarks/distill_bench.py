@@ -51,9 +51,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random Llama, a few samples/steps (smoke run)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, default=240, help="self-study prompts the teacher writes")
+    parser.add_argument("--samples", type=int, default=360, help="self-study prompts the teacher writes")
     parser.add_argument("--seed-kinds", default="question", help="self-study prompt kinds (selfstudy.SEEDS)")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--prefix-length", type=int, default=32)
@@ -61,8 +61,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--template", default=TEMPLATE)
     parser.add_argument("--chat-template", action="store_true", help="the handbook as the system message instead")
     parser.add_argument("--max-prompt-tokens", type=int, default=24)
-    parser.add_argument("--chunk-tokens", type=int, default=64, help="self-study chunks: a few Q/A pairs each")
+    parser.add_argument("--chunk-tokens", type=int, default=32, help="self-study chunks: about one Q/A pair each")
     parser.add_argument("--max-answer-tokens", type=int, default=24)
+    parser.add_argument("--answer-stop", default="\n\n", help="a teacher answer ends at a blank line (Q/A layout)")
     parser.add_argument("--question-tokens", type=int, default=20, help="greedy tokens per evaluation question")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--measure-steps", type=int, default=3, help="timed steps per variant for step time/memory")
@@ -143,6 +144,7 @@ def distil(args, work: Path) -> tuple[dict, float]:
         max_prompt_tokens=args.max_prompt_tokens,
         chunk_tokens=args.chunk_tokens,
         max_answer_tokens=args.max_answer_tokens,
+        answer_stop=args.answer_stop or None,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -203,7 +203,28 @@ def test_self_study_answers_from_the_teacher_prefix_equal_generation_with_the_co
                 pad_token_id=eos,
                 eos_token_id=eos,
             )[0, row.shape[1] :]
-        assert answer == selfstudy._until_eos(tokens.tolist(), eos)  # noqa: SLF001
+        assert answer == selfstudy.until_stop(tokens.tolist(), formatter.tokenizer, None)
+
+
+def test_a_teacher_answer_ends_with_the_token_that_completes_the_stop_text(tmp_path):
+    model, formatter, context, _ = teacher_and_samples(tmp_path, top_k=0)
+    tokenizer = formatter.tokenizer
+    inputs = [formatter.prompt_ids(prompt) for prompt in PROMPTS]
+    whole = selfstudy._generate(model, formatter, inputs, 8, False, 3)  # noqa: SLF001
+    stop = tokenizer.decode(whole[0][1:3])  # the first row's second and third tokens
+    stopped = selfstudy._generate(model, formatter, inputs, 8, False, 3, stop)  # noqa: SLF001
+    assert stopped[0] == whole[0][:3]
+    assert stopped == [selfstudy.until_stop(ids, tokenizer, stop) for ids in whole]
+    eos = tokenizer.eos_token_id
+    ids = tokenizer("the pub serves food", add_special_tokens=False)["input_ids"]
+    assert selfstudy.until_stop([*ids, eos, *ids], tokenizer, "food") == ids  # the first stop wins
+    assert selfstudy.until_stop([ids[0], eos, *ids], tokenizer, "food") == [ids[0], eos]
+    settings = DistillOptions(context="c.txt", output="out", answer_stop="\n\n").study
+    assert settings.answer_stop == "\n\n"  # and the samples' cache key depends on it
+    plain = StudySettings(**{**settings.__dict__, "answer_stop": None})
+    assert selfstudy.cache_key(model, "float32", context, formatter, settings) != selfstudy.cache_key(
+        model, "float32", context, formatter, plain
+    )
 
 
 def _losses(report_folder) -> list[float]:

@@ -66,8 +66,10 @@ def evaluate_variants(
     variants: dict[str, str],
     max_new_tokens: int,
     batch_size: int,
+    stop: str | None = None,
 ) -> dict[str, Any]:
-    """The report's numbers for each variant (name -> prefix name, "" for the bare model)."""
+    """The report's numbers for each variant (name -> prefix name, "" for the bare model); greedy
+    outputs end at `stop` as the teacher's answers did."""
     tokenizer = formatter.tokenizer
     prompts = [s.prompt for s in samples]
     references = [tokenizer.decode(s.answer_ids, skip_special_tokens=True).strip() for s in samples]
@@ -77,6 +79,7 @@ def evaluate_variants(
         outputs = generate_completions(
             model, formatter, prompts, prefix=prefix, batch_size=batch_size, max_new_tokens=max_new_tokens
         )
+        outputs = [output.split(stop)[0] for output in outputs] if stop else outputs
         results[variant] = {"kl": kl, "top1_agreement": top1, "rougeL": rouge_l(outputs, references)}
     return results
 

@@ -61,7 +61,7 @@ class DistillOptions:
     samples: int = option(256, "Self-study prompts to write (ignored with --prompts).")
     seed_kinds: str = option(
         ",".join(SEEDS),
-        "Self-study: the kinds of prompt the teacher writes, taken in turn (comma-separated keys of selfstudy.SEEDS).",
+        "Self-study: the prompt kinds the teacher writes, in turn (keys of selfstudy.SEEDS; ignored with --prompts).",
     )
     held_out: float = option(0.1, "Share of the prompts held out for the report.")
     top_k: int = option(
@@ -69,6 +69,10 @@ class DistillOptions:
     )
     max_prompt_tokens: int = option(48, "Longest prompt the teacher writes.")
     max_answer_tokens: int = option(96, "Longest teacher answer.")
+    answer_stop: str | None = option(
+        None,
+        "End each teacher answer at this text as well as at EOS (a blank line, $'\\n\\n', under a plain template).",
+    )
     chunk_tokens: int = option(192, "Self-study: the context is cut into chunks of about this many tokens.")
     steps: int = option(200, "Optimizer steps.")
     batch_size: int = option(8, "Training batch size.")
@@ -119,6 +123,7 @@ class DistillOptions:
             self.top_k,
             self.max_prompt_tokens,
             self.max_answer_tokens,
+            self.answer_stop,
             self.chunk_tokens,
             kinds=() if self.prompts else self.kinds,  # a prompts file's samples do not depend on them
             batch_size=self.generation_batch_size,
@@ -263,7 +268,13 @@ def distill(options: DistillOptions | None = None, **fields: Any) -> dict[str, A
     variants = {"student": options.prefix_name, "bare": "", "truncated": TRUNCATED}
     checks = (
         evaluate_variants(
-            model, formatter, held_out, variants, options.max_answer_tokens, options.generation_batch_size
+            model,
+            formatter,
+            held_out,
+            variants,
+            options.max_answer_tokens,
+            options.generation_batch_size,
+            options.answer_stop,
         )
         if held_out
         else {}

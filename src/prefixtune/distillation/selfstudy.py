@@ -6,10 +6,11 @@ the `SEEDS` (the one place they are listed) asks it, with the whole context in f
 a question, a summary request, a rewrite request or a continuation request about that chunk
 (`StudySettings.kinds` picks which; `seed_plan` asks every chunk each of them in turn); the first
 line it writes (sampled) is the prompt. With a prompts file it only answers those. Answers are
-greedy. Everything runs batched on the frozen teacher prefix (left-padded rows of mixed lengths) and
-is cached on disk under a hash of the model fingerprint, the context and these settings, so a rerun
-or a resumed run reads it instead of generating again. A share of the prompts is held out for the
-report.
+greedy and end at EOS or at `answer_stop` (`StopText`: under a plain template the model goes on
+with the next question after its answer). Everything runs batched on the frozen teacher prefix
+(left-padded rows of mixed lengths) and is cached on disk under a hash of the model fingerprint,
+the context and these settings, so a rerun or a resumed run reads it instead of generating again.
+A share of the prompts is held out for the report.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..data import DataError, PromptFormatter, jsonl_records, pad_batch
 from ..model import PrefixModel
@@ -70,6 +72,7 @@ class StudySettings:
     top_k: int = 20
     max_prompt_tokens: int = 48
     max_answer_tokens: int = 96
+    answer_stop: str | None = None  # an answer ends at this text too (a blank line under a plain template)
     chunk_tokens: int = 192
     kinds: tuple[str, ...] = tuple(SEEDS)  # the kinds of prompt written, in turn (none with a prompts file)
     batch_size: int = 16
@@ -144,9 +147,10 @@ def _generate(
     max_new_tokens: int,
     sample: bool,
     batch_size: int,
+    stop: str | None = None,
 ) -> list[list[int]]:
     """The teacher's continuation ids of each input (the ids after the context), batched by length
-    (left-padded), in input order."""
+    (left-padded), in input order; each ends at EOS or at the token that completes `stop`."""
     tokenizer = formatter.tokenizer
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     outputs: dict[int, list[int]] = {}
@@ -155,6 +159,8 @@ def _generate(
         batch = pad_batch([{"input_ids": inputs[i]} for i in rows], tokenizer.pad_token_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         options = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if sample else {"do_sample": False}
+        width = batch["input_ids"].shape[1]
+        options |= {"stopping_criteria": StoppingCriteriaList([StopText(tokenizer, stop, width)])} if stop else {}
         tokens = model.generate(
             **batch,
             prefix=TEACHER,
@@ -164,12 +170,29 @@ def _generate(
             **options,
         )[:, batch["input_ids"].shape[1] :]
         for i, row in zip(rows, tokens.tolist(), strict=True):
-            outputs[i] = _until_eos(row, tokenizer.eos_token_id)
+            outputs[i] = until_stop(row, tokenizer, stop)
     return [outputs[i] for i in range(len(inputs))]
 
 
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+class StopText(StoppingCriteria):
+    """Ends a row once its text after position `start` contains `stop` (transformers' own
+    ``stop_strings`` needs a tokenizer whose vocabulary it can map to text, which not all allow)."""
+
+    def __init__(self, tokenizer: Any, stop: str, start: int) -> None:
+        self.tokenizer, self.stop, self.start = tokenizer, stop, start
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :])
+        return torch.tensor([self.stop in text for text in texts], device=input_ids.device)
+
+
+def until_stop(ids: list[int], tokenizer: Any, stop: str | None) -> list[int]:
+    """`ids` up to and with the first EOS, or the first token whose text completes `stop`."""
+    eos = tokenizer.eos_token_id
+    ids = ids[: ids.index(eos) + 1] if eos in ids else ids
+    if stop and stop in tokenizer.decode(ids):
+        return next(ids[:n] for n in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:n]))
+    return ids
 
 
 def write_prompts(model: PrefixModel, formatter: PromptFormatter, context: Context, settings: StudySettings):
@@ -257,7 +280,9 @@ def build_samples(
     if not pairs:
         raise DataError(f"{context.source}: the teacher wrote no usable prompt about the context")
     inputs = [formatter.prompt_ids(prompt) for _, prompt in pairs]
-    answers = _generate(model, formatter, inputs, settings.max_answer_tokens, False, settings.batch_size)
+    answers = _generate(
+        model, formatter, inputs, settings.max_answer_tokens, False, settings.batch_size, settings.answer_stop
+    )
     samples = [
         Sample(prompt, ids or [formatter.tokenizer.eos_token_id], kind)
         for (kind, prompt), ids in zip(pairs, answers, strict=True)
