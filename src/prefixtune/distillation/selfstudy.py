@@ -168,7 +168,7 @@ def _generate(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **options,
-        )[:, batch["input_ids"].shape[1] :]
+        )[:, width:]
         for i, row in zip(rows, tokens.tolist(), strict=True):
             outputs[i] = until_stop(row, tokenizer, stop)
     return [outputs[i] for i in range(len(inputs))]
