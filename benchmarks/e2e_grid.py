@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 INIT_TEXT = "Describe the restaurant in one sentence."
 OURS = ("ours-kv", "ours-mlp", "ours-hidden")  # prefixtune's parameterizations
-PEFT_PROMPT = ("peft-prefix", "peft-cartridge")  # PEFT prompt learning: its generate() ignores the prefix
+PEFT_PROMPT = ("peft-prefix", "peft-cartridge")  # PEFT prompt learning: decoded through prefixtune (e2e_run)
 METHODS = (*PEFT_PROMPT, "peft-lora", "full", *OURS)
 PREFIXED = (*PEFT_PROMPT, *OURS)  # methods with a prefix length
 
@@ -66,8 +66,6 @@ class Setting:
             problems.append("mlp_hidden_size: set for ours-mlp only")
         if self.dropout and self.method not in (*OURS, "peft-lora"):
             problems.append("dropout: only ours-* (prefix dropout) and peft-lora (lora_dropout) have one")
-        if self.num_beams > 1 and self.method in PEFT_PROMPT:
-            problems.append("num_beams: PEFT prompt learning is decoded greedily through its forward pass")
         if (self.patience or self.best_of_n) and not self.evaluations:
             problems.append("patience / best_of_n: need evaluations > 0 (the inner-fold loss)")
         if problems:

@@ -5,7 +5,10 @@ Every method uses the same loop (AdamW, the setting's schedule, the same data or
 same prompt format ("{mr}\\n" + completion + EOS, loss on the completion) and the same decoding
 length. PEFT methods are built with `get_peft_model` as PEFT documents them. PEFT 0.21's
 `generate()` ignores a prefix-tuning or cartridge prefix with transformers 5.24 (its outputs equal the
-bare model's), so those two are decoded greedily through their own forward pass, which applies it.
+bare model's), so those two are decoded by prefixtune: the trained adapter is saved as PEFT saves it
+and loaded into a `PrefixModel` on the same frozen base (`peft_format`; tests/test_peft_interop.py
+proves its logits are PEFT's forward's), which decodes with a cache like every other method.
+(`greedy_through_forward`, a full forward per token, is the older `e2e_quality.py`'s way.)
 
 Early stopping is transformers' `EarlyStoppingCallback` on the inner fold's loss. Best-of-N is
 `KeepBest`: it keeps the trainable weights of the best inner-fold loss in memory and restores them
@@ -16,6 +19,7 @@ base included, at every evaluation).
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +69,22 @@ def build(setting: Setting, base, tokenizer) -> tuple[torch.nn.Module, Callable[
         return model, model.generate
     kind = PrefixTuningConfig if setting.method == "peft-prefix" else CartridgeConfig
     model = get_peft_model(base, kind(task_type="CAUSAL_LM", num_virtual_tokens=setting.prefix_length))
-    return model, lambda **batch: greedy_through_forward(model, **batch)
+    return model, decoded_by_prefixtune(model, tokenizer)
+
+
+def decoded_by_prefixtune(model, tokenizer) -> Callable[..., torch.Tensor]:
+    """generate(**batch) for a PEFT prompt-learning model, through its trained prefix as a `PrefixModel`
+    (read once, at the first call: after training)."""
+    loaded: list[PrefixModel] = []
+
+    def generate(**batch) -> torch.Tensor:
+        if not loaded:
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                loaded.append(PrefixModel.from_pretrained(model.get_base_model(), folder, tokenizer=tokenizer))
+        return loaded[0].generate(**batch)
+
+    return generate
 
 
 @torch.no_grad()

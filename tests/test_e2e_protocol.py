@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import e2e_cv  # noqa: E402
 from e2e_grid import BASELINES, METHODS, Setting, lever_settings  # noqa: E402
 from prefixtune.data import read_examples  # noqa: E402
-from tiny import needs_smollm2  # noqa: E402
+from tiny import needs_smollm2, tiny_model  # noqa: E402
 
 E2E_DATA = next(
     (
@@ -58,8 +58,8 @@ def test_a_fold_split_trains_on_no_held_out_or_inner_mr():
 def test_a_lever_that_does_not_fit_the_method_is_refused_not_ignored():
     with pytest.raises(ValueError, match="mlp_hidden_size"):
         BASELINES["ours hidden"].changed(mlp_hidden_size=128)
-    with pytest.raises(ValueError, match="num_beams"):
-        BASELINES["PEFT prefix tuning"].changed(num_beams=4)
+    with pytest.raises(ValueError, match="init"):
+        BASELINES["PEFT prefix tuning"].changed(init="random")
     with pytest.raises(ValueError, match="dropout"):
         BASELINES["full fine-tuning"].changed(dropout=0.1)
     tried, skipped = lever_settings(BASELINES["ours hidden"], {"mlp_hidden_size": [{"mlp_hidden_size": 128}]})
@@ -147,6 +147,29 @@ def test_a_slice_with_lora_and_one_of_ours_runs_every_stage_and_no_levers_leave_
     assert summary["recipe"] == summary["baselines"]["ours hidden"]["setting"]
     assert summary["trained_now"] == 2 * 2 * 3 + 3  # the recipe's cross-validation runs are the base's
     assert "recipe_beats_lora_by_more_than_se" in summary["goals"]
+
+
+@pytest.mark.parametrize("method", ["peft-prefix", "peft-cartridge"])
+def test_a_peft_prompt_learning_model_decodes_through_prefixtune_to_its_own_greedy_tokens(method):
+    """The protocol decodes PEFT's prefix with a cached `PrefixModel`; the tokens are those of PEFT's
+    own forward pass, one full forward per token (unpadded rows: PEFT's forward has no row offsets)."""
+    import torch
+
+    from e2e_run import build, greedy_through_forward
+
+    setting = BASELINES["PEFT prefix tuning"].changed(method=method, prefix_length=3)
+    model, generate = build(setting, tiny_model("llama"), None)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.prompt_encoder.parameters():
+            parameter.normal_(0, 0.5)
+    ids = torch.tensor([[5, 9, 14, 3], [11, 4, 30, 8]])
+    options = {"max_new_tokens": 6, "eos_token_id": 2, "pad_token_id": 0}
+    expected = greedy_through_forward(model, ids, torch.ones_like(ids), **options)
+    bare = tiny_model("llama").generate(input_ids=ids, do_sample=False, **options)
+    ours = generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, **options)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(bare, expected)  # the prefix changes the tokens
 
 
 TRAINABLE = {  # SmolLM2-135M: 30 layers, 3 kv heads x 64, P=10

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel, PrefixTuningConfig, get_peft_model
+from peft import CartridgeConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from typer.testing import CliRunner
 
 from architecture_walk import build
@@ -51,6 +51,23 @@ def test_a_peft_adapter_loaded_into_prefixtune_gives_peft_logits(tmp_path, archi
     expected = logits(peft_model, seq2seq=False)
     assert torch.allclose(logits(ours, seq2seq=False), expected, atol=ATOL)
     assert not torch.allclose(logits(tiny_model(architecture), seq2seq=False), expected, atol=1e-2)  # prefix matters
+
+
+def test_a_peft_cartridge_loaded_into_prefixtune_gives_peft_logits_frozen_rows_included(tmp_path):
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        tiny_model("llama"), CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_frozen_tokens=1)
+    )
+    with torch.no_grad():
+        for parameter in peft_model.prompt_encoder.parameters():  # the frozen row too: it must load as well
+            parameter.normal_(0, 0.5)
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = PrefixModel.from_pretrained(tiny_model("llama"), tmp_path / "peft")
+    assert ours.prefixes["default"].length == 4
+    expected = logits(peft_model, seq2seq=False)
+    assert torch.allclose(logits(ours, seq2seq=False), expected, atol=ATOL)
+    assert not torch.allclose(logits(tiny_model("llama"), seq2seq=False), expected, atol=1e-2)
 
 
 @pytest.mark.parametrize(("architecture", "parameterization"), [("llama", "kv"), ("gpt2", "mlp"), ("llama", "hidden")])
@@ -100,7 +117,7 @@ def test_a_peft_adapter_for_another_model_or_method_is_refused_naming_the_field(
     config_file = tmp_path / "peft" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps(config | {"peft_type": "LORA"}))
-    with pytest.raises(PrefixFileError, match="peft_type 'LORA' is not a prefix-tuning adapter"):
+    with pytest.raises(PrefixFileError, match="peft_type 'LORA' is not a prefix-tuning or cartridge adapter"):
         PrefixModel.from_pretrained(tiny_model("gpt2"), tmp_path / "peft")
     config_file.write_text(json.dumps(config | {"num_virtual_tokens": 5}))
     with pytest.raises(PrefixFileError, match=r"'prompt_embeddings' has shape \(3, 128\), expected \(5, 128\)"):

@@ -310,7 +310,8 @@ class PrefixModel(nn.Module):
 
     def read_prefix(self, path: str | Path) -> tuple[PrefixConfig, Prefix, str | None]:
         """A saved prefix (checked against this base model) as (config, module on this model's device,
-        saved name), without adding it. A PEFT prefix-tuning folder reads as a `kv` prefix (see `peft_format.py`)."""
+        saved name), without adding it. A PEFT prefix-tuning or cartridge folder reads as a `kv` prefix (see
+        `peft_format.py`)."""
         if peft_format.is_peft_folder(path):
             (config, prefix), saved_name = self._peft_prefix(path), None
         else:

@@ -7,6 +7,10 @@ one tensor ``prompt_embeddings`` ``[P, L * 2 * token_dim]``: the keys/values the
 ``prefix_projection`` it is the MLP's output; the MLP is not saved). PEFT's ``get_prompt`` views it
 as ``[P, L * 2, H, head_dim]``: layer-major, key before value, then head, then head_dim.
 
+PEFT's ``CARTRIDGE`` adapters (a KV prefix whose first ``num_frozen_tokens`` rows do not train) save
+the same tensor in the same layout and are served the same way, so they read as a `kv` prefix too;
+the frozen rows are just keys/values once trained. We write only ``PREFIX_TUNING``.
+
 How it differs from our files: no base-model fingerprint (only the checked sizes say it fits), and
 the layout is flat. Decoder-only models: each of the L layers' self-attention gets its slot. Encoder-
 decoders: PEFT 0.21 concatenates the 2L slots with themselves, regroups them four at a time as
@@ -36,6 +40,7 @@ from .injection import Geometry, UnsupportedModelError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TENSOR = "prompt_embeddings"
+READ_TYPES = ("PREFIX_TUNING", "CARTRIDGE")  # a cartridge saves the same tensor (its frozen rows first)
 
 
 def is_peft_folder(path: str | Path) -> bool:
@@ -120,8 +125,10 @@ def _read_config(path: Path, geometry: Geometry) -> dict[str, Any]:
         raise PrefixFileError(f"{file}: not readable JSON ({error})") from error
     if not isinstance(config, dict):
         raise PrefixFileError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "PREFIX_TUNING":
-        raise PrefixFileError(f"{file}: peft_type {config.get('peft_type')!r} is not a prefix-tuning adapter")
+    if config.get("peft_type") not in READ_TYPES:
+        raise PrefixFileError(
+            f"{file}: peft_type {config.get('peft_type')!r} is not a prefix-tuning or cartridge adapter {READ_TYPES}"
+        )
     length = config.get("num_virtual_tokens")
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise PrefixFileError(f"{file}: field 'num_virtual_tokens' must be a positive int, got {length!r}")
