@@ -168,6 +168,48 @@ def test_self_study_writes_prompts_and_answers_caches_them_and_a_second_run_reus
     assert selfstudy.cache_key(model, "float32", context, formatter, other) != folder.name
 
 
+def test_answer_with_chunk_teacher_answers_and_scores_with_the_chunk_quoted_while_the_student_reads_the_prompt(
+    tmp_path,
+):
+    model, formatter, context, _ = teacher_and_samples(tmp_path, top_k=0)
+    settings = StudySettings(
+        samples=4, held_out=0.25, top_k=VOCAB, max_prompt_tokens=5, max_answer_tokens=4, chunk_tokens=8, batch_size=4
+    )
+    quoted = StudySettings(**{**settings.__dict__, "answer_with_chunk": True})
+    assert selfstudy.cache_key(model, "float32", context, formatter, quoted) != selfstudy.cache_key(
+        model, "float32", context, formatter, settings
+    )
+    folder = tmp_path / "cache" / selfstudy.cache_key(model, "float32", context, formatter, quoted)
+    samples, _ = cached_samples(model, formatter, context, quoted, folder)
+    pieces = selfstudy.chunks(context, formatter.tokenizer, 8)
+    assert samples and all(s.chunk in pieces for s in samples)
+    eos = formatter.tokenizer.eos_token_id
+    for sample in samples:  # as a user would: the bare model, context + quote + prompt in the prompt
+        asked = formatter.prompt_ids(selfstudy.REMINDER.format(chunk=sample.chunk, prompt=sample.prompt))
+        assert sample.chunk in formatter.tokenizer.decode(asked)
+        row = torch.tensor([context.teacher_ids(asked)])
+        with torch.no_grad(), model.disable_prefix():
+            tokens = model.generate(
+                input_ids=row,
+                attention_mask=torch.ones_like(row),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=eos,
+                eos_token_id=eos,
+            )[0, row.shape[1] :].tolist()
+            logits = model(input_ids=torch.tensor([context.teacher_ids(asked + sample.answer_ids)])).logits[0]
+        assert sample.answer_ids == selfstudy.until_stop(tokens, formatter.tokenizer, None)
+        answer = len(sample.answer_ids)
+        expected = torch.log_softmax(logits[-answer - 1 : -1], -1)  # [A, V] the teacher with the quote
+        torch.testing.assert_close(sample.topk_logprobs, expected.gather(-1, sample.topk_indices.long()))
+    row = distill_rows(samples[:1], formatter)[0]  # the student: the bare prompt, then the answer
+    assert row["input_ids"] == formatter.prompt_ids(samples[0].prompt) + samples[0].answer_ids
+    again, from_cache = cached_samples(model, formatter, context, quoted, folder)
+    assert from_cache and [s.chunk for s in again] == [s.chunk for s in samples]
+    with pytest.raises(ConfigError, match="--answer-with-chunk: a --prompts file"):
+        DistillOptions(context="c.txt", output="out", prompts="p.txt", answer_with_chunk=True)
+
+
 def test_self_study_asks_every_chunk_every_kind_in_turn():
     pieces = [f"chunk {i}" for i in range(8)]
     kinds = list(selfstudy.SEEDS)  # 4 kinds, 8 chunks: plain round-robin would ask each chunk one kind only

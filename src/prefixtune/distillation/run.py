@@ -74,6 +74,11 @@ class DistillOptions:
         "End each teacher answer at this text as well as at EOS (a blank line, $'\\n\\n', under a plain template).",
     )
     chunk_tokens: int = option(192, "Self-study: the context is cut into chunks of about this many tokens.")
+    answer_with_chunk: bool = option(
+        False,
+        "Self-study: the teacher answers with the prompt's chunk quoted again before it (the student never sees it).",
+        "--answer-with-chunk",
+    )
     steps: int = option(200, "Optimizer steps.")
     batch_size: int = option(8, "Training batch size.")
     lr: float = option(2e-2, "Peak learning rate (AdamW, linear warmup and decay).")
@@ -107,6 +112,8 @@ class DistillOptions:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k: expected >= 0, got {self.top_k}")
+        if self.answer_with_chunk and self.prompts:
+            raise ConfigError("--answer-with-chunk: a --prompts file's prompts come from no chunk of the context")
         if not all(kind in SEEDS for kind in self.kinds):
             raise ConfigError(f"--seed-kinds: expected comma-separated kinds of {list(SEEDS)}, got {self.seed_kinds!r}")
 
@@ -125,6 +132,7 @@ class DistillOptions:
             self.max_answer_tokens,
             self.answer_stop,
             self.chunk_tokens,
+            self.answer_with_chunk,
             kinds=() if self.prompts else self.kinds,  # a prompts file's samples do not depend on them
             batch_size=self.generation_batch_size,
             seed=self.seed,
@@ -191,11 +199,15 @@ def _tokens_after_context(options: DistillOptions, formatter: PromptFormatter, c
 
         longest = max(len(formatter.prompt_ids(p)) for p in read_prompts(options.prompts))
         return longest + options.max_answer_tokens
-    from .selfstudy import chunks, seed_ids
+    from .selfstudy import REMINDER, chunks, seed_ids
 
     pieces = chunks(context, formatter.tokenizer, options.chunk_tokens)
     seeds = max(len(seed_ids(formatter, kind, piece)) for kind in options.kinds for piece in pieces)
-    return max(seeds + options.max_prompt_tokens, _prompt_and_answer(formatter, options))
+    answer = _prompt_and_answer(formatter, options)
+    if options.answer_with_chunk:  # the quoted chunk before the written prompt
+        quote = max(len(formatter.prompt_ids(REMINDER.format(chunk=piece, prompt=""))) for piece in pieces)
+        answer += quote - len(formatter.prompt_ids(""))
+    return max(seeds + options.max_prompt_tokens, answer)
 
 
 def _prompt_and_answer(formatter: PromptFormatter, options: DistillOptions) -> int:

@@ -5,7 +5,11 @@ Without a prompts file the teacher writes the prompts itself: for each chunk of 
 the `SEEDS` (the one place they are listed) asks it, with the whole context in front as always, for
 a question, a summary request, a rewrite request or a continuation request about that chunk
 (`StudySettings.kinds` picks which; `seed_plan` asks every chunk each of them in turn); the first
-line it writes (sampled) is the prompt. With a prompts file it only answers those. Answers are
+line it writes (sampled) is the prompt. With a prompts file it only answers those. With
+`answer_with_chunk` the teacher answers a written prompt with its chunk quoted again just before it
+(`REMINDER`; the whole context stays in front), as Cartridges' teacher answers with the chunk in
+view: a small model finds a fact beside the question far more often than 1,000 tokens back. The
+student still reads the bare prompt, so it learns the answer without the quote. Answers are
 greedy and end at EOS or at `answer_stop` (`StopText`: under a plain template the model goes on
 with the next question after its answer). Everything runs batched on the frozen teacher prefix
 (left-padded rows of mixed lengths) and is cached on disk under a hash of the model fingerprint,
@@ -59,6 +63,7 @@ SEEDS: dict[str, tuple[str, str]] = {
         "Please explain",
     ),
 }
+REMINDER = "Here is a part of the document above:\n\n{chunk}\n\n{prompt}"  # --answer-with-chunk's teacher prompt
 CACHE_VERSION = 1
 
 
@@ -74,6 +79,7 @@ class StudySettings:
     max_answer_tokens: int = 96
     answer_stop: str | None = None  # an answer ends at this text too (a blank line under a plain template)
     chunk_tokens: int = 192
+    answer_with_chunk: bool = False  # the teacher answers with the prompt's chunk quoted before it
     kinds: tuple[str, ...] = tuple(SEEDS)  # the kinds of prompt written, in turn (none with a prompts file)
     batch_size: int = 16
     seed: int = 0
@@ -87,6 +93,11 @@ class Sample:
     held_out: bool = False
     topk_indices: torch.Tensor | None = None  # [A, k] the teacher's top-k tokens at each answer position
     topk_logprobs: torch.Tensor | None = None  # [A, k] their log-probabilities
+    chunk: str | None = None  # with answer_with_chunk: the chunk the teacher saw quoted before the prompt
+
+    def teacher_prompt(self) -> str:
+        """The prompt as the teacher answered it (the student always reads `prompt`)."""
+        return REMINDER.format(chunk=self.chunk, prompt=self.prompt) if self.chunk else self.prompt
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -196,20 +207,20 @@ def until_stop(ids: list[int], tokenizer: Any, stop: str | None) -> list[int]:
 
 
 def write_prompts(model: PrefixModel, formatter: PromptFormatter, context: Context, settings: StudySettings):
-    """(kind, prompt) pairs the teacher writes about the context's chunks, deduplicated."""
+    """(kind, chunk, prompt) the teacher writes about the context's chunks, deduplicated by prompt."""
     pieces = chunks(context, formatter.tokenizer, settings.chunk_tokens)
     kinds = list(settings.kinds)
-    wanted: list[tuple[str, str]] = []
+    wanted: list[tuple[str, str, str]] = []
     for attempt in range(3):  # sampled prompts can come out empty or repeated: ask again, at most twice
         count = math.ceil((settings.samples - len(wanted)) * 1.25)
         plan = seed_plan(count, kinds, pieces, attempt)
         inputs = [seed_ids(formatter, kind, piece) for kind, piece in plan]
         written = _generate(model, formatter, inputs, settings.max_prompt_tokens, True, settings.batch_size)
-        seen = {prompt for _, prompt in wanted}
-        for (kind, _), ids in zip(plan, written, strict=True):
+        seen = {prompt for _, _, prompt in wanted}
+        for (kind, piece), ids in zip(plan, written, strict=True):
             prompt = _prompt_text(SEEDS[kind][1], formatter.tokenizer.decode(ids, skip_special_tokens=True))
             if prompt and prompt not in seen and len(wanted) < settings.samples:
-                wanted.append((kind, prompt))
+                wanted.append((kind, piece, prompt))
                 seen.add(prompt)
         if len(wanted) >= settings.samples:
             break
@@ -250,7 +261,8 @@ def attach_topk(model: PrefixModel, formatter: PromptFormatter, samples: list[Sa
     for start in range(0, len(samples), batch_size):
         rows = samples[start : start + batch_size]
         batch = pad_batch(
-            [{"input_ids": formatter.prompt_ids(s.prompt) + s.answer_ids} for s in rows], tokenizer.pad_token_id
+            [{"input_ids": formatter.prompt_ids(s.teacher_prompt()) + s.answer_ids} for s in rows],
+            tokenizer.pad_token_id,
         )
         batch = {key: value.to(model.device) for key, value in batch.items()}
         logits = model(**batch, prefix=TEACHER).logits  # [B, W, V]
@@ -274,19 +286,20 @@ def build_samples(
     """Prompts (the file's, or the teacher's own), the teacher's answers and top-k; nothing cached."""
     torch.manual_seed(settings.seed)
     if settings.prompts_file:
-        pairs = [("given", prompt) for prompt in read_prompts(settings.prompts_file)]
+        written = [("given", None, prompt) for prompt in read_prompts(settings.prompts_file)]
     else:
-        pairs = write_prompts(model, formatter, context, settings)
-    if not pairs:
+        written = write_prompts(model, formatter, context, settings)
+    if not written:
         raise DataError(f"{context.source}: the teacher wrote no usable prompt about the context")
-    inputs = [formatter.prompt_ids(prompt) for _, prompt in pairs]
+    samples = [
+        Sample(prompt, [], kind, chunk=chunk if settings.answer_with_chunk else None) for kind, chunk, prompt in written
+    ]
+    inputs = [formatter.prompt_ids(sample.teacher_prompt()) for sample in samples]
     answers = _generate(
         model, formatter, inputs, settings.max_answer_tokens, False, settings.batch_size, settings.answer_stop
     )
-    samples = [
-        Sample(prompt, ids or [formatter.tokenizer.eos_token_id], kind)
-        for (kind, prompt), ids in zip(pairs, answers, strict=True)
-    ]
+    for sample, ids in zip(samples, answers, strict=True):
+        sample.answer_ids = ids or [formatter.tokenizer.eos_token_id]
     if settings.top_k:
         attach_topk(model, formatter, samples, settings.top_k, settings.batch_size)
     hold_out(samples, settings.held_out, settings.seed)
@@ -302,7 +315,10 @@ def save_samples(folder: Path, samples: list[Sample]) -> None:
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         lines = [
-            json.dumps({"prompt": s.prompt, "answer_ids": s.answer_ids, "kind": s.kind, "held_out": s.held_out})
+            json.dumps(
+                {"prompt": s.prompt, "answer_ids": s.answer_ids, "kind": s.kind, "held_out": s.held_out}
+                | ({"chunk": s.chunk} if s.chunk else {})
+            )
             for s in samples
         ]
         (temp / SAMPLES_FILE).write_text("\n".join(lines) + "\n")
