@@ -197,6 +197,33 @@ def test_request_timeout_cancels_and_answers_504(tmp_path):
     assert timeouts == 1
 
 
+def test_a_loop_that_cannot_build_its_cache_fails_start_with_the_reason(tmp_path, monkeypatch):
+    """transformers sizes the paged cache against the memory it sees (on CPU: RAM, capped to the NUMA
+    node) and its loop dies if it does not fit; the engine must say so at start, not serve nothing."""
+
+    def too_big(self):
+        raise MemoryError("Memory footprint 3576859648 is more than available memory 3007202918")
+
+    monkeypatch.setattr(continuous.continuous_api.ContinuousBatchingManager, "_create_batch_processor", too_big)
+    model = PrefixModel(tiny_model("llama"), name=None, tokenizer=tiny_tokenizer())
+    with pytest.raises(RuntimeError, match="loop failed to start: Memory footprint 3576859648 is more than"):
+        ContinuousEngine(model, model.tokenizer, max_batch_size=2).start()
+    assert model.base_model.config._attn_implementation != continuous.PAGED_ATTENTION  # restored by close()
+
+
+def test_a_request_to_an_engine_whose_loop_died_gets_503_naming_why_not_silence(tmp_path):
+    write_store(tmp_path / "store")
+    app, engine, _ = build_app(tiny_model("llama"), tiny_tokenizer(), tmp_path / "store")
+    with running(app) as url:
+        engine.manager.background_thread_status.record_fatal_error(RuntimeError("the loop crashed"))
+        engine.manager.stop(block=True, timeout=30)
+        answer = httpx.post(f"{url}/v1/completions", json={"model": "formal-blog", "prompt": PROMPTS[0]}, timeout=60)
+        health = httpx.get(f"{url}/health", timeout=60)
+    engine.close()
+    assert answer.status_code == 503 and "loop has stopped: the loop crashed" in answer.json()["error"]["message"]
+    assert health.status_code == 503
+
+
 def test_openai_client_stop_n_seed_usage_finish_reason_and_list_prompts(live):
     url, engine, store, reference, _ = live
     api = client(url)

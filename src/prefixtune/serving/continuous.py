@@ -316,7 +316,15 @@ class ContinuousEngine:
                 raise RuntimeError("the continuous-batching loop did not start within 60 s")
             time.sleep(0.005)
         torch.set_rng_state(rng)  # the process's random numbers stay the caller's
+        if self.manager.batch_processor is None:  # the loop died building its cache: say why, now
+            error = self._loop_error()
+            self.close()
+            raise RuntimeError(f"the continuous-batching loop failed to start: {error}") from error
         return self
+
+    def _loop_error(self) -> Exception | None:
+        """The error that ended the generation loop, as transformers recorded it (None if it has not)."""
+        return self.manager.background_thread_status.fatal_error if self.manager is not None else None
 
     def close(self) -> None:
         for request_id in list(self.live):  # first, so the loop does not finish them while it stops
@@ -353,6 +361,8 @@ class ContinuousEngine:
     def submit(self, request: Request) -> Future:
         if self.manager is None:
             raise EngineClosed("the continuous engine is not running")
+        if not self.manager.is_running():  # transformers would log the request as dropped, never answer it
+            raise EngineClosed(f"the continuous engine's loop has stopped: {self._loop_error()}")
         with self.lock:
             request_id = f"r{self.counter}"
             self.counter += 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import HTTPException
 
 from .context import Served
-from .interface import RequestRejected
+from .interface import EngineClosed, RequestRejected
 from .requests import Channel, Failed, Finished, Token
 from .requests import Request as EngineRequest
 from .schema import Body, choice_payload, logprobs_payload, usage_payload
@@ -96,6 +96,9 @@ class Generation:
                 except RequestRejected as error:  # e.g. prefix + prompt + output beyond the engine's window
                     self.cancel("error")  # the choices submitted already
                     raise HTTPException(400, str(error)) from error
+                except EngineClosed as error:  # closing, or its loop died: /health says 503 too
+                    self.cancel("error")
+                    raise HTTPException(503, str(error)) from error
                 self.choices.append(Choice(len(self.choices), request))
 
     async def advance(self, choice: Choice) -> bool:
