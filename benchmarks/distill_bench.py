@@ -45,6 +45,7 @@ RESULTS = HERE / "results" / "distill_bench" / "distill_bench.json"
 TEMPLATE = "Q: {prompt}\n"  # the handbook's own Q/A layout; ends in a newline as the server's base template
 QUICK = {"samples": 8, "steps": 2, "batch_size": 4, "max_answer_tokens": 6, "max_prompt_tokens": 8}
 QUICK |= {"question_tokens": 4, "questions": 4, "requests": 4, "measure_steps": 1, "dtype": "float32"}
+QUICK |= {"measure_rounds": 1}
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +65,22 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-tokens", type=int, default=32, help="self-study chunks: about one Q/A pair each")
     parser.add_argument("--max-answer-tokens", type=int, default=24)
     parser.add_argument("--answer-stop", default="\n\n", help="a teacher answer ends at a blank line (Q/A layout)")
+    parser.add_argument(
+        "--answer-with-chunk",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the teacher answers each self-study prompt with its chunk quoted again before it",
+    )
     parser.add_argument("--question-tokens", type=int, default=20, help="greedy tokens per evaluation question")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--measure-steps", type=int, default=3, help="timed steps per variant for step time/memory")
+    parser.add_argument("--measure-steps", type=int, default=5, help="timed steps per variant and round")
+    parser.add_argument("--measure-rounds", type=int, default=3, help="interleaved rounds of step timing")
+    parser.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="length-grouped batches for ours and PEFT alike (less padding: faster steps)",
+    )
     parser.add_argument("--questions", type=int, default=None, help="only the first N evaluation questions")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--work", default=None, help="folder for the run (default: a temp folder)")
@@ -145,6 +159,7 @@ def distil(args, work: Path) -> tuple[dict, float]:
         chunk_tokens=args.chunk_tokens,
         max_answer_tokens=args.max_answer_tokens,
         answer_stop=args.answer_stop or None,
+        answer_with_chunk=args.answer_with_chunk,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -154,7 +169,7 @@ def distil(args, work: Path) -> tuple[dict, float]:
         dtype=args.dtype,
         device="cpu",
         gradient_checkpointing=True,
-        group_by_length=True,
+        group_by_length=args.group_by_length,
         save_every=max(args.steps, 1),
         cache=str(work / "cache"),
     )
@@ -292,7 +307,10 @@ def peft_optimizer(model, args):
 
 
 def train_peft(model, formatter, train, args) -> dict:
-    """The same samples, steps, batch size, learning rate schedule and loss as the distill run."""
+    """The same samples, steps, batch size, learning rate schedule, loss and batching policy as the
+    distill run (transformers' own `LengthGroupedSampler`, which ours uses through `Trainer`)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
     from prefixtune.distillation.trainer import collate, distill_rows
 
     rows = distill_rows(train, formatter)
@@ -301,9 +319,11 @@ def train_peft(model, formatter, train, args) -> dict:
     order: list[int] = []
     losses, started = [], time.perf_counter()
     model.train()
+    lengths = [len(row["input_ids"]) for row in rows]
     for _ in range(args.steps):
-        if len(order) < args.batch_size:
-            order += torch.randperm(len(rows), generator=generator).tolist()
+        if len(order) < args.batch_size:  # an epoch's order, length-grouped as ours is with --group-by-length
+            grouped = LengthGroupedSampler(args.batch_size, lengths=lengths, generator=generator)
+            order += list(grouped) if args.group_by_length else torch.randperm(len(rows), generator=generator).tolist()
         picked, order = order[: args.batch_size], order[args.batch_size :]
         losses.append(
             peft_step(model, optimizer, scheduler, collate([rows[i] for i in picked], formatter.tokenizer.pad_token_id))
@@ -469,7 +489,8 @@ def serving(args, work: Path, formatter, context) -> dict:
         ],
     }
     base, _ = load_base_model(args.model, dtype=args.dtype)
-    limits = Limits(max_prompt_tokens=4096, max_tokens=args.question_tokens, max_queue=None)
+    longest = max(len(formatter.tokenizer(text)["input_ids"]) for text in full) + 8  # the full-context prompts
+    limits = Limits(max_prompt_tokens=longest, max_tokens=args.question_tokens, max_queue=None)  # sizes the cache
     app, engine, _ = build_app(
         base, formatter.tokenizer, str(store), limits=limits, max_batch_size=16, engine="continuous"
     )
@@ -492,6 +513,20 @@ def serving(args, work: Path, formatter, context) -> dict:
         "full_context_prompt_ids_equal_teacher_ids": same_ids,
     }
     return results | {"compared": compared}
+
+
+def step_rounds(args, cache_folder: str) -> dict:
+    """Each variant's step time and peak memory: the median over `--measure-rounds` rounds, each round
+    one child process per variant in turn, so a slow spell of the shared machine hits every variant."""
+    rounds = [{v: measured(args, cache_folder, v) for v in VARIANTS} for _ in range(args.measure_rounds)]
+    step = {}
+    for variant in VARIANTS:
+        runs = [one[variant] for one in rounds]
+        step[variant] = runs[0] | {
+            key: statistics.median(run[key] for run in runs) for key in ("step_seconds", "peak_mb_above_model")
+        }
+        step[variant]["rounds"] = [{key: run[key] for key in ("step_seconds", "peak_mb_above_model")} for run in runs]
+    return step
 
 
 def ratio(a: float, b: float) -> float | None:
@@ -568,14 +603,13 @@ def run_phases(args, work: Path, record: Record) -> None:
     record.phase("serving", serving(args, work, formatter, context))
     ours = kl_and_top1(model, formatter, held, lambda inputs: model(**inputs, prefix="student").logits)
     record.phase("peft_cartridge", peft_phase(args, model, formatter, context, train, held) | {"ours": ours})
-    cache_folder = report["samples"]["cache"]
-    record.phase("step", {variant: measured(args, cache_folder, variant) for variant in VARIANTS})
+    record.phase("step", step_rounds(args, report["samples"]["cache"]))
 
 
 def step_only(args, work: Path, record: Record) -> int:
     """``--only-step``: the samples (from the cache where they exist) and the step phase, its ratios printed."""
     report, _ = distil(args, work)
-    step = {variant: measured(args, report["samples"]["cache"], variant) for variant in VARIANTS}
+    step = step_rounds(args, report["samples"]["cache"])
     record.phase("step", step)
     peft = step["peft"]
     for label, variant, key in (
