@@ -322,8 +322,10 @@ def train_peft(model, formatter, train, args) -> dict:
     lengths = [len(row["input_ids"]) for row in rows]
     for _ in range(args.steps):
         if len(order) < args.batch_size:  # an epoch's order, length-grouped as ours is with --group-by-length
-            grouped = LengthGroupedSampler(args.batch_size, lengths=lengths, generator=generator)
-            order += list(grouped) if args.group_by_length else torch.randperm(len(rows), generator=generator).tolist()
+            if args.group_by_length:
+                order += list(LengthGroupedSampler(args.batch_size, lengths=lengths, generator=generator))
+            else:
+                order += torch.randperm(len(rows), generator=generator).tolist()
         picked, order = order[: args.batch_size], order[args.batch_size :]
         losses.append(
             peft_step(model, optimizer, scheduler, collate([rows[i] for i in picked], formatter.tokenizer.pad_token_id))

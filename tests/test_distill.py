@@ -94,6 +94,22 @@ def token_teacher_logits(model: PrefixModel, formatter, context, samples) -> tor
         return model(**batch).logits  # [B, C + W', V]; its last W columns line up with the student's rows
 
 
+def greedy_with_context_in_prompt(model: PrefixModel, formatter, context, ids: list[int], tokens: int) -> list[int]:
+    """The bare model's greedy answer to `ids` with the whole context in the prompt, up to EOS."""
+    row = torch.tensor([context.teacher_ids(ids)])
+    eos = formatter.tokenizer.eos_token_id
+    with torch.no_grad(), model.disable_prefix():
+        generated = model.generate(
+            input_ids=row,
+            attention_mask=torch.ones_like(row),
+            max_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )[0, row.shape[1] :]
+    return selfstudy.until_stop(generated.tolist(), formatter.tokenizer, None)
+
+
 def student_logits(model: PrefixModel, formatter, samples, name: str):
     batch = collate([distill_rows(samples, formatter)[i] for i in range(len(samples))], 0)
     with torch.no_grad():
@@ -183,22 +199,12 @@ def test_answer_with_chunk_teacher_answers_and_scores_with_the_chunk_quoted_whil
     samples, _ = cached_samples(model, formatter, context, quoted, folder)
     pieces = selfstudy.chunks(context, formatter.tokenizer, 8)
     assert samples and all(s.chunk in pieces for s in samples)
-    eos = formatter.tokenizer.eos_token_id
     for sample in samples:  # as a user would: the bare model, context + quote + prompt in the prompt
         asked = formatter.prompt_ids(selfstudy.REMINDER.format(chunk=sample.chunk, prompt=sample.prompt))
         assert sample.chunk in formatter.tokenizer.decode(asked)
-        row = torch.tensor([context.teacher_ids(asked)])
+        assert sample.answer_ids == greedy_with_context_in_prompt(model, formatter, context, asked, 4)
         with torch.no_grad(), model.disable_prefix():
-            tokens = model.generate(
-                input_ids=row,
-                attention_mask=torch.ones_like(row),
-                max_new_tokens=4,
-                do_sample=False,
-                pad_token_id=eos,
-                eos_token_id=eos,
-            )[0, row.shape[1] :].tolist()
             logits = model(input_ids=torch.tensor([context.teacher_ids(asked + sample.answer_ids)])).logits[0]
-        assert sample.answer_ids == selfstudy.until_stop(tokens, formatter.tokenizer, None)
         answer = len(sample.answer_ids)
         expected = torch.log_softmax(logits[-answer - 1 : -1], -1)  # [A, V] the teacher with the quote
         torch.testing.assert_close(sample.topk_logprobs, expected.gather(-1, sample.topk_indices.long()))
@@ -233,19 +239,8 @@ def test_self_study_answers_from_the_teacher_prefix_equal_generation_with_the_co
     inputs = [formatter.prompt_ids(prompt) for prompt in PROMPTS]
     assert len({len(ids) for ids in inputs}) > 1  # mixed lengths: the batches are padded
     answers = selfstudy._generate(model, formatter, inputs, 6, False, 3)  # noqa: SLF001
-    eos = formatter.tokenizer.eos_token_id
     for ids, answer in zip(inputs, answers, strict=True):
-        row = torch.tensor([context.teacher_ids(ids)])
-        with model.disable_prefix():
-            tokens = model.generate(
-                input_ids=row,
-                attention_mask=torch.ones_like(row),
-                max_new_tokens=6,
-                do_sample=False,
-                pad_token_id=eos,
-                eos_token_id=eos,
-            )[0, row.shape[1] :]
-        assert answer == selfstudy.until_stop(tokens.tolist(), formatter.tokenizer, None)
+        assert answer == greedy_with_context_in_prompt(model, formatter, context, ids, 6)
 
 
 def test_a_teacher_answer_ends_with_the_token_that_completes_the_stop_text(tmp_path):
