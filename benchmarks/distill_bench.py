@@ -68,8 +68,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--answer-with-chunk",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the teacher answers each self-study prompt with its chunk quoted again before it",
+        default=False,
+        help="the teacher answers each self-study prompt with its chunk quoted again before it (measured: no "
+        "accuracy gained, top-1 lower, slower samples)",
     )
     parser.add_argument("--question-tokens", type=int, default=20, help="greedy tokens per evaluation question")
     parser.add_argument("--requests", type=int, default=64)

@@ -37,6 +37,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -184,6 +185,7 @@ def summarize(setting: Setting, runs: dict[str, dict], protocol: Protocol, folds
         "train_seconds": statistics.fmean(r["train_seconds"] for r in rows),
         "steps_done": statistics.fmean(r["steps_done"] for r in rows),
         "mrs_scored": sum(len(r["hypotheses"]) for r in rows) // len(protocol.seeds),
+        "cpu_capabilities": sorted({r.get("cpu_capability", "not recorded") for r in rows}),
     }
 
 
@@ -282,6 +284,8 @@ def run_jobs(context: Context, jobs: list[tuple[Setting, int | str, int, Split]]
                 "references": data.references,
                 "prompts": data.prompts,
                 **row,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # s/step differs by machine
+                "load_average_1m": os.getloadavg()[0],  # at the run's end: others' load inflates s/step
             }
         )
 
@@ -364,8 +368,8 @@ def run_protocol(
 def table(summary: dict) -> str:
     """Markdown: one row per baseline (and the recipe), mean ± std (SE) over seeds."""
     lines = [
-        "| setting | sacreBLEU mean ± std (SE) | official BLEU mean | seeds | s/step | train s | trainable |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | sacreBLEU mean ± std (SE) | official BLEU mean | seeds | s/step | train s | trainable | CPU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = dict(summary.get("baselines", {}))
     if "recipe_cv" in summary:
@@ -377,7 +381,7 @@ def table(summary: dict) -> str:
         lines.append(
             f"| {name} | {b['mean']:.2f} ± {b['std']:.2f} ({b['se']:.2f}) | {row['official_bleu']['mean']:.2f} "
             f"| {b['n']} | {row['seconds_per_step']:.3f} | {row['train_seconds']:.1f} "
-            f"| {row['trainable_parameters']:,} |"
+            f"| {row['trainable_parameters']:,} | {', '.join(row.get('cpu_capabilities', []))} |"
         )
     return "\n".join(lines)
 

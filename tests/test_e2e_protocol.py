@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -104,6 +105,7 @@ def test_quick_protocol_rows_for_every_method_resume_and_validation_only_in_the_
     for name, result in first["baselines"].items():
         assert result["sacrebleu"]["n"] == 3 and result["sacrebleu"]["std"] >= 0, name
         assert result["trainable_parameters"] > 0 and result["seconds_per_step"] > 0
+        assert result["cpu_capabilities"] == [torch.backends.cpu.get_cpu_capability()], name  # s/step's machine
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["stages_done"] == list(e2e_cv.STAGES)
     assert first["record"]["cpu"]["cpu_capability"]
     assert (tmp_path / "out" / "bleu_vs_train_seconds.png").is_file()  # time to quality

@@ -8,6 +8,10 @@ Differences from the base model, and nothing else, in these modules:
   and ``prefix_attention_mask`` ``[B, layers, P]``, each layer puts its slice in front of the
   text's keys/values, adds always-visible mask columns for the valid prefix slots, and hands over
   to the model's own function. Without those arguments the model computes exactly what it did before.
+* `shared_prefix`: where every row of an inference batch has the same prefix, a layer attends to
+  that one ``[kv_heads, P, head_dim]`` prefix and to each row's text separately and merges the two
+  softmax parts, instead of concatenating a copy per row (same result; a long prefix no longer
+  costs a copy and a read per row at every decoding step).
 * `positions`: text positions shift per row by that row's prefix length: the prefix owns positions
   ``0..P-1``. Positions come from the attention mask, so left padding is exact.
 * `states`: hybrid models' linear-attention layers (Gated DeltaNet; Mamba-1 and Mamba-2 mixers and

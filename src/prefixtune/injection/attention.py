@@ -30,6 +30,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .shared_prefix import shared_prefix, shared_prefix_attention
+
 PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
 
 
@@ -96,6 +98,18 @@ def _model_eager_function(module: nn.Module) -> Callable:
     return function
 
 
+def text_columns(text_mask: Tensor | None, query: Tensor, text_length: int, causal: bool) -> Tensor:
+    """The mask the layer passed, cut to the text's keys and expanded to ``[B, h, T_q, T_k]``; where
+    none was built, full attention or causal aligned to the end of the keys."""
+    batch, query_length = query.shape[0], query.shape[2]
+    if text_mask is None:
+        rows = torch.arange(query_length, device=query.device)[:, None] + (text_length - query_length)
+        cols = torch.arange(text_length, device=query.device)[None, :]
+        text_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+        text_mask = text_mask[None, None]  # [1, 1, T_q, T_k]
+    return text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
+
+
 def _prefix_columns(
     text_mask: Tensor | None,
     prefix_mask: Tensor,
@@ -111,13 +125,7 @@ def _prefix_columns(
     stands for a token at position ``j`` and is windowed like it (seen from query position ``q``
     while ``q - j < window``), so a prefix of text T keeps acting exactly like T."""
     batch, query_length = query.shape[0], query.shape[2]
-    if text_mask is None:
-        # No mask was built: full attention, or causal aligned to the end of the keys.
-        rows = torch.arange(query_length, device=query.device)[:, None] + (text_length - query_length)
-        cols = torch.arange(text_length, device=query.device)[None, :]
-        text_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
-        text_mask = text_mask[None, None]  # [1, 1, T_q, T_k]
-    text_mask = text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
+    text_mask = text_columns(text_mask, query, text_length, causal)
     prefix_mask = prefix_mask.to(text_mask.device, torch.bool)  # [B, P]
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
     if window is not None:
@@ -201,6 +209,20 @@ def _prefix_attention(delegate: str) -> Callable:
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
             split = isinstance(prefix_key_values, Sequence)
+            shared = None
+            if delegate == "sdpa":
+                shared = shared_prefix(
+                    module, prefix_key_values, prefix_attention_mask, layer, query, key, prefixtune_masks, kwargs
+                )
+            if shared is not None:  # one prefix for every row: attend to it without a copy per row
+                shared = shared.to(key.device, key.dtype)  # [2, kv_heads, P, head_dim]
+                text_mask = text_columns(attention_mask, query, key.shape[2], getattr(module, "is_causal", True))
+                key_prefix = shared[0, : key.shape[1], :, : key.shape[-1]]
+                value_prefix = shared[1, : value.shape[1], :, : value.shape[-1]]
+                out = shared_prefix_attention(
+                    query, key, value, text_mask, key_prefix, value_prefix, kwargs.get("scaling")
+                )
+                return out, None
             prefix = prefix_key_values[layer] if split else prefix_key_values[:, layer]
             prefix = prefix.to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
             attention_mask = _layer_mask(
