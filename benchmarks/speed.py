@@ -19,6 +19,10 @@
    `hidden` prefixes (keys/values for the attention layers, initial states for the others) against
    the floor (frozen forward + backward to the input embeddings), in CPU seconds on one thread.
    Goal: <= 1.10x the floor.
+8. One long prefix (1,280 slots, a distillation teacher's context) shared by 16 rows: greedy
+   generation and a no-grad forward through the shared-prefix path against the concatenating path
+   (rows of an equal but separate prefix) and the bare model; outputs must be identical and the
+   shared path faster (`--only shared-prefix`).
 
 Timings interleave the variants round by round and report medians, so machine noise hits all alike.
 
@@ -27,6 +31,7 @@ Timings interleave the variants round by round and report medians, so machine no
     .venv/bin/python benchmarks/speed.py --only precision   # just section 6
     .venv/bin/python benchmarks/speed.py --only packing     # --packing against padded batches (E2E rows)
     .venv/bin/python benchmarks/speed.py --only hybrid      # just section 7
+    .venv/bin/python benchmarks/speed.py --only shared-prefix  # section 8
 """
 
 from __future__ import annotations
@@ -295,6 +300,80 @@ def mixed_batch(quick: bool, rounds: int) -> dict:
     }
 
 
+def shared_prefix(quick: bool, rounds: int, length: int) -> dict:
+    """One long prefix for every row (a distillation teacher's context: the model's own keys/values
+    of `length` random tokens): greedy generation and a
+    no-grad forward through the shared-prefix path against the concatenating path, which rows of an
+    equal but separate prefix ("twin", stacked per row) take, and against the bare model."""
+    from prefixtune.distillation.prefixes import add_prefix_from_ids
+
+    vocab = 1000 if quick else 49152
+    if quick:  # no tokenizer to record the init text with: a random prefix
+        model = PrefixModel(base_model(quick), PrefixConfig(prefix_length=length, init_std=1.0), name="long")
+    else:
+        base, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
+        model = PrefixModel(base, name=None, tokenizer=tokenizer)
+        config = PrefixConfig(prefix_length=length, init="activations", init_text="-")
+        add_prefix_from_ids(model, "long", config, batch(vocab, 1, length, seed=5)[0].tolist())  # its own K/V
+    model.add_prefix("twin", PrefixConfig(prefix_length=length)).load_state_dict(model.prefixes["long"].state_dict())
+    rows = 16
+    prompts = batch(vocab, rows, 16, seed=3)
+    separate = ["long" if i % 2 else "twin" for i in range(rows)]  # equal weights, separate row objects
+    options = {"max_new_tokens": 24, "do_sample": False, "min_new_tokens": 24, "pad_token_id": 0}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def generate(name: str, prefix) -> None:
+        if prefix is None:
+            outputs[name] = model.base_model.generate(input_ids=prompts, **options)
+        else:
+            outputs[name] = model.generate(input_ids=prompts, prefix=prefix, **options)
+
+    steps = {
+        name: functools.partial(generate, name, prefix)
+        for name, prefix in (("bare", None), ("shared", "long"), ("concatenated", separate))
+    }
+    seconds = interleaved(steps, rounds)
+    forward_ids = batch(vocab, rows, 64, seed=4)
+
+    @torch.no_grad()
+    def forward(prefix) -> None:
+        outputs[f"forward {prefix if isinstance(prefix, str) else 'concatenated'}"] = model(
+            input_ids=forward_ids, prefix=prefix
+        ).logits
+
+    forwards = interleaved(
+        {"shared": functools.partial(forward, "long"), "concatenated": functools.partial(forward, separate)}, rounds
+    )
+    difference = (outputs["forward long"] - outputs["forward concatenated"]).abs().max().item()
+    return {
+        "prefix_length": length,
+        "rows": rows,
+        "generation_seconds": seconds,
+        "generation_speedup_vs_concatenated": seconds["concatenated"] / seconds["shared"],
+        "generation_vs_bare": seconds["shared"] / seconds["bare"],
+        "outputs_identical": outputs["shared"].tolist() == outputs["concatenated"].tolist(),
+        "forward_seconds": forwards,
+        "forward_speedup_vs_concatenated": forwards["concatenated"] / forwards["shared"],
+        "forward_max_logit_difference": difference,
+    }
+
+
+def print_shared_prefix(row: dict) -> None:
+    print(f"\none prefix of {row['prefix_length']} slots for {row['rows']} rows: shared path vs concatenated per row")
+    g, f = row["generation_seconds"], row["forward_seconds"]
+    print(f"{'':34} {'median s':>9}")
+    for name, value in g.items():
+        print(f"{'generate 24 tokens, ' + name:34} {value:9.3f}")
+    print(f"{'forward 64 tokens, shared':34} {f['shared']:9.3f}")
+    print(f"{'forward 64 tokens, concatenated':34} {f['concatenated']:9.3f}")
+    print(
+        f"shared vs concatenated: generate {row['generation_speedup_vs_concatenated']:.2f}x faster, forward "
+        f"{row['forward_speedup_vs_concatenated']:.2f}x; shared vs bare {row['generation_vs_bare']:.2f}x the time; "
+        f"outputs identical: {row['outputs_identical']}, "
+        f"largest logit difference {row['forward_max_logit_difference']:.1e}"
+    )
+
+
 def file_sizes(quick: bool) -> dict:
     base = base_model(quick)
     model = PrefixModel(base, name=None)
@@ -501,8 +580,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny random model: runs fast, checks agreement")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--memory-length", type=int, default=512)
+    parser.add_argument("--prefix-length", type=int, default=1280, help="--only shared-prefix: its prefix slots")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", choices=["precision", "packing", "hybrid"], help="run only this section")
+    parser.add_argument(
+        "--only", choices=["precision", "packing", "hybrid", "shared-prefix"], help="run only this section"
+    )
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. that the cores were shared)")
     parser.add_argument("--data", default="../shared/data/e2e/train.csv", help="training data for the padding figures")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -515,6 +597,16 @@ def main() -> int:
     torch.manual_seed(0)
     if args.only == "packing":
         return packing_only(args, rounds)
+    if args.only == "shared-prefix":
+        report = {"machine": machine(), "cpu": cpu_record(), "rounds": rounds, "note": args.note}
+        report["shared_prefix"] = shared_prefix(args.quick, rounds, 256 if args.quick else args.prefix_length)
+        print_shared_prefix(report["shared_prefix"])
+        path = Path(args.json or f"benchmarks/results/speed-shared-prefix{'-quick' if args.quick else ''}.json")
+        path.write_text(json.dumps(report, indent=2))
+        row = report["shared_prefix"]
+        ok = row["outputs_identical"] and (args.quick or row["generation_speedup_vs_concatenated"] > 1.0)
+        print("shared path faster, outputs identical" if ok else "FAILED: the shared path is slower or differs")
+        return 0 if ok else 1
     if args.only == "hybrid":
         report = {
             "machine": machine(),

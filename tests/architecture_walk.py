@@ -9,6 +9,8 @@ each layer kind) and one of these outcomes:
   Checked for both parameterizations whose `activations` init is exact: `kv` (the text's keys and
   values) and `hidden` (the text's layer inputs, sent through each layer's own key/value path).
   Types with a sliding window are checked twice each: with it wider than the input, and with 3 tokens.
+  Then every row under T1's prefix alone (one prefix shared by the batch: `injection.shared_prefix`)
+  against the bare model on T1 + x.
 * ``refused``: `PrefixModel` raises `UnsupportedModelError` naming the type and the reason.
 * ``kv exact, hidden refused``: the same, for the `hidden` parameterization alone.
 * ``skipped``: no tiny model could be built or run bare (the reason is kept).
@@ -32,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError  # noqa: E402
+from prefixtune.injection import shared_prefix  # noqa: E402
 from tiny import VOCAB, tiny_tokenizer  # noqa: E402
 
 TEXTS = ("the restaurant near the river serves cheap french food", "a family friendly pub")
@@ -194,6 +197,16 @@ def build(model_type: str, **overrides):
     return model.float().eval()
 
 
+@contextlib.contextmanager
+def every_prefix_shared():
+    """The shared-prefix path for any prefix length (by default only for prefixes far longer than the text)."""
+    default, shared_prefix.MIN_SLOTS_PER_TEXT_KEY = shared_prefix.MIN_SLOTS_PER_TEXT_KEY, 0
+    try:
+        yield
+    finally:
+        shared_prefix.MIN_SLOTS_PER_TEXT_KEY = default
+
+
 def _logits(model, **inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -225,6 +238,8 @@ def check(model_type: str, parameterization: str = "kv", **overrides) -> Outcome
             _logits(model, input_ids=torch.tensor([ids]))[0, len(ids) - len(row) :]
             for ids, row in zip(full, ROWS, strict=True)
         ]
+        # every row under prefix "a": the shared-prefix path (`injection.shared_prefix`)
+        want_a = [_logits(model, input_ids=torch.tensor([texts["a"] + row]))[0, -len(row) :] for row in ROWS]
         pad = getattr(model.config.get_text_config(), "pad_token_id", None)
         pad = pad if isinstance(pad, int) and 0 <= pad < VOCAB else 0  # RoBERTa counts positions after it
         padded_bare = _logits(model, **_padded(full, pad))
@@ -233,12 +248,15 @@ def check(model_type: str, parameterization: str = "kv", **overrides) -> Outcome
     padding_exact = max(_row_errors(padded_bare, ROWS, want)) <= TOLERANCE
     rows = ROWS if padding_exact else [row[:2] for row in ROWS]  # equal lengths: no padding needed
     want = want if padding_exact else [w[:2] for w in want]
+    want_a = want_a if padding_exact else [w[:2] for w in want_a]
     try:
         prefixed = PrefixModel(model, None, name=None, tokenizer=tokenizer)
         for name, text in zip("ab", TEXTS, strict=True):
             config = PrefixConfig(None, parameterization, init="activations", init_text=text)
             prefixed.add_prefix(name, config)
         logits = _logits(prefixed, **_padded(rows, pad), prefix=ROW_PREFIXES)
+        with every_prefix_shared():
+            shared = _logits(prefixed, **_padded(rows, pad), prefix="a")
     except UnsupportedModelError as error:
         return Outcome(model_type, "refused", _first_line(error))
     except Exception as error:  # noqa: BLE001 - reported as a failure, not skipped
@@ -246,6 +264,9 @@ def check(model_type: str, parameterization: str = "kv", **overrides) -> Outcome
     worst = max(_row_errors(logits, rows, want))
     if worst > TOLERANCE:
         return Outcome(model_type, "silently different", f"relative error {worst:.2e}")
+    worst = max(_row_errors(shared, rows, want_a))
+    if worst > TOLERANCE:
+        return Outcome(model_type, "silently different", f"one prefix for every row: relative error {worst:.2e}")
     return Outcome(
         model_type, "exact", "" if padding_exact else "unpadded rows (the bare model is not exact when padded)"
     )

@@ -75,6 +75,16 @@ def test_mlp_fit_quick_records_its_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_speed_shared_prefix_section_gives_identical_outputs_on_both_paths(tmp_path):
+    result = run("speed.py", "--only", "shared-prefix", "--rounds", "1", "--json", str(tmp_path / "shared.json"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "shared.json").read_text())
+    assert_cpu_recorded(report)
+    row = report["shared_prefix"]
+    assert row["outputs_identical"] and row["forward_max_logit_difference"] < 1e-4
+    assert set(row["generation_seconds"]) == {"bare", "shared", "concatenated"}
+
+
 def test_speed_hybrid_section_reports_state_prefixed_train_steps_against_the_floor(tmp_path):
     result = run("speed.py", "--only", "hybrid", "--rounds", "1", "--json", str(tmp_path / "hybrid.json"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prefixtune.injection.attention as attention
+import prefixtune.injection.shared_prefix as shared_prefix
 from prefixtune import PrefixConfig, PrefixModel
 from tiny import ARCHITECTURES, SPECIAL, left_padded, tiny_model
 
@@ -24,7 +25,9 @@ def one_and_twin(architecture: str, parameterization: str = "kv") -> PrefixModel
 
 @pytest.fixture
 def shared_calls(monkeypatch) -> list[int]:
-    """Counts the layer calls that took the shared-prefix path."""
+    """Counts the layer calls that took the shared-prefix path, taken here at any prefix length (by
+    default only a prefix of `MIN_SLOTS_PER_TEXT_KEY` slots per text key takes it, where it pays)."""
+    monkeypatch.setattr(shared_prefix, "MIN_SLOTS_PER_TEXT_KEY", 0)
     calls: list[int] = []
     original = attention.shared_prefix_attention
 
@@ -71,3 +74,16 @@ def test_a_training_forward_keeps_the_concatenating_path_and_its_gradients(share
     loss.backward()
     assert not shared_calls
     assert model.prefixes["one"].prefix_key_values.grad.abs().sum() > 0
+
+
+def test_by_default_only_a_prefix_much_longer_than_the_text_takes_the_shared_path(monkeypatch):
+    calls: list[int] = []
+    original = attention.shared_prefix_attention
+    monkeypatch.setattr(attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    batch = left_padded(PROMPTS)  # 6 text keys at most
+    with torch.no_grad():
+        one_and_twin("llama")(**batch, prefix="one")  # 6 slots: concatenated
+        assert not calls
+        long = PrefixModel(tiny_model("llama"), PrefixConfig(prefix_length=6 * 16, init_std=1.0), name="long")
+        long(**batch, prefix="long")
+    assert calls

@@ -2,7 +2,8 @@
 
 * teacher (``TEACHER``): a `kv` prefix of the frozen model's own keys/values on the whole context,
   not trained. It is the base with the context in its prompt, exactly (the exactness `PrefixModel`
-  proves), and its keys/values are computed once instead of for every row and step.
+  proves), and its keys/values are computed once instead of for every row and step (and, one
+  prefix for the whole batch, attended once rather than copied per row: `injection.shared_prefix`).
 * student: initialised from token ids (the context's first P tokens for ``activations`` and
   ``vocab``), not from a re-tokenized text, so chat-template special tokens stay what they were.
 * ``freeze_first``: the student's first position gets no gradient (an attention sink, as

@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-from .shared_prefix import shared_prefix, shared_prefix_attention
+from .shared_prefix import one_shared_prefix, shared_prefix_attention
 
 PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
 
@@ -211,7 +211,7 @@ def _prefix_attention(delegate: str) -> Callable:
             split = isinstance(prefix_key_values, Sequence)
             shared = None
             if delegate == "sdpa":
-                shared = shared_prefix(
+                shared = one_shared_prefix(
                     module, prefix_key_values, prefix_attention_mask, layer, query, key, prefixtune_masks, kwargs
                 )
             if shared is not None:  # one prefix for every row: attend to it without a copy per row

@@ -13,9 +13,10 @@ text's own attention, masked as transformers masked it.
 Taken only where it reproduces transformers' generic ``sdpa_attention_forward`` exactly: the
 ``sdpa`` delegate, no gradient (inference: `generate`, a teacher's forward), a prefix tensor whose
 batch rows are one expanded row (`PrefixArguments.batch` of one prefix), every slot of the layer's
-prefix valid, no position bias, no sliding-window or chunk tag, no dropout; and while the text
-scores ``[B, heads, T, T_text]`` stay under `MAX_TEXT_SCORES` floats (a long prompt's prefill goes
-the concatenating way, whose SDPA kernel does not hold the scores).
+prefix valid, no position bias, softcap, sliding-window or chunk tag, no dropout. And only where
+it pays: the prefix has `MIN_SLOTS_PER_TEXT_KEY` slots per text key or more, and the text scores
+``[B, heads, T, T_text]`` stay under `MAX_TEXT_SCORES` floats (a long prompt's prefill goes the
+concatenating way, whose SDPA kernel does not hold the scores).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ import torch
 from torch import Tensor, nn
 
 MAX_TEXT_SCORES = 1 << 25  # float32 text scores held at once (128 MB)
+# Taken where the prefix has at least this many slots per text key: on SmolLM2 (2-core CPU, 16 rows,
+# 16-token prompts; `benchmarks/speed.py --only shared-prefix`) a 1,280-slot prefix generated 1.5x
+# faster this way, a 128-slot one broke even, a 10-slot one was 0.84x (the split costs a few small
+# float32 matmuls that one SDPA call over a short concatenation does not).
+MIN_SLOTS_PER_TEXT_KEY = 16
 SHARED_KEY = "shared-prefix-layers"  # the mask cache's entry: which layers' prefix slots are all valid
 
 
-def shared_prefix(
+def one_shared_prefix(
     module: nn.Module,
     prefix_key_values: Tensor | Sequence[Tensor],  # [B, layers, 2, kv_heads, P, head_dim]
     prefix_attention_mask: Tensor,  # [B, layers, P]
@@ -45,12 +51,16 @@ def shared_prefix(
     batch = prefix_key_values.shape[0]
     if batch < 2 or prefix_key_values.stride(0) != 0 or prefix_attention_mask.stride(0) != 0:
         return None  # rows of different prefixes (or one row: nothing to share)
-    if query.shape[0] != batch or key.shape[0] != batch or kwargs.get("position_bias") is not None:
+    if query.shape[0] != batch or key.shape[0] != batch:
         return None
+    if any(kwargs.get(name) is not None for name in ("position_bias", "softcap")):
+        return None  # T5's bias columns; softcap, which transformers' sdpa refuses on the concatenating path
     if getattr(module, "prefixtune_window", None) is not None or getattr(module, "prefixtune_chunk", None) is not None:
         return None
     if module.training and kwargs.get("dropout", 0.0):
         return None
+    if prefix_key_values.shape[-2] < MIN_SLOTS_PER_TEXT_KEY * key.shape[2]:
+        return None  # a short prefix: concatenating it is cheaper
     if batch * query.shape[1] * query.shape[2] * key.shape[2] > MAX_TEXT_SCORES:
         return None
     if not _all_slots_valid(prefix_attention_mask, layer, masks):
