@@ -24,6 +24,16 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def report_of(tmp_path: Path, script: str, *args: str, output_flag: str = "--json") -> dict:
+    """Run `script` --quick writing its JSON under tmp_path; the report, its CPU record checked."""
+    path = tmp_path / "report.json"
+    result = run(script, *args, output_flag, str(path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(path.read_text())
+    assert_cpu_recorded(report)
+    return report
+
+
 def assert_cpu_recorded(report: dict) -> None:
     """Every benchmark JSON says which CPU kernels torch ran and whether bfloat16 was native there."""
     assert report["cpu"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -58,38 +68,25 @@ def test_speed_quick_runs_and_outputs_agree(tmp_path):
 
 
 def test_load_test_quick_has_no_errors_or_mismatches(tmp_path):
-    result = run("load_test.py", "--requests", "24", "--concurrency", "8", "--json", str(tmp_path / "load.json"))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "load.json").read_text())
-    assert_cpu_recorded(report)
+    report = report_of(tmp_path, "load_test.py", "--requests", "24", "--concurrency", "8")
     phases = report["phases"]
     assert all(phase["errors"] == 0 and phase["mismatches"] == 0 for phase in phases.values())
 
 
 def test_mlp_fit_quick_records_its_cpu(tmp_path):
-    result = run("mlp_fit.py", "--output", str(tmp_path / "mlp_fit.json"))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "mlp_fit.json").read_text())
-    assert_cpu_recorded(report)
+    report = report_of(tmp_path, "mlp_fit.py", output_flag="--output")
     assert report["fits"]
 
 
-@pytest.mark.slow
 def test_speed_shared_prefix_section_gives_identical_outputs_on_both_paths(tmp_path):
-    result = run("speed.py", "--only", "shared-prefix", "--rounds", "1", "--json", str(tmp_path / "shared.json"))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "shared.json").read_text())
-    assert_cpu_recorded(report)
-    row = report["shared_prefix"]
+    row = report_of(tmp_path, "speed.py", "--only", "shared-prefix", "--rounds", "1")["shared_prefix"]
     assert row["outputs_identical"] and row["forward_max_logit_difference"] < 1e-4
     assert set(row["generation_seconds"]) == {"bare", "shared", "concatenated"}
 
 
+@pytest.mark.slow
 def test_speed_hybrid_section_reports_state_prefixed_train_steps_against_the_floor(tmp_path):
-    result = run("speed.py", "--only", "hybrid", "--rounds", "1", "--json", str(tmp_path / "hybrid.json"))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    report = json.loads((tmp_path / "hybrid.json").read_text())
-    assert_cpu_recorded(report)
+    report = report_of(tmp_path, "speed.py", "--only", "hybrid", "--rounds", "1")
     for model_type in ("bamba", "lfm2"):
         rows = report["hybrid_train_step"][model_type]
         assert "4 state" in rows["layers"] and rows["floor"]["vs_floor"] == 1.0
