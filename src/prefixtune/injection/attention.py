@@ -188,6 +188,30 @@ def _layer_mask(
     return cache[key][1]
 
 
+def _shared_prefix_output(
+    call: AttentionCall,
+    prefix_key_values: Tensor | Sequence[Tensor],
+    prefix_attention_mask: Tensor,
+    layer: int,
+    masks: dict | None,
+    kwargs: dict,
+) -> Tensor | None:
+    """`shared_prefix_attention`'s output ``[B, T, heads, dv]`` where `one_shared_prefix` applies, else None."""
+    module, query, key, value = call.module, call.query, call.key, call.value
+    shared = one_shared_prefix(module, prefix_key_values, prefix_attention_mask, layer, query, key, masks, kwargs)
+    if shared is None:
+        return None
+    text_mask = text_columns(call.mask, query, key.shape[2], getattr(module, "is_causal", True))
+    if text_mask.shape[1] not in (1, query.shape[1]):  # a mask per kv head or other: sdpa's own checks decide
+        return None
+    shared = shared.to(key.device, key.dtype)  # [2, kv_heads, P, head_dim], zero-padded like every prefix
+    key_prefix, value_prefix = (
+        shared[0, : key.shape[1], :, : key.shape[-1]],
+        shared[1, : value.shape[1], :, : value.shape[-1]],
+    )
+    return shared_prefix_attention(query, key, value, text_mask, key_prefix, value_prefix, kwargs.get("scaling"))
+
+
 def _prefix_attention(delegate: str) -> Callable:
     def attention(
         module: nn.Module,
@@ -209,20 +233,13 @@ def _prefix_attention(delegate: str) -> Callable:
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
             split = isinstance(prefix_key_values, Sequence)
-            shared = None
-            if delegate == "sdpa":
-                shared = one_shared_prefix(
-                    module, prefix_key_values, prefix_attention_mask, layer, query, key, prefixtune_masks, kwargs
+            if delegate == "sdpa":  # one prefix for every row: attended without a copy per row, where it pays
+                call = AttentionCall(module, query, key, value, attention_mask)
+                out = _shared_prefix_output(
+                    call, prefix_key_values, prefix_attention_mask, layer, prefixtune_masks, kwargs
                 )
-            if shared is not None:  # one prefix for every row: attend to it without a copy per row
-                shared = shared.to(key.device, key.dtype)  # [2, kv_heads, P, head_dim]
-                text_mask = text_columns(attention_mask, query, key.shape[2], getattr(module, "is_causal", True))
-                key_prefix = shared[0, : key.shape[1], :, : key.shape[-1]]
-                value_prefix = shared[1, : value.shape[1], :, : value.shape[-1]]
-                out = shared_prefix_attention(
-                    query, key, value, text_mask, key_prefix, value_prefix, kwargs.get("scaling")
-                )
-                return out, None
+                if out is not None:
+                    return out, None
             prefix = prefix_key_values[layer] if split else prefix_key_values[:, layer]
             prefix = prefix.to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
             attention_mask = _layer_mask(

@@ -14,9 +14,10 @@ Taken only where it reproduces transformers' generic ``sdpa_attention_forward`` 
 ``sdpa`` delegate, no gradient (inference: `generate`, a teacher's forward), a prefix tensor whose
 batch rows are one expanded row (`PrefixArguments.batch` of one prefix), every slot of the layer's
 prefix valid, no position bias, softcap, sliding-window or chunk tag, no dropout. And only where
-it pays: the prefix has `MIN_SLOTS_PER_TEXT_KEY` slots per text key or more, and the text scores
-``[B, heads, T, T_text]`` stay under `MAX_TEXT_SCORES` floats (a long prompt's prefill goes the
-concatenating way, whose SDPA kernel does not hold the scores).
+it pays: the prefix has `MIN_SLOTS_PER_TEXT_KEY` slots per text key or more, and the scores
+``[B, heads, T, P + T_text]`` stay under `MAX_SCORES` floats (a long prefill goes the
+concatenating way, whose SDPA kernel does not hold the scores). A text mask with a head count
+other than 1 or the query heads (which sdpa would refuse) goes that way too.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-MAX_TEXT_SCORES = 1 << 25  # float32 text scores held at once (128 MB)
+MAX_SCORES = 1 << 25  # float32 attention scores (prefix and text) held at once: 128 MB
 # Taken where the prefix has at least this many slots per text key: on SmolLM2 (2-core CPU, 16 rows,
-# 16-token prompts; `benchmarks/speed.py --only shared-prefix`) a 1,280-slot prefix generated 1.5x
+# 16-token prompts; `benchmarks/speed.py --only shared-prefix`) a 1,280-slot prefix generated 1.43x
 # faster this way, a 128-slot one broke even, a 10-slot one was 0.84x (the split costs a few small
 # float32 matmuls that one SDPA call over a short concatenation does not).
 MIN_SLOTS_PER_TEXT_KEY = 16
@@ -57,12 +58,13 @@ def one_shared_prefix(
         return None  # T5's bias columns; softcap, which transformers' sdpa refuses on the concatenating path
     if getattr(module, "prefixtune_window", None) is not None or getattr(module, "prefixtune_chunk", None) is not None:
         return None
-    if module.training and kwargs.get("dropout", 0.0):
+    if kwargs.get("dropout"):  # sdpa applies it whenever it is passed; this path has none
         return None
-    if prefix_key_values.shape[-2] < MIN_SLOTS_PER_TEXT_KEY * key.shape[2]:
+    slots = prefix_key_values.shape[-2]
+    if slots < MIN_SLOTS_PER_TEXT_KEY * key.shape[2]:
         return None  # a short prefix: concatenating it is cheaper
-    if batch * query.shape[1] * query.shape[2] * key.shape[2] > MAX_TEXT_SCORES:
-        return None
+    if batch * query.shape[1] * query.shape[2] * (slots + key.shape[2]) > MAX_SCORES:
+        return None  # a long prefill: SDPA's kernel does not hold the scores, this path would
     if not _all_slots_valid(prefix_attention_mask, layer, masks):
         return None
     return prefix_key_values[0, layer]
@@ -72,9 +74,10 @@ def _all_slots_valid(prefix_attention_mask: Tensor, layer: int, masks: dict | No
     """Whether every prefix slot of `layer` is valid, read once per forward call for all layers."""
     if masks is None:
         return bool(prefix_attention_mask[0, layer].all())
-    if SHARED_KEY not in masks:
-        masks[SHARED_KEY] = (prefix_attention_mask, prefix_attention_mask[0].all(-1).tolist())
-    return masks[SHARED_KEY][1][layer]
+    known = masks.get(SHARED_KEY)
+    if known is None or known[0] is not prefix_attention_mask:  # the entry holds the mask: its id stays unique
+        known = masks[SHARED_KEY] = (prefix_attention_mask, prefix_attention_mask[0].all(-1).tolist())
+    return known[1][layer]
 
 
 def shared_prefix_attention(
