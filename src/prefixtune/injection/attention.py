@@ -5,9 +5,11 @@ They differ from the model's own ``sdpa`` / ``eager`` only when the forward call
 ``prefix_key_values`` ``[B, layers, 2, kv_heads, P, head_dim]`` and ``prefix_attention_mask``
 ``[B, layers, P]``: then each layer puts its slice in front of the text's keys/values, adds
 always-visible columns for the valid prefix slots to the mask (T5: with no position bias), and
-hands over to the model's own function. A training forward passes the keys/values split by
-layer instead (a sequence of ``[B, 2, kv_heads, P, head_dim]``, `split_by_layer`): a slice of the one
-tensor per layer would allocate and fill that whole tensor's gradient in every layer's backward.
+hands over to the model's own function (an inference batch of one prefix long enough to pay
+goes to `shared_prefix` instead: attended once, not copied per row). A training forward passes
+the keys/values split by layer instead (a sequence of ``[B, 2, kv_heads, P, head_dim]``,
+`split_by_layer`): a slice of the one tensor per layer would allocate and fill that whole
+tensor's gradient in every layer's backward.
 Keys and values of different head sizes (multi-head latent attention), and layers of fewer or
 smaller heads than others (Gemma 4), are stored zero-padded to ``kv_heads`` x ``head_dim`` and cut
 to the layer's own heads and sizes here.
