@@ -336,15 +336,17 @@ def shared_prefix(quick: bool, rounds: int, length: int) -> dict:
     forward_ids = batch(vocab, rows, 64, seed=4)
 
     @torch.no_grad()
-    def forward(prefix) -> None:
-        outputs[f"forward {prefix if isinstance(prefix, str) else 'concatenated'}"] = model(
-            input_ids=forward_ids, prefix=prefix
-        ).logits
+    def forward(name: str, prefix) -> None:
+        outputs[f"forward {name}"] = model(input_ids=forward_ids, prefix=prefix).logits
 
     forwards = interleaved(
-        {"shared": functools.partial(forward, "long"), "concatenated": functools.partial(forward, separate)}, rounds
+        {
+            name: functools.partial(forward, name, prefix)
+            for name, prefix in (("shared", "long"), ("concatenated", separate))
+        },
+        rounds,
     )
-    difference = (outputs["forward long"] - outputs["forward concatenated"]).abs().max().item()
+    difference = (outputs["forward shared"] - outputs["forward concatenated"]).abs().max().item()
     return {
         "prefix_length": length,
         "rows": rows,

@@ -23,11 +23,8 @@ def one_and_twin(architecture: str, parameterization: str = "kv") -> PrefixModel
     return model
 
 
-@pytest.fixture
-def shared_calls(monkeypatch) -> list[int]:
-    """Counts the layer calls that took the shared-prefix path, taken here at any prefix length (by
-    default only a prefix of `MIN_SLOTS_PER_TEXT_KEY` slots per text key takes it, where it pays)."""
-    monkeypatch.setattr(shared_prefix, "MIN_SLOTS_PER_TEXT_KEY", 0)
+def count_shared_calls(monkeypatch) -> list[int]:
+    """A list that grows by one for each layer call that takes the shared-prefix path."""
     calls: list[int] = []
     original = attention.shared_prefix_attention
 
@@ -37,6 +34,14 @@ def shared_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(attention, "shared_prefix_attention", counted)
     return calls
+
+
+@pytest.fixture
+def shared_calls(monkeypatch) -> list[int]:
+    """`count_shared_calls`, with the path taken at any prefix length (by default only a prefix of
+    `MIN_SLOTS_PER_TEXT_KEY` slots per text key takes it, where it pays)."""
+    monkeypatch.setattr(shared_prefix, "MIN_SLOTS_PER_TEXT_KEY", 0)
+    return count_shared_calls(monkeypatch)
 
 
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
@@ -77,9 +82,7 @@ def test_a_training_forward_keeps_the_concatenating_path_and_its_gradients(share
 
 
 def test_by_default_only_a_prefix_much_longer_than_the_text_takes_the_shared_path(monkeypatch):
-    calls: list[int] = []
-    original = attention.shared_prefix_attention
-    monkeypatch.setattr(attention, "shared_prefix_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = count_shared_calls(monkeypatch)
     batch = left_padded(PROMPTS)  # 6 text keys at most
     with torch.no_grad():
         one_and_twin("llama")(**batch, prefix="one")  # 6 slots: concatenated
