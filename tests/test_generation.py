@@ -70,3 +70,20 @@ def test_streaming_yields_the_prefixed_greedy_text(prefixed, tokenizer):
     streamed = "".join(streamer)
     assert streamed.split() == tokenizer.decode(continuation(output)).split()
     assert continuation(output) == forward_greedy(prefixed, 8)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row-no-mask", "left-padded-batch"])
+def test_static_cache_generate_equals_the_dynamic_cache(prefixed, padded):
+    """A static cache's prefill attends to keys longer than the text (the cache's empty slots after it)
+    and transformers then passes no mask (sdpa's upper-left ``is_causal``); the prefix path must
+    align its causal mask like that, not to the end of the keys."""
+    inputs = {"input_ids": PROMPT}
+    if padded:
+        ids = torch.cat([PROMPT, torch.tensor([[SPECIAL["pad"], SPECIAL["pad"], 5, 9, 12]])])
+        inputs = {"input_ids": ids, "attention_mask": (ids != SPECIAL["pad"]).long()}
+    scored = {**GREEDY, "output_scores": True, "return_dict_in_generate": True}
+    dynamic = prefixed.generate(**inputs, **scored)
+    static = prefixed.generate(**inputs, **scored, cache_implementation="static")
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    for step_static, step_dynamic in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(step_static, step_dynamic, rtol=1e-4, atol=1e-4)

@@ -100,14 +100,24 @@ def _model_eager_function(module: nn.Module) -> Callable:
     return function
 
 
+def causal_flag(module: nn.Module, kwargs: dict) -> bool:
+    """Whether the layer is causal where no mask was built: the call's ``is_causal``, else the module's
+    (as transformers' ``sdpa_attention_forward`` decides)."""
+    flag = kwargs.get("is_causal")
+    return getattr(module, "is_causal", True) if flag is None else bool(flag)
+
+
 def text_columns(text_mask: Tensor | None, query: Tensor, text_length: int, causal: bool) -> Tensor:
     """The mask the layer passed, cut to the text's keys and expanded to ``[B, h, T_q, T_k]``; where
-    none was built, full attention or causal aligned to the end of the keys."""
+    none was built, what sdpa's ``is_causal`` flag would do: full attention for one query, else causal
+    aligned to the START of the keys (query i sees keys 0..i, torch's upper-left convention).
+    transformers skips the mask only where that is right: T_k = T_q, or a prefill into an empty
+    static cache (T_k = the cache's length, the text in its first T_q slots)."""
     batch, query_length = query.shape[0], query.shape[2]
     if text_mask is None:
-        rows = torch.arange(query_length, device=query.device)[:, None] + (text_length - query_length)
+        rows = torch.arange(query_length, device=query.device)[:, None]
         cols = torch.arange(text_length, device=query.device)[None, :]
-        text_mask = (cols <= rows) if causal else torch.ones_like(cols <= rows)
+        text_mask = (cols <= rows) if causal and query_length > 1 else torch.ones_like(cols <= rows)
         text_mask = text_mask[None, None]  # [1, 1, T_q, T_k]
     return text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
 
@@ -159,6 +169,7 @@ def _layer_mask(
     prefix_mask: Tensor,
     query: Tensor,
     length: int,
+    causal: bool,
     cache: dict | None,
     positions: Tensor | None,
 ) -> Tensor:
@@ -166,7 +177,6 @@ def _layer_mask(
     a place get the same text mask object (one per layer type, e.g. full or sliding) and the same
     prefix mask row. The cache entry holds the text mask itself, so its ``id`` stays unique while the
     cache lives. Window and chunk sizes are the layer's tags from `probing`."""
-    causal = getattr(module, "is_causal", True)
     window, chunk = getattr(module, "prefixtune_window", None), getattr(module, "prefixtune_chunk", None)
     if (window is not None or chunk is not None) and positions is None:
         raise UnsupportedModelError(
@@ -203,7 +213,7 @@ def _shared_prefix_output(
     shared = one_shared_prefix(module, prefix_key_values, prefix_attention_mask, layer, query, key, masks, kwargs)
     if shared is None:
         return None
-    text_mask = text_columns(call.mask, query, key.shape[2], getattr(module, "is_causal", True))
+    text_mask = text_columns(call.mask, query, key.shape[2], causal_flag(module, kwargs))
     if text_mask.shape[1] not in (1, query.shape[1]):  # a mask per kv head or other: sdpa's own checks decide
         return None
     shared = shared.to(key.device, key.dtype)  # [2, kv_heads, P, head_dim], zero-padded like every prefix
@@ -250,6 +260,7 @@ def _prefix_attention(delegate: str) -> Callable:
                 prefix_attention_mask[:, layer],
                 query,
                 key.shape[2],
+                causal_flag(module, kwargs),
                 prefixtune_masks,
                 prefixtune_positions,
             )
