@@ -26,6 +26,6 @@ for version in "$@"; do
       "$PYTHON" -m pip install -q --no-deps --target "$ROOT/tokenizers022" "tokenizers>=0.22,<0.23"
     path="$path:$ROOT/tokenizers022"
   fi
-  result=$(PYTHONPATH="src:$path" "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -1)
+  result=$(PYTHONPATH="src:$path" "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" 2>&1 | tail -1) || true  # a failing run is reported, not fatal
   echo "transformers $version: $result"
 done
