@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from architecture_walk import build, relative_error
 from prefixtune import PrefixConfig, PrefixModel, UnsupportedModelError
+from prefixtune import model as model_module
 from prefixtune.data import PromptFormatter
 from prefixtune.files import PrefixFileError
 from prefixtune.serving import (
@@ -214,6 +215,25 @@ def assert_checkpointing_changes_nothing(results: list[tuple[torch.Tensor, dict[
 @pytest.mark.parametrize("parameterization", ["kv", "hidden"])
 def test_gradients_reach_the_state_prefixes_and_checkpointing_changes_nothing(parameterization):
     assert_gradients_reach_every_state_layer(lambda: build("qwen3_next", **LAYOUT), parameterization)
+
+
+def test_a_training_forward_splits_the_states_by_layer_like_the_keys_values(monkeypatch):
+    """Each state tensor is unbound once per training forward (a per-layer slice of the one tensor
+    would fill its whole gradient in every state layer's backward); the gradients are unchanged."""
+    seen = []
+    original = model_module.split_by_layer
+    monkeypatch.setattr(model_module, "split_by_layer", lambda per_row: seen.append(per_row.shape) or original(per_row))
+    split = step_gradients(lambda: build("qwen3_next", **LAYOUT), "kv")[0]
+    # per step (without, then with checkpointing): the attention layer's keys/values, each state kind (2 layers)
+    assert [shape[1] for shape in seen] == [1, 2, 2] * 2
+    monkeypatch.setattr(model_module, "split_by_layer", lambda per_row: per_row)  # each layer slices the tensor
+    (loss, grads), ((expected_loss, expected_grads), _) = (
+        split,
+        step_gradients(lambda: build("qwen3_next", **LAYOUT), "kv"),
+    )
+    torch.testing.assert_close(loss, expected_loss, atol=0, rtol=0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=0)
 
 
 def assert_gradients_reach_every_state_layer(

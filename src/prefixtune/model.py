@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from . import files, peft_format
 from .config import PrefixConfig
 from .initialization import init_token_ids, text_activations, word_embeddings
-from .injection import PREFIX_KWARGS, inject, split_by_layer, uninject
+from .injection import PREFIX_KWARGS, STATE_KWARGS, inject, split_by_layer, uninject
 from .names import check_prefix_name
 from .parameterizations import PARAMETERIZATION_CLASSES, KVPrefix, Prefix
 from .prefix_arguments import PrefixArguments
@@ -202,9 +202,10 @@ class PrefixModel(nn.Module):
         if self.training and torch.is_grad_enabled() and not self._checkpointing_checked:
             self._refuse_reentrant_checkpointing()
         inputs = self._model_inputs(args, prefix, kwargs)
-        key_values = inputs.get(PREFIX_KWARGS[0])
-        if isinstance(key_values, Tensor) and key_values.requires_grad:
-            inputs[PREFIX_KWARGS[0]] = split_by_layer(key_values)  # see injection.attention
+        for name in (PREFIX_KWARGS[0], *STATE_KWARGS):  # keys/values, and hybrid models' initial states
+            per_row = inputs.get(name)
+            if isinstance(per_row, Tensor) and per_row.requires_grad:
+                inputs[name] = split_by_layer(per_row)  # see injection.attention
         return self.base_model(**inputs)
 
     @torch.no_grad()

@@ -43,6 +43,11 @@ def split_by_layer(key_values: Tensor) -> tuple[Tensor, ...]:
     return key_values.unbind(1)
 
 
+def layer_of(per_row: Tensor | Sequence[Tensor], layer: int) -> Tensor:
+    """One layer's slice of a per-row prefix input: ``[B, layers, ...]`` or its `split_by_layer` tuple."""
+    return per_row[layer] if isinstance(per_row, Sequence) else per_row[:, layer]
+
+
 MASK_CACHE_KWARG = "prefixtune_masks"
 POSITIONS_KWARG = "prefixtune_positions"  # [B, T] each query's position, the prefix owning 0..P-1
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -244,7 +249,6 @@ def _prefix_attention(delegate: str) -> Callable:
             prefixtune_capture.calls.append(AttentionCall(module, query, key, value, attention_mask))
         layer = getattr(module, "prefixtune_layer", None)
         if prefix_key_values is not None and layer is not None:
-            split = isinstance(prefix_key_values, Sequence)
             if delegate == "sdpa":  # one prefix for every row: attended without a copy per row, where it pays
                 call = AttentionCall(module, query, key, value, attention_mask)
                 out = _shared_prefix_output(
@@ -252,7 +256,7 @@ def _prefix_attention(delegate: str) -> Callable:
                 )
                 if out is not None:
                     return out, None
-            prefix = prefix_key_values[layer] if split else prefix_key_values[:, layer]
+            prefix = layer_of(prefix_key_values, layer)
             prefix = prefix.to(key.device, key.dtype)  # [B, 2, kv_heads, P, head_dim]
             attention_mask = _layer_mask(
                 module,

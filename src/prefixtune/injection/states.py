@@ -8,6 +8,8 @@ holds one such pair per linear-attention layer ("state layer"), and the forward 
 per row, like the keys/values: ``prefix_conv_states`` ``[B, state_layers, conv_dim, K-1]`` and
 ``prefix_recurrent_states`` ``[B, state_layers, v_heads, k_head_dim, v_head_dim]``. Zeros are no
 prefix: the model's own start (its convolution pads with zeros, its recurrent state starts at 0).
+A training forward passes each split by state layer instead (tuples, `attention.split_by_layer`), so
+each layer's backward does not allocate and fill the whole tensor's gradient.
 
 `install` replaces each such module's ``forward`` on the instance (`remove` deletes it again) by
 `prefixed_forward`. Without those arguments, or once the generation cache holds this layer's state
@@ -40,7 +42,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from ..transformers_private import linear_attention_layers, with_accelerate_hooks
-from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError
+from .attention import MASK_CACHE_KWARG, POSITIONS_KWARG, PREFIX_KWARGS, UnsupportedModelError, layer_of
 from .conv_states import STATE_KINDS as SHORT_CONV_KINDS
 from .mamba1_states import STATE_KINDS as MAMBA1_KINDS
 from .mamba1_states import carried_states
@@ -139,7 +141,7 @@ def prefixed_forward(
             "prefill chunk longer than the longest left padding (or no chunked prefill)"
         )
     layer, device = module.prefixtune_state_layer, hidden_states.device  # layers may sit on other devices
-    conv_state, recurrent_state = conv_states[:, layer].to(device), recurrent_states[:, layer].to(device)
+    conv_state, recurrent_state = layer_of(conv_states, layer).to(device), layer_of(recurrent_states, layer).to(device)
     mix_layer = STATE_KINDS[type(module).__name__].mix
     output, window, final = mix_layer(
         module, hidden_states, attention_mask, conv_state, recurrent_state, cache is not None
