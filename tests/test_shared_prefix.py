@@ -72,6 +72,26 @@ def test_greedy_generate_with_one_shared_prefix_gives_the_concatenating_paths_to
     assert shared.tolist() == separate.tolist()
 
 
+@pytest.mark.parametrize("expanding", [{"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2}])
+@pytest.mark.parametrize("rows", [PROMPTS, PROMPTS[:1]], ids=["three-rows", "one-row"])
+def test_beam_search_keeps_one_shared_prefix_one_row_in_memory(expanding, rows, shared_calls, monkeypatch):
+    """`generate` repeats its inputs per beam and returned sequence (a copy); a prefix shared by the
+    batch stays one row in memory (stride 0), so it takes the shared path, with the tokens of the
+    concatenating path on the same rows."""
+    model = one_and_twin("llama")
+    batch = left_padded(rows)
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": SPECIAL["pad"], "eos_token_id": None}
+    strides = []
+    gate = shared_prefix.one_shared_prefix
+    monkeypatch.setattr(
+        attention, "one_shared_prefix", lambda m, kv, *a: strides.append(kv.stride(0)) or gate(m, kv, *a)
+    )
+    shared = model.generate(**batch, prefix="one", **options, **expanding)
+    assert shared_calls and set(strides) == {0}
+    monkeypatch.setattr(attention, "one_shared_prefix", lambda *a: None)  # the concatenating path
+    assert shared.tolist() == model.generate(**batch, prefix="one", **options, **expanding).tolist()
+
+
 def test_a_training_forward_keeps_the_concatenating_path_and_its_gradients(shared_calls):
     model = one_and_twin("llama")
     model.train()

@@ -160,6 +160,12 @@ def _check_bart_offset() -> str | None:
 
 PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     PrivateAPI(
+        "transformers:GenerationMixin._expand_inputs_for_generation",
+        "beam search and num_return_sequences repeat every tensor input per beam (a copy); injection wraps it on "
+        "the instance so a prefix shared by all rows (stride 0) stays one view, as the shared-prefix path needs",
+        ("expand_size", "is_encoder_decoder", "input_ids", "model_kwargs"),
+    ),
+    PrivateAPI(
         "transformers:GenerationMixin._validate_model_kwargs",
         "`generate` refuses keyword arguments its forward signature does not name; injection wraps it on the "
         "instance so prefix_key_values / prefix_attention_mask pass (the attention function consumes them)",
@@ -459,6 +465,21 @@ def override_validate_model_kwargs(model: PreTrainedModel, function: Callable[[d
 def restore_validate_model_kwargs(model: PreTrainedModel) -> None:
     """Drop the instance's replacement, so the class's own check applies again."""
     model.__dict__.pop("_validate_model_kwargs", None)
+
+
+def expand_inputs_for_generation(model: PreTrainedModel) -> Callable[..., tuple[Any, dict[str, Any]]]:
+    """`generate`'s expansion of its inputs per beam (``GenerationMixin._expand_inputs_for_generation``)."""
+    return model._expand_inputs_for_generation
+
+
+def override_expand_inputs_for_generation(model: PreTrainedModel, function: Callable[..., Any]) -> None:
+    """Replace that expansion on this instance only (the class keeps the original)."""
+    model._expand_inputs_for_generation = function
+
+
+def restore_expand_inputs_for_generation(model: PreTrainedModel) -> None:
+    """Drop the instance's replacement."""
+    model.__dict__.pop("_expand_inputs_for_generation", None)
 
 
 def supports_sdpa(model: PreTrainedModel) -> bool:

@@ -16,7 +16,10 @@ from transformers import PreTrainedModel
 from ..config import PLACES
 from ..transformers_private import (
     attn_implementation,
+    expand_inputs_for_generation,
+    override_expand_inputs_for_generation,
     override_validate_model_kwargs,
+    restore_expand_inputs_for_generation,
     restore_validate_model_kwargs,
     set_attn_implementation,
     validate_model_kwargs,
@@ -123,6 +126,27 @@ def _accept_prefix_in_generate(model: PreTrainedModel) -> None:
         validate({key: value for key, value in model_kwargs.items() if key not in (*PREFIX_KWARGS, *STATE_KWARGS)})
 
     override_validate_model_kwargs(model, validate_without_prefix)
+
+
+def _expand_shared_rows_as_views(model: PreTrainedModel) -> None:
+    """Beam search and ``num_return_sequences`` repeat every tensor input per beam, a copy; a prefix
+    input whose rows share one storage row (one prefix for the whole batch, stride 0, or one row) is expanded as
+    a view instead, so B x beams rows cost one prefix and take the shared-prefix path (on this
+    instance only). Rows of different prefixes are repeated as transformers does."""
+    expand = expand_inputs_for_generation(model)
+
+    def expand_shared_rows_as_views(expand_size: int = 1, **inputs):
+        shared = {
+            name: inputs.pop(name)
+            for name in (*PREFIX_KWARGS, *STATE_KWARGS)
+            if isinstance(inputs.get(name), Tensor) and (inputs[name].shape[0] == 1 or inputs[name].stride(0) == 0)
+        }
+        input_ids, model_kwargs = expand(expand_size=expand_size, **inputs)
+        for name, rows in shared.items():  # [B, ...] -> [B x expand_size, ...], one row in memory
+            model_kwargs[name] = rows[:1].expand(rows.shape[0] * expand_size, *rows.shape[1:])
+        return input_ids, model_kwargs
+
+    override_expand_inputs_for_generation(model, expand_shared_rows_as_views)
 
 
 def _probe(model: PreTrainedModel) -> Capture:
@@ -257,6 +281,7 @@ def _install_hooks(
     else:
         hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
     _accept_prefix_in_generate(model)
+    _expand_shared_rows_as_views(model)
     install_state_layers(state_modules)
     hooks += carry_state_kwargs(model) if state_modules else []
     hooks += carry_to_mixers(model, state_modules)  # after carry_state_kwargs: it reads the base model's call
@@ -386,4 +411,5 @@ def uninject(model: PreTrainedModel) -> None:
         for tag in TAGS:
             module.__dict__.pop(tag, None)
     restore_validate_model_kwargs(model)
+    restore_expand_inputs_for_generation(model)
     set_attn_implementation(model, injected.attn_implementation)
