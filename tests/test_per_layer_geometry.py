@@ -124,6 +124,26 @@ def test_greedy_and_beam_generate_equal_the_text_as_a_prompt(model_type, layout)
             assert out[i].tolist() == want.tolist(), (beams, name)
 
 
+def test_kv_shared_layers_running_only_the_last_queries_keep_the_prefix_exact():
+    """Gemma 4 sends only the last `logits_to_keep` tokens through its KV-sharing layers, over all
+    keys, and passes them no mask where there is no padding; the prefix path must see them as the
+    last queries. A forward keeping 3 logits, a static cache (whose prefill keeps 1) and prompt
+    lookup (which verifies several tokens at once) then match the full forward and greedy."""
+    model = prefixed(SHARED)
+    ids = torch.tensor([[5, 9, 12, 5, 9, 12, 5, 9]])
+    with torch.no_grad():
+        full = model(input_ids=ids, prefix="long").logits
+        kept = model(input_ids=ids, prefix="long", logits_to_keep=3).logits
+    torch.testing.assert_close(kept, full[:, -3:], atol=1e-5, rtol=1e-5)
+    scored = {**GREEDY, "output_scores": True, "return_dict_in_generate": True}
+    dynamic = model.generate(input_ids=ids, prefix="long", **scored)
+    static = model.generate(input_ids=ids, prefix="long", cache_implementation="static", **scored)
+    for step_static, step_dynamic in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(step_static, step_dynamic, atol=1e-4, rtol=1e-4)
+    lookup = model.generate(input_ids=ids, prefix="long", prompt_lookup_num_tokens=3, **GREEDY)
+    assert lookup.tolist() == dynamic.sequences.tolist() == static.sequences.tolist()
+
+
 @pytest.mark.parametrize("parameterization", ["kv", "hidden", "mlp"])
 def test_training_reaches_every_layer_and_checkpointing_changes_nothing(parameterization):
     results = []

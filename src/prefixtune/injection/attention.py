@@ -112,19 +112,37 @@ def causal_flag(module: nn.Module, kwargs: dict) -> bool:
     return getattr(module, "is_causal", True) if flag is None else bool(flag)
 
 
-def text_columns(text_mask: Tensor | None, query: Tensor, text_length: int, causal: bool) -> Tensor:
-    """The mask the layer passed, cut to the text's keys and expanded to ``[B, h, T_q, T_k]``; where
-    none was built, what sdpa's ``is_causal`` flag would do: full attention for one query, else causal
-    aligned to the START of the keys (query i sees keys 0..i, torch's upper-left convention).
-    transformers skips the mask only where that is right: T_k = T_q, or a prefill into an empty
-    static cache (T_k = the cache's length, the text in its first T_q slots)."""
+def text_columns(
+    text_mask: Tensor | None, query: Tensor, text_length: int, causal: bool, query_rows: Tensor | None = None
+) -> Tensor:
+    """The mask the layer passed, cut to the text's keys and expanded to ``[B, h, T_q, T_k]``.
+
+    Where none was built (no padding), causal means: text key ``j`` is visible from a query whose
+    text position is at least ``j``. `query_rows` ``[B, T_q]`` gives those positions where known
+    (decoder-only models: `query_text_positions`); the keys need not end at the queries: a static
+    cache's prefill puts the text in the first of its slots, Gemma 4's KV-shared layers run only the
+    last queries over all keys. Without them: what sdpa's ``is_causal`` flag does (query i sees keys
+    0..i, torch's upper-left convention; one query sees everything)."""
     batch, query_length = query.shape[0], query.shape[2]
     if text_mask is None:
-        rows = torch.arange(query_length, device=query.device)[:, None]
-        cols = torch.arange(text_length, device=query.device)[None, :]
-        text_mask = (cols <= rows) if causal and query_length > 1 else torch.ones_like(cols <= rows)
-        text_mask = text_mask[None, None]  # [1, 1, T_q, T_k]
+        cols = torch.arange(text_length, device=query.device)
+        if not causal or (query_rows is None and query_length == 1):
+            text_mask = torch.ones(1, 1, query_length, text_length, dtype=torch.bool, device=query.device)
+        elif query_rows is None:
+            text_mask = (cols <= torch.arange(query_length, device=query.device)[:, None])[
+                None, None
+            ]  # [1, 1, T_q, T_k]
+        else:
+            text_mask = (cols <= query_rows.to(query.device)[:, :, None])[:, None]  # [B, 1, T_q, T_k]
     return text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
+
+
+def query_text_positions(positions: Tensor | None, prefix_length: Tensor, query_length: int) -> Tensor | None:
+    """Each query's text position ``[B, T_q]``: its position (`POSITIONS_KWARG`, the queries are the last
+    T_q of them) less its row's prefix length ``[B]``; None where positions are not tracked."""
+    if positions is None:
+        return None
+    return positions[:, positions.shape[1] - query_length :] - prefix_length.to(positions.device)[:, None]
 
 
 def _prefix_columns(
@@ -142,7 +160,8 @@ def _prefix_columns(
     stands for a token at position ``j`` and is windowed like it (seen from query position ``q``
     while ``q - j < window``), so a prefix of text T keeps acting exactly like T."""
     batch, query_length = query.shape[0], query.shape[2]
-    text_mask = text_columns(text_mask, query, text_length, causal)
+    rows = query_text_positions(positions, prefix_mask.to(torch.bool).sum(-1), query_length)
+    text_mask = text_columns(text_mask, query, text_length, causal, rows)
     prefix_mask = prefix_mask.to(text_mask.device, torch.bool)  # [B, P]
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
     if window is not None:
@@ -211,6 +230,7 @@ def _shared_prefix_output(
     prefix_attention_mask: Tensor,
     layer: int,
     masks: dict | None,
+    positions: Tensor | None,
     kwargs: dict,
 ) -> Tensor | None:
     """`shared_prefix_attention`'s output ``[B, T, heads, dv]`` where `one_shared_prefix` applies, else None."""
@@ -218,7 +238,9 @@ def _shared_prefix_output(
     shared = one_shared_prefix(module, prefix_key_values, prefix_attention_mask, layer, query, key, masks, kwargs)
     if shared is None:
         return None
-    text_mask = text_columns(call.mask, query, key.shape[2], causal_flag(module, kwargs))
+    every_slot = torch.full((query.shape[0],), prefix_attention_mask.shape[-1], device=query.device)  # all valid
+    rows = query_text_positions(positions, every_slot, query.shape[2])
+    text_mask = text_columns(call.mask, query, key.shape[2], causal_flag(module, kwargs), rows)
     if text_mask.shape[1] not in (1, query.shape[1]):  # a mask per kv head or other: sdpa's own checks decide
         return None
     shared = shared.to(key.device, key.dtype)  # [2, kv_heads, P, head_dim], zero-padded like every prefix
@@ -252,7 +274,13 @@ def _prefix_attention(delegate: str) -> Callable:
             if delegate == "sdpa":  # one prefix for every row: attended without a copy per row, where it pays
                 call = AttentionCall(module, query, key, value, attention_mask)
                 out = _shared_prefix_output(
-                    call, prefix_key_values, prefix_attention_mask, layer, prefixtune_masks, kwargs
+                    call,
+                    prefix_key_values,
+                    prefix_attention_mask,
+                    layer,
+                    prefixtune_masks,
+                    prefixtune_positions,
+                    kwargs,
                 )
                 if out is not None:
                     return out, None
