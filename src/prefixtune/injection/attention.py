@@ -37,10 +37,11 @@ from .shared_prefix import one_shared_prefix, shared_prefix_attention
 PREFIX_KWARGS = ("prefix_key_values", "prefix_attention_mask")
 
 
-def split_by_layer(key_values: Tensor) -> tuple[Tensor, ...]:
-    """``[B, layers, 2, kv_heads, P, head_dim]`` -> one ``[B, 2, kv_heads, P, head_dim]`` per layer, with one
-    backward for all of them (``unbind``: the layers' gradients stacked once)."""
-    return key_values.unbind(1)
+def split_by_layer(per_row: Tensor) -> tuple[Tensor, ...]:
+    """A per-row prefix input ``[B, layers, ...]`` (keys/values ``[B, layers, 2, kv_heads, P, head_dim]``, a
+    hybrid model's states) -> one ``[B, ...]`` per layer, with one backward for all of them (``unbind``:
+    the layers' gradients stacked once)."""
+    return per_row.unbind(1)
 
 
 def layer_of(per_row: Tensor | Sequence[Tensor], layer: int) -> Tensor:
