@@ -161,7 +161,7 @@ def _prefix_columns(
     stands for a token at position ``j`` and is windowed like it (seen from query position ``q``
     while ``q - j < window``), so a prefix of text T keeps acting exactly like T."""
     batch, query_length = query.shape[0], query.shape[2]
-    rows = query_text_positions(positions, prefix_mask.to(torch.bool).sum(-1), query_length)
+    rows = None if text_mask is not None else query_text_positions(positions, prefix_mask.bool().sum(-1), query_length)
     text_mask = text_columns(text_mask, query, text_length, causal, rows)
     prefix_mask = prefix_mask.to(text_mask.device, torch.bool)  # [B, P]
     prefix = prefix_mask[:, None, None, :].expand(batch, text_mask.shape[1], query_length, -1)  # [B, h, T_q, P]
@@ -239,8 +239,10 @@ def _shared_prefix_output(
     shared = one_shared_prefix(module, prefix_key_values, prefix_attention_mask, layer, query, key, masks, kwargs)
     if shared is None:
         return None
-    every_slot = torch.full((query.shape[0],), prefix_attention_mask.shape[-1], device=query.device)  # all valid
-    rows = query_text_positions(positions, every_slot, query.shape[2])
+    rows = None
+    if call.mask is None and positions is not None:  # only then does text_columns place the queries
+        every_slot = torch.full((query.shape[0],), prefix_attention_mask.shape[-1], device=query.device)  # all valid
+        rows = query_text_positions(positions, every_slot, query.shape[2])
     text_mask = text_columns(call.mask, query, key.shape[2], causal_flag(module, kwargs), rows)
     if text_mask.shape[1] not in (1, query.shape[1]):  # a mask per kv head or other: sdpa's own checks decide
         return None
