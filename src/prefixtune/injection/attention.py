@@ -130,20 +130,22 @@ def text_columns(
         if not causal or (query_rows is None and query_length == 1):
             text_mask = torch.ones(1, 1, query_length, text_length, dtype=torch.bool, device=query.device)
         elif query_rows is None:
-            text_mask = (cols <= torch.arange(query_length, device=query.device)[:, None])[
-                None, None
-            ]  # [1, 1, T_q, T_k]
+            rows = torch.arange(query_length, device=query.device)[:, None]
+            text_mask = (cols <= rows)[None, None]  # [1, 1, T_q, T_k]
         else:
             text_mask = (cols <= query_rows.to(query.device)[:, :, None])[:, None]  # [B, 1, T_q, T_k]
     return text_mask[..., :text_length].expand(batch, -1, query_length, text_length)
 
 
-def query_text_positions(positions: Tensor | None, prefix_length: Tensor, query_length: int) -> Tensor | None:
+def query_text_positions(positions: Tensor | None, prefix_length: Tensor | int, query_length: int) -> Tensor | None:
     """Each query's text position ``[B, T_q]``: its position (`POSITIONS_KWARG`, the queries are the last
-    T_q of them) less its row's prefix length ``[B]``; None where positions are not tracked."""
+    T_q of them) less its row's prefix length (``[B]``, or one for all rows); None where positions are
+    not tracked."""
     if positions is None:
         return None
-    return positions[:, positions.shape[1] - query_length :] - prefix_length.to(positions.device)[:, None]
+    if isinstance(prefix_length, Tensor):
+        prefix_length = prefix_length.to(positions.device)[:, None]
+    return positions[:, positions.shape[1] - query_length :] - prefix_length
 
 
 def _prefix_columns(
@@ -239,10 +241,12 @@ def _shared_prefix_output(
     shared = one_shared_prefix(module, prefix_key_values, prefix_attention_mask, layer, query, key, masks, kwargs)
     if shared is None:
         return None
-    rows = None
-    if call.mask is None and positions is not None:  # only then does text_columns place the queries
-        every_slot = torch.full((query.shape[0],), prefix_attention_mask.shape[-1], device=query.device)  # all valid
-        rows = query_text_positions(positions, every_slot, query.shape[2])
+    # every slot is valid here, so every row's prefix length is P; text_columns reads rows only without a mask
+    rows = (
+        None
+        if call.mask is not None
+        else query_text_positions(positions, prefix_attention_mask.shape[-1], query.shape[2])
+    )
     text_mask = text_columns(call.mask, query, key.shape[2], causal_flag(module, kwargs), rows)
     if text_mask.shape[1] not in (1, query.shape[1]):  # a mask per kv head or other: sdpa's own checks decide
         return None
