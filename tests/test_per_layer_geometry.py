@@ -144,6 +144,27 @@ def test_kv_shared_layers_running_only_the_last_queries_keep_the_prefix_exact():
     assert lookup.tolist() == dynamic.sequences.tolist() == static.sequences.tolist()
 
 
+def test_kv_shared_layers_without_a_prefix_run_as_under_the_models_own_sdpa():
+    """Under plain sdpa, Gemma 4 keeps every query in its KV-sharing layers when a layer has no mask
+    and more than one logit is kept (or the cache is static): dropping queries would lose causality.
+    It decides that by the implementation's name, so an injected model (attention `prefixtune_sdpa`)
+    must decide the same; with no prefix its layers run the model's own sdpa. Kept logits, static
+    cache scores and prompt lookup then match the full forward and dynamic greedy."""
+    model = prefixed(SHARED)
+    ids = torch.tensor([[5, 9, 12, 5, 9, 12, 5, 9]])
+    scored = {**GREEDY, "output_scores": True, "return_dict_in_generate": True}
+    with torch.no_grad(), model.disable_prefix():
+        full = model(input_ids=ids).logits
+        kept = model(input_ids=ids, logits_to_keep=3).logits
+        dynamic = model.generate(input_ids=ids, **scored)
+        static = model.generate(input_ids=ids, cache_implementation="static", **scored)
+        lookup = model.generate(input_ids=ids, prompt_lookup_num_tokens=3, **GREEDY)
+    torch.testing.assert_close(kept, full[:, -3:], atol=1e-5, rtol=1e-5)
+    for step_static, step_dynamic in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(step_static, step_dynamic, atol=1e-4, rtol=1e-4)
+    assert lookup.tolist() == dynamic.sequences.tolist() == static.sequences.tolist()
+
+
 @pytest.mark.parametrize("parameterization", ["kv", "hidden", "mlp"])
 def test_training_reaches_every_layer_and_checkpointing_changes_nothing(parameterization):
     results = []

@@ -415,6 +415,17 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         "--report-to is checked when the options are made: the names Trainer's report_to accepts",
     ),
     PrivateAPI(
+        "transformers.models.gemma4.modeling_gemma4:Gemma4TextModel._maybe_slice_kv_shared_inputs",
+        "internal: Gemma 4 sends only the last `logits_to_keep` queries through its KV-sharing layers, except "
+        "under sdpa by name; injection makes prefixtune_sdpa take that exception too",
+        ("causal_mask_mapping", "logits_to_keep", "cache"),
+    ),
+    PrivateAPI(
+        "transformers.models.gemma4_unified.modeling_gemma4_unified:Gemma4UnifiedTextModel._maybe_slice_kv_shared_inputs",
+        "internal: the same for Gemma 4 unified",
+        ("causal_mask_mapping", "logits_to_keep", "cache"),
+    ),
+    PrivateAPI(
         "transformers:PreTrainedModel._supports_sdpa",
         "whether a model class runs on sdpa; the continuous engine (per-request sdpa) refuses those that do not",
     ),
@@ -480,6 +491,30 @@ def override_expand_inputs_for_generation(model: PreTrainedModel, function: Call
 def restore_expand_inputs_for_generation(model: PreTrainedModel) -> None:
     """Drop the instance's replacement."""
     model.__dict__.pop("_expand_inputs_for_generation", None)
+
+
+_KV_SHARED_SLICING = "_maybe_slice_kv_shared_inputs"
+
+
+def kv_shared_slicers(model: PreTrainedModel) -> list[nn.Module]:
+    """The modules that run only the last `logits_to_keep` queries through their KV-sharing layers
+    (Gemma 4's ``_maybe_slice_kv_shared_inputs``)."""
+    return [module for module in model.modules() if hasattr(type(module), _KV_SHARED_SLICING)]
+
+
+def kv_shared_slicing(module: nn.Module) -> Callable[..., tuple]:
+    """That module's slicing of its inputs before the KV-sharing layers."""
+    return getattr(module, _KV_SHARED_SLICING)
+
+
+def override_kv_shared_slicing(module: nn.Module, function: Callable[..., tuple]) -> None:
+    """Replace that slicing on this instance only (the class keeps the original)."""
+    module.__dict__[_KV_SHARED_SLICING] = function
+
+
+def restore_kv_shared_slicing(module: nn.Module) -> None:
+    """Drop the instance's replacement."""
+    module.__dict__.pop(_KV_SHARED_SLICING, None)
 
 
 def supports_sdpa(model: PreTrainedModel) -> bool:

@@ -6,6 +6,7 @@ initial-state forward of their linear-attention layers, see `states`).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +18,13 @@ from ..config import PLACES
 from ..transformers_private import (
     attn_implementation,
     expand_inputs_for_generation,
+    kv_shared_slicers,
+    kv_shared_slicing,
     override_expand_inputs_for_generation,
+    override_kv_shared_slicing,
     override_validate_model_kwargs,
     restore_expand_inputs_for_generation,
+    restore_kv_shared_slicing,
     restore_validate_model_kwargs,
     set_attn_implementation,
     validate_model_kwargs,
@@ -147,6 +152,28 @@ def _expand_shared_rows_as_views(model: PreTrainedModel) -> None:
         return input_ids, model_kwargs
 
     override_expand_inputs_for_generation(model, expand_shared_rows_as_views)
+
+
+def _slice_kv_shared_inputs_as_sdpa(model: PreTrainedModel) -> None:
+    """Gemma 4 runs only the last `logits_to_keep` queries through its KV-sharing layers, except
+    under sdpa (by name) where a layer has no mask and more than one logit is kept or the cache is
+    static: sdpa's causal flag would then align the kept queries with the first keys. The bare path
+    of `prefixtune_sdpa` is that sdpa, so it takes the same exception: every query is kept
+    (``logits_to_keep=0``: all of them), on this instance only."""
+    for module in kv_shared_slicers(model):
+        slice_inputs = kv_shared_slicing(module)
+        signature = inspect.signature(slice_inputs)
+
+        def slice_as_sdpa(*args, _slice=slice_inputs, _signature=signature, **kwargs) -> tuple:
+            bound = _signature.bind(*args, **kwargs)
+            keep, cache = bound.arguments["logits_to_keep"], bound.arguments["cache"]
+            unmasked = any(mask is None for mask in bound.arguments["causal_mask_mapping"].values())
+            causal_flag = attn_implementation(model) == "prefixtune_sdpa" and unmasked
+            if causal_flag and isinstance(keep, int) and (keep > 1 or getattr(cache, "is_compileable", False)):
+                bound.arguments["logits_to_keep"] = 0
+            return _slice(*bound.args, **bound.kwargs)
+
+        override_kv_shared_slicing(module, slice_as_sdpa)
 
 
 def _probe(model: PreTrainedModel) -> Capture:
@@ -282,6 +309,7 @@ def _install_hooks(
         hooks.append(model.register_forward_pre_hook(position_shifter(model), with_kwargs=True))
     _accept_prefix_in_generate(model)
     _expand_shared_rows_as_views(model)
+    _slice_kv_shared_inputs_as_sdpa(model)
     install_state_layers(state_modules)
     hooks += carry_state_kwargs(model) if state_modules else []
     hooks += carry_to_mixers(model, state_modules)  # after carry_state_kwargs: it reads the base model's call
@@ -412,4 +440,6 @@ def uninject(model: PreTrainedModel) -> None:
             module.__dict__.pop(tag, None)
     restore_validate_model_kwargs(model)
     restore_expand_inputs_for_generation(model)
+    for module in kv_shared_slicers(model):
+        restore_kv_shared_slicing(module)
     set_attn_implementation(model, injected.attn_implementation)
