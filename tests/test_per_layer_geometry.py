@@ -8,6 +8,7 @@ batched with a different prefix (or none) per row, left-padded, in `generate`, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -124,41 +125,26 @@ def test_greedy_and_beam_generate_equal_the_text_as_a_prompt(model_type, layout)
             assert out[i].tolist() == want.tolist(), (beams, name)
 
 
-def test_kv_shared_layers_running_only_the_last_queries_keep_the_prefix_exact():
+@pytest.mark.parametrize("prefix", ["long", None], ids=["prefix", "bare"])
+def test_kv_shared_layers_running_only_the_last_queries_match_the_full_forward(prefix):
     """Gemma 4 sends only the last `logits_to_keep` tokens through its KV-sharing layers, over all
     keys, and passes them no mask where there is no padding; the prefix path must see them as the
-    last queries. A forward keeping 3 logits, a static cache (whose prefill keeps 1) and prompt
-    lookup (which verifies several tokens at once) then match the full forward and greedy."""
+    last queries. Under plain sdpa it keeps every query instead where a layer has no mask and more
+    than one logit is kept (or the cache is static), deciding by the implementation's name; an
+    injected model (`prefixtune_sdpa`) must decide the same, or with no prefix (`disable_prefix`,
+    the model's own sdpa) the kept queries align with the first keys. With a prefix and without, a
+    forward keeping 3 logits, a static cache (whose prefill keeps 1) and prompt lookup (which
+    verifies several tokens at once) then match the full forward and greedy."""
     model = prefixed(SHARED)
     ids = torch.tensor([[5, 9, 12, 5, 9, 12, 5, 9]])
-    with torch.no_grad():
-        full = model(input_ids=ids, prefix="long").logits
-        kept = model(input_ids=ids, prefix="long", logits_to_keep=3).logits
-    torch.testing.assert_close(kept, full[:, -3:], atol=1e-5, rtol=1e-5)
+    chosen = {"prefix": prefix} if prefix else {}
     scored = {**GREEDY, "output_scores": True, "return_dict_in_generate": True}
-    dynamic = model.generate(input_ids=ids, prefix="long", **scored)
-    static = model.generate(input_ids=ids, prefix="long", cache_implementation="static", **scored)
-    for step_static, step_dynamic in zip(static.scores, dynamic.scores, strict=True):
-        torch.testing.assert_close(step_static, step_dynamic, atol=1e-4, rtol=1e-4)
-    lookup = model.generate(input_ids=ids, prefix="long", prompt_lookup_num_tokens=3, **GREEDY)
-    assert lookup.tolist() == dynamic.sequences.tolist() == static.sequences.tolist()
-
-
-def test_kv_shared_layers_without_a_prefix_run_as_under_the_models_own_sdpa():
-    """Under plain sdpa, Gemma 4 keeps every query in its KV-sharing layers when a layer has no mask
-    and more than one logit is kept (or the cache is static): dropping queries would lose causality.
-    It decides that by the implementation's name, so an injected model (attention `prefixtune_sdpa`)
-    must decide the same; with no prefix its layers run the model's own sdpa. Kept logits, static
-    cache scores and prompt lookup then match the full forward and dynamic greedy."""
-    model = prefixed(SHARED)
-    ids = torch.tensor([[5, 9, 12, 5, 9, 12, 5, 9]])
-    scored = {**GREEDY, "output_scores": True, "return_dict_in_generate": True}
-    with torch.no_grad(), model.disable_prefix():
-        full = model(input_ids=ids).logits
-        kept = model(input_ids=ids, logits_to_keep=3).logits
-        dynamic = model.generate(input_ids=ids, **scored)
-        static = model.generate(input_ids=ids, cache_implementation="static", **scored)
-        lookup = model.generate(input_ids=ids, prompt_lookup_num_tokens=3, **GREEDY)
+    with torch.no_grad(), contextlib.nullcontext() if prefix else model.disable_prefix():
+        full = model(input_ids=ids, **chosen).logits
+        kept = model(input_ids=ids, logits_to_keep=3, **chosen).logits
+        dynamic = model.generate(input_ids=ids, **chosen, **scored)
+        static = model.generate(input_ids=ids, cache_implementation="static", **chosen, **scored)
+        lookup = model.generate(input_ids=ids, prompt_lookup_num_tokens=3, **chosen, **GREEDY)
     torch.testing.assert_close(kept, full[:, -3:], atol=1e-5, rtol=1e-5)
     for step_static, step_dynamic in zip(static.scores, dynamic.scores, strict=True):
         torch.testing.assert_close(step_static, step_dynamic, atol=1e-4, rtol=1e-4)

@@ -158,8 +158,9 @@ def _slice_kv_shared_inputs_as_sdpa(model: PreTrainedModel) -> None:
     """Gemma 4 runs only the last `logits_to_keep` queries through its KV-sharing layers, except
     under sdpa (by name) where a layer has no mask and more than one logit is kept or the cache is
     static: sdpa's causal flag would then align the kept queries with the first keys. The bare path
-    of `prefixtune_sdpa` is that sdpa, so it takes the same exception: every query is kept
-    (``logits_to_keep=0``: all of them), on this instance only."""
+    of `prefixtune_sdpa` is that sdpa, so it takes the same exception, with a prefix too (its path
+    is exact either way): every query is kept (``logits_to_keep=0``: all of them), on this instance
+    only."""
     for module in kv_shared_slicers(model):
         slice_inputs = kv_shared_slicing(module)
         signature = inspect.signature(slice_inputs)
