@@ -57,6 +57,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-2)
+    parser.add_argument(
+        "--context-weight", type=float, default=0.0, help="KL weighted toward the tokens the context changes (0-1)"
+    )
     parser.add_argument("--prefix-length", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--template", default=TEMPLATE)
@@ -64,6 +67,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-prompt-tokens", type=int, default=24)
     parser.add_argument("--chunk-tokens", type=int, default=32, help="self-study chunks: about one Q/A pair each")
     parser.add_argument("--max-answer-tokens", type=int, default=24)
+    parser.add_argument("--generation-batch-size", type=int, default=16, help="rows per teacher generation batch")
     parser.add_argument("--answer-stop", default="\n\n", help="a teacher answer ends at a blank line (Q/A layout)")
     parser.add_argument(
         "--answer-with-chunk",
@@ -87,6 +91,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default=None, help="folder for the run (default: a temp folder)")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--only-step", action="store_true", help="distil (samples cached) and time the steps only")
+    parser.add_argument(
+        "--only-quality", action="store_true", help="distil and score the questions only (a probe of a setting)"
+    )
     parser.add_argument("--measure", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--cache-folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -161,6 +168,8 @@ def distil(args, work: Path) -> tuple[dict, float]:
         max_answer_tokens=args.max_answer_tokens,
         answer_stop=args.answer_stop or None,
         answer_with_chunk=args.answer_with_chunk,
+        generation_batch_size=args.generation_batch_size,
+        context_weight=args.context_weight,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -586,7 +595,7 @@ def header(args) -> dict:
     }
 
 
-def run_phases(args, work: Path, record: Record) -> None:
+def distil_phase(args, work: Path, record: Record) -> dict:
     report, distil_seconds = distil(args, work)
     report["seconds"]["distil_total"] = distil_seconds
     record.phase(
@@ -599,10 +608,20 @@ def run_phases(args, work: Path, record: Record) -> None:
             "seconds": report["seconds"],
         },
     )
+    return report
+
+
+def quality_phase(args, work: Path, record: Record, report: dict):
     model, formatter, context = teacher_model(args, work)
     train, held = samples_from(report)
     quality = question_accuracy(model, formatter, args)
     record.phase("quality", quality | {"overlap": question_overlap(train + held)})
+    return model, formatter, context, train, held
+
+
+def run_phases(args, work: Path, record: Record) -> None:
+    report = distil_phase(args, work, record)
+    model, formatter, context, train, held = quality_phase(args, work, record, report)
     record.phase("serving", serving(args, work, formatter, context))
     ours = kl_and_top1(model, formatter, held, lambda inputs: model(**inputs, prefix="student").logits)
     record.phase("peft_cartridge", peft_phase(args, model, formatter, context, train, held) | {"ours": ours})
@@ -625,6 +644,19 @@ def step_only(args, work: Path, record: Record) -> int:
     return 0
 
 
+def quality_only(args, work: Path, record: Record) -> int:
+    """``--only-quality``: the distil and quality phases, the share of the teacher's gain recovered
+    printed (to compare settings; the goals need the full run)."""
+    quality_phase(args, work, record, distil_phase(args, work, record))
+    accuracy = {variant: record["quality"][variant]["accuracy"] for variant in ("teacher", "bare", "student")}
+    gain = accuracy["teacher"] - accuracy["bare"]
+    record["gain_recovered"] = ratio(accuracy["student"] - accuracy["bare"], gain) if gain > 0 else None
+    record["complete"] = True
+    record.phase("accuracy", accuracy | {"gain_recovered": record["gain_recovered"]})
+    print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     torch.set_num_threads(args.threads)
@@ -639,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.only_step:
         return step_only(args, work, record)
+    if args.only_quality:
+        return quality_only(args, work, record)
     run_phases(args, work, record)
     record["seconds_benchmark"] = time.perf_counter() - started
     record["complete"] = True

@@ -119,3 +119,14 @@ def test_distill_bench_record_rewrites_its_json_after_each_phase(tmp_path):
     assert_cpu_recorded(first)
     record.phase("quality", {"teacher": {"accuracy": 0.5}})
     assert json.loads((tmp_path / "out.json").read_text())["quality"] == {"teacher": {"accuracy": 0.5}}
+
+
+def test_distill_bench_only_quality_distils_scores_the_questions_and_stops(tmp_path):
+    out = tmp_path / "probe.json"
+    result = run("distill_bench.py", "--threads", "1", "--only-quality", "--output", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and "serving" not in report and "goals" not in report
+    accuracy = report["accuracy"]
+    assert {"teacher", "bare", "student"} <= set(accuracy)
+    assert accuracy["student"] == report["quality"]["student"]["accuracy"]

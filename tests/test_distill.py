@@ -16,11 +16,11 @@ from prefixtune.config import ConfigError
 from prefixtune.data import DataError, PromptFormatter, pad_batch
 from prefixtune.distillation import DistillOptions, selfstudy
 from prefixtune.distillation.context import load_context
-from prefixtune.distillation.loss import full_kl, teacher_topk, topk_kl
+from prefixtune.distillation.loss import context_weights, full_kl, teacher_topk, topk_kl, topk_kl_per_position
 from prefixtune.distillation.prefixes import TEACHER, add_prefix_from_ids, add_teacher
 from prefixtune.distillation.run import work_folder
 from prefixtune.distillation.selfstudy import Sample, StudySettings, attach_topk, cached_samples
-from prefixtune.distillation.trainer import collate, distill_rows
+from prefixtune.distillation.trainer import add_context_weights, collate, distill_rows
 from prefixtune.files import CONFIG_NAME
 from prefixtune.training import RunExistsError
 from tiny import VOCAB, tiny_model, tiny_tokenizer
@@ -264,17 +264,64 @@ def test_a_teacher_answer_ends_with_the_token_that_completes_the_stop_text(tmp_p
     )
 
 
+def test_context_weights_average_one_and_strength_zero_is_the_plain_mean():
+    bare_kl = [torch.tensor([0.0, 2.0]), torch.tensor([1.0])]  # mean 1 over the three answer tokens
+    assert [w.tolist() for w in context_weights(bare_kl, 1.0)] == [[0.0, 2.0], [1.0]]
+    assert [w.tolist() for w in context_weights(bare_kl, 0.5)] == [[0.5, 1.5], [1.0]]
+    assert [w.tolist() for w in context_weights(bare_kl, 0.0)] == [[1.0, 1.0], [1.0]]
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, VOCAB), torch.randn(2, 5, VOCAB)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    indices, logprobs = teacher_topk(teacher, 5)
+    plain = topk_kl(student, indices, logprobs, mask)
+    torch.testing.assert_close(topk_kl(student, indices, logprobs, mask, torch.ones(2, 5)), plain)
+    only_first = torch.zeros(2, 5)
+    only_first[0, 0] = 10.0
+    per_position = topk_kl_per_position(student, indices, logprobs)
+    torch.testing.assert_close(topk_kl(student, indices, logprobs, mask, only_first), per_position[0, 0])
+
+
+def test_context_weights_are_the_teachers_kl_to_the_bare_model_on_each_answer_position(tmp_path):
+    model, formatter, context, samples = teacher_and_samples(tmp_path, top_k=VOCAB)
+    rows = distill_rows(samples, formatter)
+    add_context_weights(model, rows, formatter.tokenizer.pad_token_id, 1.0, batch_size=2)
+    bare_kl = []
+    for sample in samples:  # one row at a time, no padding: the bare model against the stored teacher top-k
+        ids = formatter.prompt_ids(sample.prompt) + sample.answer_ids
+        with torch.no_grad(), model.disable_prefix():
+            logits = model(input_ids=torch.tensor([ids])).logits[:, -len(sample.answer_ids) - 1 : -1]  # [1, A, V]
+        indices, logprobs = sample.topk_indices.long()[None], sample.topk_logprobs[None]
+        bare_kl.append(topk_kl_per_position(logits, indices, logprobs)[0])
+    expected = context_weights(bare_kl, 1.0)
+    assert torch.cat(expected).std() > 0.1  # the positions differ: a constant weight would prove nothing
+    for row, weights in zip(rows, expected, strict=True):
+        torch.testing.assert_close(row["kl_weight"], weights, atol=1e-4, rtol=1e-4)
+    batch = collate(rows, formatter.tokenizer.pad_token_id)
+    assert not batch["kl_weight"][~batch["answer_mask"]].any()  # weights sit on the answer positions only
+    torch.testing.assert_close(batch["kl_weight"][batch["answer_mask"]].mean(), torch.tensor(1.0))
+    with pytest.raises(ConfigError, match="--context-weight: needs the teacher's stored top-k"):
+        DistillOptions(context="c.txt", output="out", context_weight=0.5, top_k=0)
+    with pytest.raises(ConfigError, match="--context-weight: expected 0 <= weight <= 1, got 1.5"):
+        DistillOptions(context="c.txt", output="out", context_weight=1.5)
+
+
 def _losses(report_folder) -> list[float]:
     history = json.loads((report_folder / "log_history.json").read_text())
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
 @pytest.mark.parametrize(
-    ("parameterization", "init"),
-    [("kv", "activations"), ("hidden", "vocab"), ("mlp", "random"), ("mlp", "activations")],
+    ("parameterization", "init", "extra"),
+    [
+        ("kv", "activations", {}),
+        ("hidden", "vocab", {}),
+        ("mlp", "random", {}),
+        ("mlp", "activations", {}),
+        ("kv", "activations", {"context_weight": 0.9}),
+    ],
 )
-def test_distilling_lowers_kl_for_a_prefix_shorter_than_the_context(tiny_folder, files, parameterization, init):
-    report = prefixtune.distill(options(tiny_folder, files, parameterization=parameterization, init=init))
+def test_distilling_lowers_kl_for_a_prefix_shorter_than_the_context(tiny_folder, files, parameterization, init, extra):
+    report = prefixtune.distill(options(tiny_folder, files, parameterization=parameterization, init=init, **extra))
     out = files / "out"
     losses = _losses(out)
     assert losses[-1] < 0.85 * losses[0], losses

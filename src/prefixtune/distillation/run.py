@@ -33,7 +33,7 @@ from .context import check_fits, load_context
 from .prefixes import add_prefix_from_ids, add_teacher, freeze_first_position
 from .report import evaluate_variants
 from .selfstudy import SEEDS, StudySettings, cache_key, cached_samples
-from .trainer import DistillTrainer, collate, distill_rows
+from .trainer import DistillTrainer, add_context_weights, collate, distill_rows
 
 logger = logging.getLogger(__name__)
 REPORT_NAME = "distill_report.json"
@@ -79,6 +79,11 @@ class DistillOptions:
         "Self-study: the teacher answers with the prompt's chunk quoted again before it (the student never sees it).",
         "--answer-with-chunk",
     )
+    context_weight: float = option(
+        0.0,
+        "Weight each answer token's KL by how far the context moves the teacher from the bare model there: "
+        "0 plain mean, 1 fully weighted (needs --top-k > 0).",
+    )
     steps: int = option(200, "Optimizer steps.")
     batch_size: int = option(8, "Training batch size.")
     lr: float = option(2e-2, "Peak learning rate (AdamW, linear warmup and decay).")
@@ -112,6 +117,10 @@ class DistillOptions:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if self.top_k < 0:
             raise ConfigError(f"--top-k: expected >= 0, got {self.top_k}")
+        if not 0.0 <= self.context_weight <= 1.0:
+            raise ConfigError(f"--context-weight: expected 0 <= weight <= 1, got {self.context_weight}")
+        if self.context_weight and not self.top_k:
+            raise ConfigError("--context-weight: needs the teacher's stored top-k (--top-k > 0), got --top-k 0")
         if self.answer_with_chunk and self.prompts:
             raise ConfigError("--answer-with-chunk: a --prompts file's prompts come from no chunk of the context")
         if not all(kind in SEEDS for kind in self.kinds):
@@ -271,9 +280,12 @@ def distill(options: DistillOptions | None = None, **fields: Any) -> dict[str, A
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     work.mkdir(parents=True, exist_ok=True)
-    trainer, result, train_seconds = _train(
-        options, model, distill_rows(train_samples, formatter), work, device, formatter.saved
-    )
+    rows = distill_rows(train_samples, formatter)
+    started = time.perf_counter()
+    if options.context_weight:  # the bare model's pass over the training rows, once
+        add_context_weights(model, rows, tokenizer.pad_token_id, options.context_weight, options.generation_batch_size)
+    trainer, result, _ = _train(options, model, rows, work, device, formatter.saved)
+    train_seconds = time.perf_counter() - started  # the weights' pass counts as training
     model.eval()
     truncated = PrefixConfig(prefix_length=options.prefix_length, init="activations", init_text="-")
     add_prefix_from_ids(model, TRUNCATED, truncated, context.ids)

@@ -3,7 +3,9 @@
 Differs from `train` only in the loss: each row carries the teacher's top-k log-probabilities at its
 answer positions (the collator lays them out beside the left-padded ids) and `DistillTrainer`
 minimises the per-token KL(teacher || student) instead of the next-token loss; with ``top_k = 0`` the
-teacher prefix runs on the same batch for the full-vocabulary KL. Checkpoints, exact resume after
+teacher prefix runs on the same batch for the full-vocabulary KL. With ``--context-weight`` each
+answer position's KL is weighted by how far the context moves the teacher from the bare model
+there (`loss.context_weights`; the bare model's pass runs once, before training). Checkpoints, exact resume after
 ``kill -9``, bf16/fp16, gradient checkpointing and length-grouped batches are `PrefixTrainer`'s.
 """
 
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from ..data import PromptFormatter, pad_batch
 from ..training import PrefixTrainer
-from .loss import full_kl, topk_kl
+from .loss import context_weights, full_kl, topk_kl, topk_kl_per_position
 from .prefixes import TEACHER
 from .selfstudy import Sample
 
@@ -51,7 +53,30 @@ def collate(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
             indices[i, width - answer - 1 : width - 1] = row["topk_indices"].long()
             logprobs[i, width - answer - 1 : width - 1] = row["topk_logprobs"]
         batch |= {"topk_indices": indices, "topk_logprobs": logprobs}
+    if "kl_weight" in rows[0]:
+        weights = torch.zeros(len(rows), width)  # [B, W], on the answer positions
+        for i, row in enumerate(rows):
+            weights[i, width - len(row["kl_weight"]) - 1 : width - 1] = row["kl_weight"]
+        batch["kl_weight"] = weights
     return batch
+
+
+@torch.no_grad()
+def add_context_weights(model, rows: list[dict[str, Any]], pad_token_id: int, strength: float, batch_size: int):
+    """Give each row ``kl_weight`` [A]: `context_weights` of the teacher's top-k KL to the bare model
+    (the frozen base, no prefix) at each answer position."""
+    bare_kl = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad_token_id)
+        device = {key: value.to(model.device) for key, value in batch.items()}
+        logits = model(input_ids=device["input_ids"], attention_mask=device["attention_mask"], prefix="").logits
+        per_position = topk_kl_per_position(logits, device["topk_indices"], device["topk_logprobs"]).cpu()  # [B, W]
+        width = per_position.shape[1]
+        for i, row in enumerate(rows[start : start + batch_size]):
+            answer = row["topk_indices"].shape[0]
+            bare_kl.append(per_position[i, width - answer - 1 : width - 1])
+    for row, weights in zip(rows, context_weights(bare_kl, strength), strict=True):
+        row["kl_weight"] = weights
 
 
 class DistillTrainer(PrefixTrainer):
@@ -67,7 +92,8 @@ class DistillTrainer(PrefixTrainer):
         outputs = model(input_ids=ids, attention_mask=attention, prefix=self.student)
         mask = inputs["answer_mask"]
         if "topk_indices" in inputs:
-            loss = topk_kl(outputs.logits, inputs["topk_indices"], inputs["topk_logprobs"], mask)
+            weights = inputs.get("kl_weight")
+            loss = topk_kl(outputs.logits, inputs["topk_indices"], inputs["topk_logprobs"], mask, weights)
         else:
             with torch.no_grad():
                 teacher = model(input_ids=ids, attention_mask=attention, prefix=TEACHER).logits
