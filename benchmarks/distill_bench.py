@@ -97,6 +97,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--measure", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--cache-folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.context_weight and not args.only_quality:  # PEFT's phase would train on another loss
+        parser.error("--context-weight: PEFT's cartridge phase trains with the plain KL; use it with --only-quality")
     if args.quick:  # the smoke run's sizes replace the defaults and any flag given for them
         for key, value in QUICK.items():
             setattr(args, key, value)

@@ -63,6 +63,11 @@ def teacher_topk(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return indices, values
 
 
+def answer_positions(width: int, answer: int) -> slice:
+    """The columns of a left-padded row `width` wide that predict its last `answer` tokens."""
+    return slice(width - answer - 1, width - 1)
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)

@@ -36,7 +36,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from ..data import DataError, PromptFormatter, jsonl_records, pad_batch
 from ..model import PrefixModel
 from .context import Context
-from .loss import teacher_topk
+from .loss import answer_positions, teacher_topk
 from .prefixes import TEACHER
 
 # kind: (instruction about a chunk, the words the teacher's prompt starts with). A small model asked
@@ -269,7 +269,7 @@ def attach_topk(model: PrefixModel, formatter: PromptFormatter, samples: list[Sa
         width = logits.shape[1]
         for row, sample in enumerate(rows):
             answer = len(sample.answer_ids)
-            indices, logprobs = teacher_topk(logits[row, width - answer - 1 : width - 1], k)  # [A, k] each
+            indices, logprobs = teacher_topk(logits[row, answer_positions(width, answer)], k)  # [A, k] each
             sample.topk_indices, sample.topk_logprobs = indices.to(torch.int32).cpu(), logprobs.cpu()
 
 

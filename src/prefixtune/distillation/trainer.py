@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..data import PromptFormatter, pad_batch
 from ..training import PrefixTrainer
-from .loss import context_weights, full_kl, topk_kl, topk_kl_per_position
+from .loss import answer_positions, context_weights, full_kl, topk_kl, topk_kl_per_position
 from .prefixes import TEACHER
 from .selfstudy import Sample
 
@@ -49,14 +49,13 @@ def collate(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
         indices = torch.zeros(len(rows), width, k, dtype=torch.long)
         logprobs = torch.zeros(len(rows), width, k)
         for i, row in enumerate(rows):
-            answer = row["topk_indices"].shape[0]
-            indices[i, width - answer - 1 : width - 1] = row["topk_indices"].long()
-            logprobs[i, width - answer - 1 : width - 1] = row["topk_logprobs"]
+            span = answer_positions(width, row["topk_indices"].shape[0])
+            indices[i, span], logprobs[i, span] = row["topk_indices"].long(), row["topk_logprobs"]
         batch |= {"topk_indices": indices, "topk_logprobs": logprobs}
     if "kl_weight" in rows[0]:
         weights = torch.zeros(len(rows), width)  # [B, W], on the answer positions
         for i, row in enumerate(rows):
-            weights[i, width - len(row["kl_weight"]) - 1 : width - 1] = row["kl_weight"]
+            weights[i, answer_positions(width, len(row["kl_weight"]))] = row["kl_weight"]
         batch["kl_weight"] = weights
     return batch
 
@@ -71,10 +70,8 @@ def add_context_weights(model, rows: list[dict[str, Any]], pad_token_id: int, st
         device = {key: value.to(model.device) for key, value in batch.items()}
         logits = model(input_ids=device["input_ids"], attention_mask=device["attention_mask"], prefix="").logits
         per_position = topk_kl_per_position(logits, device["topk_indices"], device["topk_logprobs"]).cpu()  # [B, W]
-        width = per_position.shape[1]
         for i, row in enumerate(rows[start : start + batch_size]):
-            answer = row["topk_indices"].shape[0]
-            bare_kl.append(per_position[i, width - answer - 1 : width - 1])
+            bare_kl.append(per_position[i, answer_positions(per_position.shape[1], row["topk_indices"].shape[0])])
     for row, weights in zip(rows, context_weights(bare_kl, strength), strict=True):
         row["kl_weight"] = weights
 
