@@ -61,6 +61,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--context-weight", type=float, default=0.0, help="KL weighted toward the tokens the context changes (0-1)"
     )
     parser.add_argument("--prefix-length", type=int, default=32)
+    parser.add_argument("--parameterization", default="kv", choices=("kv", "mlp", "hidden"), help="ours (PEFT: KV)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--template", default=TEMPLATE)
     parser.add_argument("--chat-template", action="store_true", help="the handbook as the system message instead")
@@ -161,6 +162,7 @@ def distil(args, work: Path) -> tuple[dict, float]:
         output=str(work / "handbook"),
         model=args.model,
         prefix_length=args.prefix_length,
+        parameterization=args.parameterization,
         freeze_first=True,  # as PEFT's CartridgeConfig (num_frozen_tokens=1)
         samples=args.samples,
         seed_kinds=args.seed_kinds,
