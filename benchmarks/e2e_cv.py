@@ -111,8 +111,8 @@ class Protocol:
     train_sha256: str
     dtype: str
     device: str
-    quick: bool
-    levers: list[str] = field(default_factory=list)
+    quick: bool  # not the levers: no run depends on which levers are tried, so a folder adds levers as it adds
+    # baselines, session by session (the summary records those its selection saw)
 
     def budget(self, eval_batch_size: int) -> Budget:
         return Budget(self.steps, self.batch_size, self.max_new_tokens, eval_batch_size, self.device)
@@ -525,7 +525,6 @@ def make_context(args: argparse.Namespace, levers: dict[str, list[dict]]) -> Con
         args.dtype,
         args.device,
         args.quick,
-        list(levers),
     )
     if len(protocol.seeds) < 2:
         raise SystemExit("--seeds: at least two (a standard deviation over seeds needs them; the protocol uses 3)")
@@ -557,6 +556,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = device_record(args.device, args.dtype)
     summary |= {"note": args.note, "record": record, "trained_now": store.trained, "runs": len(store.runs)}
     summary["baselines_slice"] = list(baselines) if args.baselines else None  # None: every e2e_grid.BASELINES
+    summary["levers_tried"] = list(levers)
     if count == 1:  # shards write their runs only; one process (count 1) writes the summary
         (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
         plot(summary, Path(args.output) / "bleu_vs_train_seconds.png")

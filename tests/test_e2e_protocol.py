@@ -139,7 +139,7 @@ def test_shards_split_a_stage_and_one_process_then_finds_every_run_done(tmp_path
 
 @pytest.mark.slow  # 15 tiny training runs
 @needs_e2e
-def test_a_slice_with_lora_and_one_of_ours_runs_every_stage_and_no_levers_leave_the_base_as_recipe(tmp_path):
+def test_a_slice_with_no_levers_leaves_the_base_as_recipe_and_a_lever_added_later_trains_only_its_runs(tmp_path):
     train, validation, _ = small_data(tmp_path)
     sliced = ["ours hidden", "PEFT LoRA r=8"]
     common = ["--quick", "--train", str(train), "--validation", str(validation), "--output", str(tmp_path / "out")]
@@ -149,6 +149,12 @@ def test_a_slice_with_lora_and_one_of_ours_runs_every_stage_and_no_levers_leave_
     assert summary["recipe"] == summary["baselines"]["ours hidden"]["setting"]
     assert summary["trained_now"] == 2 * 2 * 3 + 3  # the recipe's cross-validation runs are the base's
     assert "recipe_beats_lora_by_more_than_se" in summary["goals"]
+
+    # The same folder, a lever added (another session's work): only its 2 folds x 3 seeds train.
+    added = e2e_cv.main([*common, "--baselines", ",".join(sliced), "--levers", "num_beams", "--stages", "levers"])
+    assert added["trained_now"] == 2 * 3 and added["levers_tried"] == ["num_beams"]
+    assert added["baselines"] == summary["baselines"]
+    assert added["levers"]["num_beams"][0]["setting"]["num_beams"] == 4
 
 
 @pytest.mark.parametrize("method", ["peft-prefix", "peft-cartridge"])
