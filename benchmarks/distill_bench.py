@@ -95,6 +95,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only-quality", action="store_true", help="distil and score the questions only (a probe of a setting)"
     )
+    parser.add_argument(
+        "--kl-seeds",
+        help="comma-separated data-order seeds: distil and train PEFT's cartridge once per seed on the same "
+        "samples and compare held-out KL over the seeds (the KL goal's noise), nothing else",
+    )
     parser.add_argument("--measure", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--cache-folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -153,13 +158,14 @@ def accuracy(outputs: list[str], rows: list[dict]) -> float:
     return sum(correct(outputs, rows)) / len(rows)
 
 
-def distil(args, work: Path) -> tuple[dict, float]:
+def distil(args, work: Path, name: str = "handbook", data_seed: int | None = None) -> tuple[dict, float]:
     from prefixtune import distill
 
     started = time.perf_counter()
     report = distill(
         context=str(CONTEXT),
-        output=str(work / "handbook"),
+        output=str(work / name),
+        data_seed=data_seed,
         model=args.model,
         prefix_length=args.prefix_length,
         parameterization=args.parameterization,
@@ -196,7 +202,7 @@ def formatter_of(args, tokenizer):
     return PromptFormatter(tokenizer, args.template, args.chat_template)
 
 
-def teacher_model(args, work: Path):
+def teacher_model(args, work: Path, student: str = "handbook"):
     """The base with the teacher prefix (the handbook, exactly), the student and the truncated context."""
     from prefixtune import PrefixConfig, PrefixModel, load_base_model
     from prefixtune.distillation.context import load_context
@@ -207,7 +213,7 @@ def teacher_model(args, work: Path):
     context = load_context(CONTEXT, formatter)
     model = PrefixModel(base, name=None, tokenizer=tokenizer)
     add_teacher(model, context.ids)
-    model.load_prefix(work / "handbook", name="student")
+    model.load_prefix(work / student, name="student")
     truncated = PrefixConfig(prefix_length=args.prefix_length, init="activations", init_text="-")
     add_prefix_from_ids(model, "truncated", truncated, context.ids)
     return model.eval(), formatter, context
@@ -320,16 +326,17 @@ def peft_optimizer(model, args):
     return optimizer, get_linear_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
 
 
-def train_peft(model, formatter, train, args) -> dict:
+def train_peft(model, formatter, train, args, data_seed: int = 0) -> dict:
     """The same samples, steps, batch size, learning rate schedule, loss and batching policy as the
-    distill run (transformers' own `LengthGroupedSampler`, which ours uses through `Trainer`)."""
+    distill run (transformers' own `LengthGroupedSampler`, which ours uses through `Trainer`); the
+    order of the batches is `data_seed`'s (ours draws its own from the distill run's data seed)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from prefixtune.distillation.trainer import collate, distill_rows
 
     rows = distill_rows(train, formatter)
     optimizer, scheduler = peft_optimizer(model, args)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(data_seed)
     order: list[int] = []
     losses, started = [], time.perf_counter()
     model.train()
@@ -648,6 +655,50 @@ def step_only(args, work: Path, record: Record) -> int:
     return 0
 
 
+def kl_seeds(args, work: Path, record: Record) -> int:
+    """``--kl-seeds``: ours and PEFT's cartridge on the same cached samples, once per data-order seed,
+    and their held-out KL to the teacher: mean, std and the paired difference's standard error over
+    the seeds (one seed's ratio, the full run's goal, is within this noise or it is not)."""
+    rows = []
+    for seed in [int(seed) for seed in args.kl_seeds.split(",")]:
+        rows.append(kl_of_seed(args, work, seed))
+        record.phase("kl_seeds", kl_over_seeds(rows))
+    record["complete"] = True
+    record.phase("kl_seeds", kl_over_seeds(rows))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def kl_of_seed(args, work: Path, seed: int) -> dict:
+    """Ours distilled and PEFT's cartridge trained with batches in `seed`'s order; their held-out KL."""
+    name = f"handbook-seed{seed}"
+    report, _ = distil(args, work, name=name, data_seed=seed)
+    model, formatter, context = teacher_model(args, work, student=name)
+    train, held = samples_from(report)
+    ours = kl_and_top1(model, formatter, held, lambda inputs: model(**inputs, prefix="student").logits)
+    peft, _ = peft_cartridge(args, context.ids)
+    train_peft(peft, formatter, train, args, data_seed=seed)
+    theirs = kl_and_top1(model, formatter, held, lambda inputs: peft(**inputs).logits)
+    return {"seed": seed, "ours": ours, "peft": theirs}
+
+
+def kl_over_seeds(rows: list[dict]) -> dict:
+    """Per method the KLs' mean and std over seeds; the paired difference ours - PEFT with its SE."""
+    ours, peft = [row["ours"]["kl"] for row in rows], [row["peft"]["kl"] for row in rows]
+    differences = [a - b for a, b in zip(ours, peft, strict=True)]
+    spread = statistics.stdev if len(rows) > 1 else lambda values: None
+    return {
+        "seeds": rows,
+        "ours_mean": statistics.mean(ours),
+        "ours_std": spread(ours),
+        "peft_mean": statistics.mean(peft),
+        "peft_std": spread(peft),
+        "difference_mean": statistics.mean(differences),
+        "difference_se": None if len(rows) < 2 else statistics.stdev(differences) / len(rows) ** 0.5,
+        "ratio_of_means": ratio(statistics.mean(ours), statistics.mean(peft)),
+    }
+
+
 def quality_only(args, work: Path, record: Record) -> int:
     """``--only-quality``: the distil and quality phases, the share of the teacher's gain recovered
     printed (to compare settings; the goals need the full run)."""
@@ -677,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         return step_only(args, work, record)
     if args.only_quality:
         return quality_only(args, work, record)
+    if args.kl_seeds:
+        return kl_seeds(args, work, record)
     run_phases(args, work, record)
     record["seconds_benchmark"] = time.perf_counter() - started
     record["complete"] = True

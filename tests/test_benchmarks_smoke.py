@@ -130,3 +130,17 @@ def test_distill_bench_only_quality_distils_scores_the_questions_and_stops(tmp_p
     accuracy = report["accuracy"]
     assert {"teacher", "bare", "student"} <= set(accuracy)
     assert accuracy["student"] == report["quality"]["student"]["accuracy"]
+
+
+def test_distill_bench_kl_seeds_trains_both_methods_once_per_data_order_seed(tmp_path):
+    out = tmp_path / "kl.json"
+    result = run("distill_bench.py", "--threads", "1", "--kl-seeds", "0,1", "--output", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    kl = report["kl_seeds"]
+    assert report["complete"] and "quality" not in report and [row["seed"] for row in kl["seeds"]] == [0, 1]
+    ours = [row["ours"]["kl"] for row in kl["seeds"]]
+    peft = [row["peft"]["kl"] for row in kl["seeds"]]
+    assert ours[0] != ours[1] and peft[0] != peft[1]  # the seed reorders the batches of both
+    assert kl["difference_mean"] == pytest.approx(sum(ours) / 2 - sum(peft) / 2)
+    assert kl["difference_se"] >= 0 and kl["ratio_of_means"] == pytest.approx(sum(ours) / sum(peft))

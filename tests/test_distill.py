@@ -346,6 +346,23 @@ def test_distill_output_is_an_ordinary_prefix_folder_and_a_rerun_reuses_the_samp
     assert second["samples"]["from_cache"] and not first["samples"]["from_cache"]
 
 
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_data_seed_changes_the_training_order_and_not_the_samples(tiny_folder, files, group_by_length):
+    def trained(output: str, **seed) -> tuple[dict, torch.Tensor]:
+        changes = {"output": str(files / output), "batch_size": 2, "group_by_length": group_by_length}
+        report = prefixtune.distill(options(tiny_folder, files, **changes, **seed))
+        base, tokenizer = load_base_model(tiny_folder)
+        model = PrefixModel.from_pretrained(base, files / output, tokenizer=tokenizer)
+        return report, model.prefixes["default"].prefix_key_values.detach()
+
+    _, default = trained("default")
+    same_report, same = trained("same", data_seed=0)  # --seed's value: the default order
+    other_report, other = trained("other", data_seed=1)
+    assert same_report["samples"]["from_cache"] and other_report["samples"]["from_cache"]  # the same samples
+    assert torch.equal(same, default)
+    assert not torch.allclose(other, default)
+
+
 def test_freeze_first_keeps_the_first_position_as_initialised(tiny_folder, files):
     prefixtune.distill(
         options(tiny_folder, files, freeze_first=True, gradient_checkpointing=True, group_by_length=True)

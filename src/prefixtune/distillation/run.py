@@ -107,6 +107,9 @@ class DistillOptions:
     cache: str | None = option(None, "Folder for generated samples (default: <prefixtune cache>/distill).")
     generation_batch_size: int = option(16, "Rows per batch when the teacher generates.")
     seed: int = option(0, "Seed for self-study sampling, the held-out split, init and data order.")
+    data_seed: int | None = option(
+        None, "Seed for the order of the training batches only (default: --seed); samples and split stay --seed's."
+    )
     prefix_name: str = option("default", "Name of the prefix in its folder.")
 
     def __post_init__(self) -> None:
@@ -186,8 +189,10 @@ def _training_arguments(options: DistillOptions, work: Path, device: str) -> Tra
         save_strategy="steps",
         save_steps=options.save_every,
         save_total_limit=1,
-        seed=options.seed,
-        data_seed=options.seed,
+        # Trainer's own randomness here is the batch order alone (no dropout; the prefix is initialised
+        # before): its seed too, since its length-grouped sampler draws from the seed, not data_seed
+        seed=options.seed if options.data_seed is None else options.data_seed,
+        data_seed=options.seed if options.data_seed is None else options.data_seed,
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",
