@@ -319,10 +319,15 @@ def final_check(context: Context, recipe: Setting, validation: str) -> dict:
     return {**row, "validation": validation, "mrs": len(groups)}
 
 
-def goals(baselines: dict, recipe_row: dict, final: dict | None) -> dict:
-    """The issue's two goals, computed: recipe >= LoRA r=8 by more than the SE of the difference, and
-    the recipe's cross-validated estimate within 2 BLEU of its validation score."""
-    lora = baselines["PEFT LoRA r=8"]
+def lora_decoded_like(recipe: Setting) -> Setting:
+    """LoRA r=8 as the goal compares it: the baseline's training, decoded as the recipe decodes (a
+    recipe that kept beam search is not compared with a greedy LoRA); the baseline itself when greedy."""
+    return BASELINES["PEFT LoRA r=8"].changed(num_beams=recipe.num_beams)
+
+
+def goals(lora: dict, recipe_row: dict, final: dict | None) -> dict:
+    """The issue's two goals, computed: recipe >= LoRA r=8 (decoded alike) by more than the SE of the
+    difference, and the recipe's cross-validated estimate within 2 BLEU of its validation score."""
     result = {"recipe_beats_lora_by_more_than_se": better(recipe_row, lora)}
     if final is not None:
         gap = recipe_row["sacrebleu"]["mean"] - final["sacrebleu"]["mean"]
@@ -356,10 +361,12 @@ def run_protocol(
     }
     if "recipe" not in stages:
         return summary
-    recipe_row = cross_validate(context, {"recipe": recipe}, "recipe")["recipe"]
-    summary |= {"recipe_cv": recipe_row, "stages_done": ["baselines", "levers", "recipe"]}
+    rows = cross_validate(context, {"recipe": recipe, "lora": lora_decoded_like(recipe)}, "recipe")
+    recipe_row = rows["recipe"]
+    summary |= {"recipe_cv": recipe_row, "lora_decoded_like_recipe": rows["lora"]}
+    summary["stages_done"].append("recipe")
     final = final_check(context, recipe, validation) if "final" in stages else None
-    summary |= {"final_check": final, "goals": goals(baselines, recipe_row, final)}
+    summary |= {"final_check": final, "goals": goals(rows["lora"], recipe_row, final)}
     if final is not None:
         summary["stages_done"].append("final")
     return summary

@@ -156,6 +156,11 @@ def test_a_slice_with_no_levers_leaves_the_base_as_recipe_and_a_lever_added_late
     assert added["baselines"] == summary["baselines"]
     assert added["levers"]["num_beams"][0]["setting"]["num_beams"] == 4
 
+    # A recipe that kept beam search is compared with LoRA decoded the same way, not the greedy baseline.
+    greedy, lora = BASELINES["ours hidden"], BASELINES["PEFT LoRA r=8"]
+    assert e2e_cv.lora_decoded_like(greedy.changed(num_beams=4)) == lora.changed(num_beams=4)
+    assert e2e_cv.lora_decoded_like(greedy) == lora
+
 
 @pytest.mark.parametrize("method", ["peft-prefix", "peft-cartridge"])
 def test_a_peft_prompt_learning_model_decodes_through_prefixtune_to_its_own_greedy_tokens(method):
