@@ -98,7 +98,8 @@ def split(examples: list[Example], held_out: set[str], protocol: Protocol, forma
 @dataclass
 class Protocol:
     """Everything runs depend on besides their setting, fold and seed (`protocol.json`): a folder's runs
-    are resumed only under the same protocol."""
+    are resumed only under the same protocol. Not the levers tried: no run depends on them, so a folder
+    adds levers as it adds baselines, session by session (the summary records those its selection saw)."""
 
     folds: int
     seeds: list[int]
@@ -111,8 +112,7 @@ class Protocol:
     train_sha256: str
     dtype: str
     device: str
-    quick: bool  # not the levers: no run depends on which levers are tried, so a folder adds levers as it adds
-    # baselines, session by session (the summary records those its selection saw)
+    quick: bool
 
     def budget(self, eval_batch_size: int) -> Budget:
         return Budget(self.steps, self.batch_size, self.max_new_tokens, eval_batch_size, self.device)

@@ -130,6 +130,11 @@ class DistillOptions:
             raise ConfigError(f"--seed-kinds: expected comma-separated kinds of {list(SEEDS)}, got {self.seed_kinds!r}")
 
     @property
+    def order_seed(self) -> int:
+        """The seed of the training batches' order: --data-seed, else --seed."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(kind.strip() for kind in self.seed_kinds.split(","))
 
@@ -191,8 +196,8 @@ def _training_arguments(options: DistillOptions, work: Path, device: str) -> Tra
         save_total_limit=1,
         # Trainer's own randomness here is the batch order alone (no dropout; the prefix is initialised
         # before): its seed too, since its length-grouped sampler draws from the seed, not data_seed
-        seed=options.seed if options.data_seed is None else options.data_seed,
-        data_seed=options.seed if options.data_seed is None else options.data_seed,
+        seed=options.order_seed,
+        data_seed=options.order_seed,
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",
